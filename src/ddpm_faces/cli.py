@@ -1,0 +1,141 @@
+"""The `ddpm-faces` command: train, sample, data. Thin over the library; bad input -> one line, exit 2."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _train(args) -> None:
+    from .config import load_config
+    from .training import train
+
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.source={args.data}")
+    config = args.config
+    if config is None and args.resume:
+        raise UserError("--resume needs --config: the run's config file, e.g. --config runs/<name>/config.yaml")
+    cfg = load_config(config or "quickstart", overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    best = f", best val loss {result.best_val:.5f}" if result.best_val is not None else ""
+    print(f"trained {result.step} steps{best}; model exported to {result.run_dir / 'export'}")
+
+
+def _sample(args) -> None:
+    import torch
+
+    from .images import make_grid, save_image
+    from .pipeline import generate, load_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
+    images = generate(pipe, args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                      spacing=args.spacing, batch_size=args.batch_size, progress=not args.no_progress)
+    out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale)
+    print(f"wrote {len(images)} faces to {out}")
+    if args.save_individual:
+        folder = Path(args.save_individual)
+        for i, img in enumerate(images):
+            save_image(img, folder / f"seed{args.seed}-{i:04d}.png", upscale=args.upscale)
+        print(f"wrote {len(images)} images to {folder}/")
+
+
+def _export(args) -> None:
+    import torch
+
+    from .pipeline import export_model, load_pipeline
+
+    pipe = load_pipeline(args.checkpoint)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype)
+    size = (out / "model.safetensors").stat().st_size / 2**20
+    print(f"exported {pipe.source} to {out} ({args.dtype}, {size:.1f} MiB)")
+
+
+def _data(args) -> None:
+    from .data import prepare_dataset
+
+    data = prepare_dataset(args.source, args.resolution, crop=args.crop, cache_dir=args.cache_dir,
+                           hf_config=args.hf_config)
+    m = data.meta
+    print(f"{data.root}: {len(data.images)} images at {data.resolution} px "
+          f"({len(data.indices('train'))} train, {len(data.indices('val'))} val)")
+    for attr in data.attributes:
+        print(f"  {attr}: {', '.join(data.vocab[attr])}")
+    skipped = {k: v for k, v in m.get("counts", {}).items() if k.startswith(("skipped", "missing")) and v}
+    if skipped:
+        print("  " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
+    parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model (TensorBoard logs, checkpoints, export in runs/<name>)")
+    p.add_argument("--config", help="YAML config: a path or a name in configs/ (default: quickstart)")
+    p.add_argument("--data", help="face images: a folder (optional labels.csv), FairFace's release folder, "
+                                  "a parquet file or folder, or hf:HuggingFaceM4/FairFace")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=2e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="generate a grid of faces (default: the bundled model)")
+    p.add_argument("--checkpoint", help="runs/<name>, its export/ or a checkpoints/step-N folder; "
+                                        "default: the bundled model")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--steps", type=int, default=50, help="number of denoising steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
+    p.add_argument("--num", type=int, default=16, help="number of faces (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="faces.png", help="grid image to write (default faces.png)")
+    p.add_argument("--nrow", type=int, help="images per grid row (default: a square)")
+    p.add_argument("--upscale", type=int, default=1, help="enlarge the saved images by this factor (nearest)")
+    p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("export", help="write a run's EMA weights (safetensors) and config to a folder")
+    p.add_argument("--checkpoint", required=True, help="runs/<name>, its export/ or a checkpoints/step-N folder")
+    p.add_argument("--out", required=True, help="folder to write model.safetensors and config.yaml into")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("data", help="prepare (decode, crop, resize, cache) a face dataset and describe it")
+    p.add_argument("source", help="same forms as train --data")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--crop", default="center", choices=["center", "none"])
+    p.add_argument("--hf-config", default="0.25", choices=["0.25", "1.25"])
+    p.add_argument("--cache-dir")
+    p.set_defaults(func=_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Run configuration: YAML files in configs/, `--set section.key=value` overrides, validation.
+
+A config has four sections (data, model, diffusion, train) plus a run name; every key has a default
+here, so a YAML file only lists what it changes. Unknown keys and invalid values raise UserError
+with the valid choices.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+from .errors import UserError
+from .models import UNetConfig
+
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class DataConfig:
+    source: str = "../shared/data/faces"       # folder, FairFace layout, parquet, or hf:<name>
+    resolution: int = 32
+    crop: str = "center"                      # center | none
+    hflip: bool = True                        # random horizontal flips
+    random_crop: bool = False                 # the original script's resize to 1.1x + random crop
+    hf_config: str = "0.25"                   # HuggingFaceM4/FairFace margin config: 0.25 | 1.25
+    cache_dir: str | None = None              # default: $DDPM_FACES_CACHE or ~/.cache/ddpm-faces/data
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "linear"                  # linear | cosine | sigmoid
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"                   # eps | v | x0
+    min_snr_gamma: float | None = None        # e.g. 5.0 (Hang et al. 2023); None = plain MSE
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 32                      # per process
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 500
+    max_steps: int = 10000                    # optimizer steps; the cosine decay ends here
+    min_lr_ratio: float = 0.0                 # final lr = lr * min_lr_ratio
+    grad_clip: float = 1.0
+    mixed_precision: str = "no"               # no | fp16 | bf16
+    seed: int = 0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True                   # decay_n = min(decay, (1 + n) / (10 + n))
+    log_every: int = 50
+    eval_every: int = 500                     # validation loss with the EMA weights
+    val_images: int = 256                     # images of the val split used for it
+    patience: int = 10                        # evaluations without improvement before stopping; 0 = never
+    min_delta: float = 0.0
+    sample_every: int = 1000                  # sample grid to TensorBoard and runs/<name>/samples
+    sample_images: int = 16
+    sample_steps: int = 50                    # DDIM steps for those grids
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    out_dir: str = "runs"
+    threads: int | None = None                # torch.set_num_threads; None = torch's default
+
+
+@dataclass
+class Config:
+    name: str = "quickstart"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.train.out_dir) / self.name
+
+
+CHOICES = {
+    "data.crop": ("center", "none"),
+    "data.hf_config": ("0.25", "1.25"),
+    "diffusion.schedule": SCHEDULES,
+    "diffusion.prediction": PREDICTIONS,
+    "train.mixed_precision": PRECISIONS,
+}
+POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
+            "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.sample_steps", "model.base_channels", "model.blocks_per_level",
+            "model.head_channels")
+
+
+def _build(cls, values: dict, prefix: str):
+    """Dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in fields:
+            raise UserError(f"unknown config key '{prefix}{key}': valid keys are {', '.join(fields)}")
+        sub = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+        nested = cls is Config and key in sub
+        kwargs[key] = _build(sub[key], value, f"{key}.") if nested else _as_field_type(fields[key].type, value)
+    return cls(**kwargs)
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    out = {}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+        else:
+            out[section] = values
+    return out
+
+
+def _check_type(key: str, value, default) -> None:
+    expected = type(default)
+    if default is None or value is None:
+        return
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise UserError(f"config {key} must be {expected.__name__}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    defaults = _flat(Config())
+    for key, value in _flat(cfg).items():
+        _check_type(key, value, defaults[key])
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"invalid {key} {value!r}: choose one of {', '.join(CHOICES[key])}")
+        if key in POSITIVE and value < 1:
+            raise UserError(f"invalid {key} {value!r}: must be a positive integer")
+    m = cfg.model
+    if cfg.data.resolution != m.resolution:
+        raise UserError(f"data.resolution ({cfg.data.resolution}) and model.resolution ({m.resolution}) differ: "
+                        "set both to the same value")
+    if m.resolution % 2 ** (len(m.channel_mults) - 1):
+        raise UserError(f"model.resolution {m.resolution} must be divisible by 2^(levels-1) = "
+                        f"{2 ** (len(m.channel_mults) - 1)} for model.channel_mults {m.channel_mults}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise UserError(f"invalid train.ema_decay {cfg.train.ema_decay}: must be in [0, 1)")
+    if not 0 <= m.dropout < 1:
+        raise UserError(f"invalid model.dropout {m.dropout}: must be in [0, 1)")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=2e-4)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {text!r}: {part!r} is not a config section")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (a path, or the name of one in configs/), apply overrides and validate."""
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(_find_config(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise UserError(f"config {path} must be a YAML mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return validate(_build(Config, raw, ""))
+
+
+FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _as_field_type(ftype: str, value):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; for a float field such a string is the float."""
+    if "float" in str(ftype) and isinstance(value, str) and FLOAT.match(value):
+        return float(value)
+    return value
+
+
+def bundled_configs_dir() -> Path:
+    """configs/ of a source checkout, or the copy installed inside the package."""
+    here = Path(__file__).resolve()
+    repo = here.parents[2] / "configs"
+    return repo if repo.is_dir() else here.parent / "configs"
+
+
+def _find_config(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    named = bundled_configs_dir() / f"{p.name}.yaml"
+    if named.is_file():
+        return named
+    available = sorted(q.stem for q in bundled_configs_dir().glob("*.yaml"))
+    raise UserError(f"config {path} not found: give a YAML path or one of {', '.join(available) or 'none'}")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_dict(raw: dict) -> Config:
+    return validate(_build(Config, raw, ""))

@@ -1,0 +1,593 @@
+"""Enumerate face images and their labels from a source string.
+
+A source is one of:
+
+* a folder in FairFace's own release layout (``fairface_label_train.csv`` and/or
+  ``fairface_label_val.csv`` next to ``train/`` and ``val/``);
+* a Hugging Face dataset, either from the hub (``hf:HuggingFaceM4/FairFace``) or from local
+  ``.parquet`` files (a single file or a folder of them) with the hub's columns;
+* any other folder of face images, optionally with a ``labels.csv``.
+
+:func:`resolve_source` turns the string into a :class:`Source`, an iterable of :class:`Record`
+objects that each know how to open their image, plus the label vocabulary of the source.
+Nothing is decoded here; :mod:`ddpm_faces.data.prepare` does that once and caches the result.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..errors import UserError
+
+logger = logging.getLogger("ddpm_faces.data")
+
+ATTRIBUTES = ("age", "gender", "race")
+"""Label attributes a source may carry, in this order."""
+
+FAIRFACE_CLASSES: dict[str, list[str]] = {
+    "age": ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"],
+    "gender": ["Male", "Female"],
+    "race": [
+        "East Asian",
+        "Indian",
+        "Black",
+        "White",
+        "Middle Eastern",
+        "Latino_Hispanic",
+        "Southeast Asian",
+    ],
+}
+"""FairFace's class names, in the order of the hub dataset's class ids."""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+FAIRFACE_CSVS = {"train": "fairface_label_train.csv", "val": "fairface_label_val.csv"}
+FOLDER_LABELS_CSV = "labels.csv"
+HF_PREFIX = "hf:"
+HF_INSTALL_HINT = 'pip install "ddpm-faces[hf]"'
+VAL_FRACTION = 0.05
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
+HUB_SPLITS = {"train": "train", "validation": "val", "val": "val", "valid": "val"}
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a source: where its bytes are, which split it belongs to, and its labels."""
+
+    name: str
+    split: str
+    labels: dict[str, str | None] = field(default_factory=dict)
+    path: Path | None = None
+    data: bytes | None = None
+
+    def open(self) -> Image.Image:
+        """Open the image lazily with Pillow (raises OSError for unreadable files)."""
+        if self.data is not None:
+            return Image.open(io.BytesIO(self.data))
+        if self.path is None:
+            raise OSError(f"{self.name}: record has neither bytes nor a path")
+        return Image.open(self.path)
+
+
+@dataclass
+class Source:
+    """The records of one source, with the label attributes and their vocabularies."""
+
+    kind: str
+    identity: str
+    description: str
+    attributes: list[str]
+    vocab: dict[str, list[str]]
+    num_records: int
+    make_records: Callable[[], Iterator[Record]]
+    missing_listed: int = 0
+
+    def __len__(self) -> int:
+        return self.num_records
+
+    def __iter__(self) -> Iterator[Record]:
+        return self.make_records()
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def resolve_source(source: str, *, hf_config: str = "0.25") -> Source:
+    """Pick the kind of source from the string and list its records.
+
+    ``hf_config`` is the hub configuration (FairFace has "0.25" and "1.25"); for a local parquet
+    folder that holds one subfolder per configuration, it picks that subfolder.
+    """
+    kind, location = detect_source(source)
+    identity = _identity(kind, location, hf_config)
+    if kind == "huggingface":
+        return _huggingface_source(location, hf_config, identity)
+    path = Path(location)
+    if kind == "fairface":
+        return _fairface_source(path, identity)
+    if kind == "parquet":
+        return _parquet_source(path, hf_config, identity)
+    return _folder_source(path, identity)
+
+
+def detect_source(source: str) -> tuple[str, str]:
+    """Return ``(kind, location)`` without reading any image.
+
+    kind is "huggingface", "fairface", "parquet" or "folder"; location is the hub name or the
+    absolute path.
+    """
+    if source.startswith(HF_PREFIX):
+        name = source[len(HF_PREFIX) :].strip()
+        if not name:
+            raise UserError(f"{source!r}: no dataset name after 'hf:'; use e.g. hf:HuggingFaceM4/FairFace")
+        return "huggingface", name
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"{path}: no such file or folder; pass a folder of face images, a FairFace folder, "
+            "a .parquet file or hf:<dataset>"
+        )
+    path = path.resolve()
+    if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return "parquet", str(path)
+        raise UserError(
+            f"{path}: a file that is not .parquet; pass a folder of face images, a FairFace folder, "
+            "a .parquet file or hf:<dataset>"
+        )
+    if any((path / name).is_file() for name in FAIRFACE_CSVS.values()):
+        return "fairface", str(path)
+    if not (path / FOLDER_LABELS_CSV).is_file() and _find_parquet_files(path):
+        return "parquet", str(path)
+    return "folder", str(path)
+
+
+def source_identity(source: str, hf_config: str = "0.25") -> str:
+    """A string that names the source's data for cache keys: absolute path or hub name.
+
+    The hub configuration is part of it for hub and parquet sources.
+    """
+    kind, location = detect_source(source)
+    return _identity(kind, location, hf_config)
+
+
+def _identity(kind: str, location: str, hf_config: str) -> str:
+    if kind == "huggingface":
+        return f"{HF_PREFIX}{location}@{hf_config}"
+    if kind == "parquet":
+        return f"{location}@{hf_config}"
+    return location
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def hash_split(relative_path: str, val_fraction: float = VAL_FRACTION) -> str:
+    """Deterministic split from the SHA-1 of a relative path: about ``val_fraction`` is "val"."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()
+    return "val" if int(digest[:8], 16) / 2**32 < val_fraction else "train"
+
+
+def _clean_value(value: str | None) -> str | None:
+    """Strip a CSV cell; empty means unknown (None)."""
+    if value is None:
+        return None
+    value = value.strip()
+    return value or None
+
+
+def _normalise_relative(value: str) -> str:
+    """A CSV ``file`` cell as a forward-slash relative path."""
+    value = value.strip().replace("\\", "/")
+    while value.startswith("./"):
+        value = value[2:]
+    return value
+
+
+def _read_csv(path: Path, required: Iterable[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """Read a CSV into (columns, rows), raising UserError when required columns are missing."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [name.strip() for name in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f"{path}: cannot read the CSV ({error}); fix or remove the file") from None
+    missing = [name for name in required if name not in columns]
+    if missing:
+        found = ", ".join(columns) if columns else "none"
+        raise UserError(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {found}); "
+            f"add a header line with {', '.join(required)}"
+        )
+    return columns, rows
+
+
+def _listdir_files(folder: Path) -> set[str]:
+    """Names of the plain files directly in a folder (empty when the folder is absent)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _walk_files(root: Path) -> list[str]:
+    """All files under root as sorted forward-slash relative paths.
+
+    Hidden files and folders (names starting with ".", such as macOS "._x.jpg" companions) are left out.
+    """
+    found: list[str] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative_folder = Path(folder).relative_to(root)
+        for name in files:
+            if not name.startswith("."):
+                found.append((relative_folder / name).as_posix())
+    return sorted(found)
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _folder_vocab(values: Iterable[str | None], attribute: str) -> list[str]:
+    """Sorted distinct values; ages that are FairFace bins keep FairFace's order, first."""
+    seen = {value for value in values if value is not None}
+    if attribute == "age":
+        bins = [value for value in FAIRFACE_CLASSES["age"] if value in seen]
+        return bins + sorted(seen - set(bins))
+    return sorted(seen)
+
+
+def _warn_missing(label: str, missing: int, listed: int, present: int) -> None:
+    if missing:
+        logger.warning(
+            "%s: %s of %s listed images are missing on disk (a partial download?); using the %s present",
+            label,
+            f"{missing:,}",
+            f"{listed:,}",
+            f"{present:,}",
+        )
+
+
+# --------------------------------------------------------------------------- FairFace folder
+
+
+def _fairface_source(root: Path, identity: str) -> Source:
+    """FairFace's release layout: the CSVs list the files; the CSV a row is in gives its split."""
+    records: list[Record] = []
+    listed = 0
+    folder_listings: dict[str, set[str]] = {}
+    seen_files: set[str] = set()
+    for split, csv_name in FAIRFACE_CSVS.items():
+        csv_path = root / csv_name
+        if not csv_path.is_file():
+            continue
+        _, rows = _read_csv(csv_path, ("file", *ATTRIBUTES))
+        for row in rows:
+            relative = _normalise_relative(row["file"] or "")
+            if not relative or relative in seen_files:
+                continue
+            seen_files.add(relative)
+            listed += 1
+            parent, _, name = relative.rpartition("/")
+            if parent not in folder_listings:
+                folder_listings[parent] = _listdir_files(root / parent)
+            if name not in folder_listings[parent]:
+                continue
+            labels = {attribute: _clean_value(row[attribute]) for attribute in ATTRIBUTES}
+            records.append(Record(name=relative, split=split, labels=labels, path=root / relative))
+    if not records:
+        raise UserError(
+            f"{root}: none of the {listed:,} images listed in the FairFace CSVs is on disk; "
+            "put the images in train/ and val/ next to the CSVs"
+        )
+    missing = listed - len(records)
+    _warn_missing("fairface", missing, listed, len(records))
+    return Source(
+        kind="fairface",
+        identity=identity,
+        description=f"FairFace folder {root}",
+        attributes=list(ATTRIBUTES),
+        vocab={attribute: list(FAIRFACE_CLASSES[attribute]) for attribute in ATTRIBUTES},
+        num_records=len(records),
+        make_records=lambda: iter(records),
+        missing_listed=missing,
+    )
+
+
+# --------------------------------------------------------------------------- image folder
+
+
+def _parse_split(value: str | None, csv_path: Path, relative: str) -> str | None:
+    """A ``split`` cell as "train"/"val", None when empty; UserError for anything else."""
+    value = _clean_value(value)
+    if value is None:
+        return None
+    split = SPLIT_NAMES.get(value.lower())
+    if split is None:
+        raise UserError(
+            f"{csv_path}: split {value!r} for {relative}; use train or val (or validation), "
+            "or leave it empty"
+        )
+    return split
+
+
+def _folder_source(root: Path, identity: str) -> Source:
+    """A folder of images; ``labels.csv`` (if any) adds labels and an optional split column.
+
+    Images are the image files on disk plus any other file that labels.csv lists explicitly.
+    Without a split for an image, a hash of its relative path decides it.
+    """
+    all_files = _walk_files(root)
+    on_disk = set(all_files)
+    labels_by_file: dict[str, dict[str, str | None]] = {}
+    split_by_file: dict[str, str | None] = {}
+    attributes: list[str] = []
+    missing = 0
+    csv_path = root / FOLDER_LABELS_CSV
+    if csv_path.is_file():
+        columns, rows = _read_csv(csv_path, ("file",))
+        attributes = [attribute for attribute in ATTRIBUTES if attribute in columns]
+        has_split = "split" in columns
+        for row in rows:
+            relative = _normalise_relative(row["file"] or "")
+            if not relative:
+                continue
+            if relative not in on_disk:
+                missing += 1
+                continue
+            labels_by_file[relative] = {attribute: _clean_value(row[attribute]) for attribute in attributes}
+            split_by_file[relative] = _parse_split(row["split"], csv_path, relative) if has_split else None
+        _warn_missing(str(csv_path), missing, missing + len(labels_by_file), len(labels_by_file))
+
+    names = sorted({name for name in all_files if _is_image_name(name)} | set(labels_by_file))
+    if not names:
+        raise UserError(
+            f"{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)} in all subfolders); "
+            "point the data source at a folder of face images"
+        )
+    records = []
+    for relative in names:
+        labels = labels_by_file.get(relative, {attribute: None for attribute in attributes})
+        split = split_by_file.get(relative) or hash_split(relative)
+        records.append(Record(name=relative, split=split, labels=labels, path=root / relative))
+    vocab = {
+        attribute: _folder_vocab((record.labels[attribute] for record in records), attribute)
+        for attribute in attributes
+    }
+    return Source(
+        kind="folder",
+        identity=identity,
+        description=f"image folder {root}",
+        attributes=attributes,
+        vocab=vocab,
+        num_records=len(records),
+        make_records=lambda: iter(records),
+        missing_listed=missing,
+    )
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _split_from_name(relative_path: str) -> str:
+    """"val" when a path's words include val/valid/validation, else "train"."""
+    words = set(re.split(r"[^a-z0-9]+", relative_path.lower()))
+    return "val" if words & {"val", "valid", "validation"} else "train"
+
+
+def _find_parquet_files(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*.parquet") if path.is_file())
+
+
+def _select_config(files: list[Path], root: Path, hf_config: str) -> list[Path]:
+    """Keep only the files under a folder named like the configuration, when there is one."""
+    chosen = [path for path in files if hf_config in path.relative_to(root).parts[:-1]]
+    return chosen or files
+
+
+def _class_names_from_features(features: dict[str, Any], attribute: str) -> list[str] | None:
+    """Class names of a ClassLabel feature written as JSON by ``datasets``, if any."""
+    feature = features.get(attribute)
+    if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" and feature.get("names"):
+        return [str(name) for name in feature["names"]]
+    return None
+
+
+def _parquet_class_names(schema_metadata: dict[bytes, bytes] | None) -> dict[str, list[str]]:
+    """ClassLabel names stored by ``datasets`` in a parquet file's schema metadata."""
+    if not schema_metadata or b"huggingface" not in schema_metadata:
+        return {}
+    try:
+        info = json.loads(schema_metadata[b"huggingface"])
+    except ValueError:
+        return {}
+    features = info.get("info", {}).get("features", {})
+    if not isinstance(features, dict):
+        return {}
+    names = {}
+    for attribute in ATTRIBUTES:
+        found = _class_names_from_features(features, attribute)
+        if found:
+            names[attribute] = found
+    return names
+
+
+def _label_name(value: Any, names: list[str]) -> str | None:
+    """A class id (or a string label) as a class name; None when unknown."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _clean_value(value)
+    index = int(value)
+    return names[index] if 0 <= index < len(names) else None
+
+
+def _image_payload(image: Any) -> tuple[bytes | None, str | None]:
+    """The (bytes, path) of a datasets Image cell (a dict) or of raw bytes."""
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image), None
+    if isinstance(image, dict):
+        return image.get("bytes"), image.get("path")
+    return None, None
+
+
+def _row_record(
+    row: dict[str, Any],
+    split: str,
+    fallback_name: str,
+    vocab: dict[str, list[str]],
+    base: Path | None,
+) -> Record:
+    """A record from one dataset row with an ``image`` column and class-id label columns."""
+    data, image_path = _image_payload(row.get("image"))
+    labels = {attribute: _label_name(row.get(attribute), names) for attribute, names in vocab.items()}
+    path = None
+    if data is None and image_path:
+        path = Path(image_path)
+        if not path.is_absolute() and base is not None:
+            path = base / path
+    name = f"{fallback_name} ({image_path})" if image_path else fallback_name
+    return Record(name=name, split=split, labels=labels, path=path, data=data)
+
+
+def _import_pyarrow_parquet(location: Path) -> Any:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise UserError(f"{location}: reading parquet files needs pyarrow; {HF_INSTALL_HINT}") from None
+    return parquet
+
+
+def _parquet_source(location: Path, hf_config: str, identity: str) -> Source:
+    """Local parquet file(s) with the hub's columns, read with pyarrow batch by batch."""
+    parquet = _import_pyarrow_parquet(location)
+    if location.is_file():
+        base = location.parent
+        files = [location]
+    else:
+        base = location
+        files = _select_config(_find_parquet_files(location), location, hf_config)
+
+    plan: list[tuple[Path, str, int]] = []
+    columns_seen: set[str] = set()
+    class_names: dict[str, list[str]] = {}
+    for path in files:
+        try:
+            handle = parquet.ParquetFile(path)
+            metadata = handle.schema_arrow
+            rows = handle.metadata.num_rows
+        except Exception as error:  # pyarrow raises several error types for damaged files
+            raise UserError(f"{path}: not a readable parquet file ({error}); re-download it") from None
+        if "image" not in metadata.names:
+            raise UserError(
+                f"{path}: missing column image (found: {', '.join(metadata.names)}); "
+                "use parquet files with the Hugging Face FairFace columns image, age, gender, race"
+            )
+        columns_seen.update(metadata.names)
+        for attribute, names in _parquet_class_names(metadata.metadata).items():
+            class_names.setdefault(attribute, names)
+        plan.append((path, _split_from_name(path.relative_to(base).as_posix()), rows))
+
+    attributes = [attribute for attribute in ATTRIBUTES if attribute in columns_seen]
+    vocab = {
+        attribute: class_names.get(attribute, list(FAIRFACE_CLASSES[attribute])) for attribute in attributes
+    }
+    total = sum(rows for _, _, rows in plan)
+    if total == 0:
+        raise UserError(
+            f"{location}: no rows in the parquet file(s); point at the files that hold the images"
+        )
+
+    def records() -> Iterator[Record]:
+        for path, split, _ in plan:
+            handle = parquet.ParquetFile(path)
+            wanted = [name for name in ("image", *attributes) if name in handle.schema_arrow.names]
+            row_number = 0
+            for batch in handle.iter_batches(batch_size=256, columns=wanted):
+                for row in batch.to_pylist():
+                    name = f"{path.relative_to(base).as_posix()}#{row_number}"
+                    yield _row_record(row, split, name, vocab, path.parent)
+                    row_number += 1
+
+    return Source(
+        kind="parquet",
+        identity=identity,
+        description=f"parquet {location}",
+        attributes=attributes,
+        vocab=vocab,
+        num_records=total,
+        make_records=records,
+    )
+
+
+def _import_datasets(source: str) -> Any:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"{source}: loading from the Hugging Face hub needs `datasets`; {HF_INSTALL_HINT}"
+        ) from None
+    return datasets
+
+
+def _huggingface_source(name: str, hf_config: str, identity: str) -> Source:
+    """A hub dataset through ``datasets``, with images left undecoded (bytes or cached paths)."""
+    source = f"{HF_PREFIX}{name}"
+    datasets = _import_datasets(source)
+    try:
+        loaded = datasets.load_dataset(name, hf_config or None)
+    except Exception as error:  # the hub client raises many error types (network, auth, name)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UserError(
+            f"{source} (config {hf_config}): could not load from the hub ({message}); check the name and "
+            "the network, or download the parquet files and pass their folder"
+        ) from None
+
+    splits = [(key, HUB_SPLITS[key]) for key in loaded if key in HUB_SPLITS]
+    if not splits:
+        raise UserError(
+            f"{source}: no train or validation split (found: {', '.join(loaded)}); use another dataset"
+        )
+    first = loaded[splits[0][0]]
+    if "image" not in first.column_names:
+        found = ", ".join(first.column_names)
+        raise UserError(f"{source}: missing column image (found: {found}); use another dataset")
+    attributes = [attribute for attribute in ATTRIBUTES if attribute in first.column_names]
+    vocab = {}
+    for attribute in attributes:
+        feature = first.features[attribute]
+        names = getattr(feature, "names", None)
+        vocab[attribute] = list(names) if names else list(FAIRFACE_CLASSES[attribute])
+    undecoded = datasets.Image(decode=False)
+    parts = [(loaded[key].cast_column("image", undecoded), split) for key, split in splits]
+    total = sum(len(part) for part, _ in parts)
+
+    def records() -> Iterator[Record]:
+        for part, split in parts:
+            for index, row in enumerate(part):
+                yield _row_record(row, split, f"{split}#{index}", vocab, None)
+
+    return Source(
+        kind="huggingface",
+        identity=identity,
+        description=f"{source} ({hf_config})",
+        attributes=attributes,
+        vocab=vocab,
+        num_records=total,
+        make_records=records,
+    )

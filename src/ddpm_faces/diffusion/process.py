@@ -1,0 +1,74 @@
+"""The forward process q(x_t | x_0) and conversions between what a network predicts.
+
+A network predicts one of eps (Ho et al. 2020), x0, or v = sqrt(abar) eps - sqrt(1 - abar) x0
+(Salimans & Ho 2022, https://arxiv.org/abs/2202.00512, section 4). Every sampler works on the pair
+(eps, x0) that `Denoiser.predict` returns, whatever the network was trained to predict.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import UserError
+from .schedules import NoiseSchedule
+
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def _coef(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample coefficients shaped (B, 1, 1, 1) on x's device and dtype."""
+    return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
+
+
+def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, eq. 4)."""
+    ab = schedule.alpha_bar_at(t)
+    return _coef(ab.sqrt(), x0) * x0 + _coef((1 - ab).sqrt(), x0) * noise
+
+
+def training_target(prediction: str, schedule: NoiseSchedule, x0, t, noise) -> torch.Tensor:
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        ab = schedule.alpha_bar_at(t)
+        return _coef(ab.sqrt(), x0) * noise - _coef((1 - ab).sqrt(), x0) * x0
+    raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+def to_eps_x0(prediction: str, schedule: NoiseSchedule, x_t, t, out) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a network output into (eps, x0) at timestep t (floats; t = -1 never reaches a network)."""
+    ab = schedule.alpha_bar_at(t)
+    a, s = _coef(ab.sqrt(), x_t), _coef((1 - ab).sqrt(), x_t)
+    if prediction == "eps":
+        eps = out
+        return eps, (x_t - s * eps) / a
+    if prediction == "x0":
+        x0 = out
+        return (x_t - a * x0) / s, x0
+    if prediction == "v":
+        return s * x_t + a * out, a * x_t - s * out
+    raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+
+
+class Denoiser:
+    """Wraps a network f(x_t, t, cond) with its schedule and target; the one interface samplers use."""
+
+    def __init__(self, net: Callable, schedule: NoiseSchedule, prediction: str = "eps"):
+        if prediction not in PREDICTIONS:
+            raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        self.net, self.schedule, self.prediction = net, schedule, prediction
+
+    def predict(self, x_t: torch.Tensor, t: int, cond=None, clip_x0: bool = False):
+        """(eps, x0) at integer timestep t for the whole batch; x0 clipped to [-1, 1] when asked,
+        with eps recomputed from the clipped x0 so the two stay consistent."""
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        out = self.net(x_t, tt, cond) if cond is not None else self.net(x_t, tt)
+        eps, x0 = to_eps_x0(self.prediction, self.schedule, x_t, tt, out.float())
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            ab = self.schedule.alpha_bar_at(tt)
+            eps = (x_t - _coef(ab.sqrt(), x_t) * x0) / _coef((1 - ab).sqrt(), x_t)
+        return eps, x0

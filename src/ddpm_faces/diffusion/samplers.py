@@ -1,0 +1,98 @@
+"""Samplers over a decreasing list of timesteps, all with one signature:
+
+    sample_x(denoiser, x, timesteps, *, noise=None, cond=None, clip_x0=True, callback=None, ...)
+
+`x` is pure noise at timesteps[0]; each step moves to the next timestep in the list and the last
+step to t = -1 (no noise, abar = 1), so the result is an image. `noise(like)` draws the fresh
+Gaussian noise of stochastic steps (see `PerImageNoise`); `callback(i, t, x, x0)` sees every step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import UserError
+from .process import Denoiser
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class PerImageNoise:
+    """Gaussian noise where image i is drawn from its own generator seeded with seed + i.
+
+    Image i of seed s is then the same whether 4 or 16 images are asked for, and whatever the
+    batch size: a batch of images (start, start + n) draws from generators start..start+n-1.
+    """
+
+    def __init__(self, seed: int, start: int, count: int):
+        self.generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        per_image = like.shape[1:]
+        z = torch.stack([torch.randn(per_image, generator=g) for g in self.generators])
+        return z.to(device=like.device, dtype=like.dtype)
+
+
+def _pairs(timesteps: Sequence[int]):
+    """(t, s) for every step: from timesteps[i] to timesteps[i + 1], the last one to s = -1."""
+    return zip(timesteps, list(timesteps[1:]) + [-1])
+
+
+def _abar(denoiser: Denoiser, t: int) -> float:
+    return float(denoiser.schedule.alpha_bar_at(torch.tensor([t]))[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM ancestral sampling (Ho et al. 2020, alg. 2) on a respaced schedule (Nichol & Dhariwal 2021,
+# sec. 4): from t to s, beta = 1 - abar_t / abar_s, and the posterior q(x_s | x_t, x0) (eq. 6-7):
+#   mean = sqrt(abar_s) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_s) / (1 - abar_t) x_t
+#   var  = beta_tilde = (1 - abar_s) / (1 - abar_t) beta    or    beta ("large")
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, noise: Callable | None = None,
+                cond=None, clip_x0: bool = True, variance: str = "beta_tilde", callback: Callable | None = None):
+    if variance not in ("beta_tilde", "beta"):
+        raise UserError(f"unknown DDPM variance {variance!r}: choose beta_tilde or beta")
+    noise = noise or torch.randn_like
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
+        abar_t, abar_s = _abar(denoiser, t), _abar(denoiser, s)
+        beta = 1 - abar_t / abar_s
+        mean = (math.sqrt(abar_s) * beta / (1 - abar_t)) * x0 \
+            + (math.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)) * x
+        var = (1 - abar_s) / (1 - abar_t) * beta if variance == "beta_tilde" else beta
+        x = mean + math.sqrt(var) * noise(x) if s >= 0 else mean
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM (Song et al. 2021, https://arxiv.org/abs/2010.02502, eq. 12 and 16):
+#   x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z,
+#   sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
+# eta = 0 is deterministic; eta = 1 is DDPM's beta_tilde variance.
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, noise: Callable | None = None,
+                cond=None, clip_x0: bool = True, eta: float = 0.0, callback: Callable | None = None):
+    noise = noise or torch.randn_like
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
+        abar_t, abar_s = _abar(denoiser, t), _abar(denoiser, s)
+        sigma = eta * math.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+        x = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * noise(x)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def get_sampler(name: str) -> Callable:
+    try:
+        return {"ddpm": sample_ddpm, "ddim": sample_ddim}[name]
+    except KeyError:
+        raise UserError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}") from None

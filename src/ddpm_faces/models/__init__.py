@@ -1,0 +1,4 @@
+"""Networks: the denoising UNet."""
+from .unet import UNet, UNetConfig, count_parameters, timestep_embedding
+
+__all__ = ["UNet", "UNetConfig", "count_parameters", "timestep_embedding"]

@@ -1,0 +1,185 @@
+"""The denoising UNet (Ho et al. 2020, appendix B; with the improvements of Dhariwal & Nichol 2021,
+https://arxiv.org/abs/2105.05233, sec. 3: scale-shift norm, attention at several resolutions).
+
+    x_t (B, C, H, W), t (B,) ->  eps / v / x0 prediction (B, C, H, W)
+
+Levels are built from `channel_mults`; each level holds `blocks_per_level` residual blocks and halves the
+resolution after it (except the last). Self-attention runs at every resolution listed in `attn_resolutions`.
+A conditioning embedding, when given, is added to the time embedding (the hook the conditional model uses).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class UNetConfig:
+    resolution: int = 32                       # image side in pixels
+    in_channels: int = 3
+    base_channels: int = 64                    # channels at the first level
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    blocks_per_level: int = 2                  # residual blocks per level on the way down
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    head_channels: int = 64                    # channels per attention head
+    dropout: float = 0.1
+    groups: int = 32                           # GroupNorm groups (fewer when channels are few)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, sec. 3.5)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(groups, channels), channels)
+
+
+def zero(module: nn.Module) -> nn.Module:
+    """Zero-initialised output layers make every residual block start as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice; the embedding modulates the second norm as (1 + scale) * h + shift."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)
+        self.norm2, self.dropout = norm(c_out, groups), nn.Dropout(dropout)
+        self.conv2 = zero(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions through scaled_dot_product_attention."""
+
+    def __init__(self, channels: int, head_channels: int, groups: int):
+        super().__init__()
+        self.heads = max(1, channels // head_channels)
+        self.norm = norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q, k, v)                 # (B, heads, HW, C/heads)
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """Residual blocks, each optionally followed by attention, at one resolution."""
+
+    def __init__(self, channels_in: list[int], c_out: int, emb_dim: int, attn: bool, cfg: UNetConfig):
+        super().__init__()
+        self.res = nn.ModuleList(ResBlock(c, c_out, emb_dim, cfg.dropout, cfg.groups) for c in channels_in)
+        self.attn = nn.ModuleList(Attention(c_out, cfg.head_channels, cfg.groups) if attn else nn.Identity()
+                                  for _ in channels_in)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig, cond_embedding: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_embedding = cond_embedding                   # maps cond -> (B, emb_dim), or None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+
+        widths = [ch * m for m in cfg.channel_mults]
+        skips, c, res = [ch], ch, cfg.resolution
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in enumerate(widths):
+            ins = [c] + [w] * (cfg.blocks_per_level - 1)
+            self.down.append(Level(ins, w, emb_dim, res in cfg.attn_resolutions, cfg))
+            skips += [w] * cfg.blocks_per_level
+            c = w
+            last = i == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else Downsample(w))
+            if not last:
+                skips.append(w)
+                res //= 2
+
+        self.mid1 = ResBlock(c, c, emb_dim, cfg.dropout, cfg.groups)
+        self.mid_attn = Attention(c, cfg.head_channels, cfg.groups)
+        self.mid2 = ResBlock(c, c, emb_dim, cfg.dropout, cfg.groups)
+
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for i, w in reversed(list(enumerate(widths))):
+            ins = []
+            for _ in range(cfg.blocks_per_level + 1):
+                ins.append(c + skips.pop())
+                c = w
+            self.up.append(Level(ins, w, emb_dim, res in cfg.attn_resolutions, cfg))
+            self.upsample.append(Upsample(w) if i > 0 else nn.Identity())
+            if i > 0:
+                res *= 2
+
+        self.norm_out = norm(c, cfg.groups)
+        self.conv_out = zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
+
+    def embed(self, t: torch.Tensor, cond=None) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        if cond is not None:
+            if self.cond_embedding is None:
+                raise ValueError("this model was built without conditioning; it cannot take labels")
+            emb = emb + self.cond_embedding(cond)
+        return emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        emb = self.embed(t, cond)
+        h = self.conv_in(x)
+        skips = [h]
+        for level, down in zip(self.down, self.downsample):
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(h, emb))
+                skips.append(h)
+            if not isinstance(down, nn.Identity):
+                h = down(h)
+                skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for level, up in zip(self.up, self.upsample):
+            for res, attn in zip(level.res, level.attn):
+                h = attn(res(torch.cat([h, skips.pop()], dim=1), emb))
+            h = up(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

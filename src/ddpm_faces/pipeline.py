@@ -1,0 +1,141 @@
+"""A trained model ready to sample: load an export, a run, a checkpoint or the bundled model; generate.
+
+    pipe = load_pipeline("runs/faces64")            # or None for the bundled model
+    images = generate(pipe, num=16, seed=0, sampler="ddim", steps=50)   # (16, H, W, 3) uint8
+
+An export is a folder with `model.safetensors` (EMA weights) and `config.yaml` (the run's resolved config).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import Config, config_from_dict
+from .diffusion import Denoiser, NoiseSchedule, PerImageNoise, get_sampler, spaced_timesteps
+from .errors import UserError
+from .images import to_uint8
+from .models import UNet
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_MODEL = "faces32"
+
+
+def build_model(cfg: Config) -> UNet:
+    return UNet(cfg.model)
+
+
+def build_schedule(cfg: Config) -> NoiseSchedule:
+    d = cfg.diffusion
+    return NoiseSchedule.from_config(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+
+@dataclass
+class Pipeline:
+    net: UNet
+    cfg: Config
+    source: Path
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.net, build_schedule(self.cfg), self.cfg.diffusion.prediction)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write model.safetensors + config.yaml into out_dir, atomically (a temporary folder, then a rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "ddpm-faces"})
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _resolve(path: str | Path | None) -> tuple[Path, Path]:
+    """(weights file, config file) for a bundled name, an export, a run folder or a checkpoint folder."""
+    if path is None or (not Path(path).exists() and (WEIGHTS_DIR / str(path)).is_dir()):
+        folder = WEIGHTS_DIR / (str(path) if path else DEFAULT_MODEL)
+        if not (folder / "model.safetensors").is_file():
+            raise UserError(f"bundled model {folder.name!r} is missing from {WEIGHTS_DIR}: reinstall ddpm-faces "
+                            "or pass --checkpoint runs/<name>")
+        return folder / "model.safetensors", folder / "config.yaml"
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist: pass a run folder (runs/<name>), its export/ folder, "
+                        "a checkpoints/step-N folder, or leave --checkpoint out for the bundled model")
+    if (p / "model.safetensors").is_file() and (p / "config.yaml").is_file():
+        return p / "model.safetensors", p / "config.yaml"                       # an export
+    if (p / "export" / "model.safetensors").is_file():
+        return p / "export" / "model.safetensors", p / "export" / "config.yaml"   # a run with an export
+    from .training.checkpoint import list_checkpoints                            # a run without one yet
+    ckpts = list_checkpoints(p)
+    if ckpts:
+        return ckpts[-1] / "ema.safetensors", p / "config.yaml"
+    if (p / "ema.safetensors").is_file():                                        # one checkpoint
+        return p / "ema.safetensors", p.parent.parent / "config.yaml"
+    raise UserError(f"no model found in {p}: expected model.safetensors + config.yaml, export/, or checkpoints/")
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    weights, config_file = _resolve(path)
+    if not config_file.is_file():
+        raise UserError(f"{config_file} is missing: the model's config must sit beside its weights")
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    net = build_model(cfg)
+    state = {k: v.float() for k, v in load_file(weights).items()}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{weights} does not match its config.yaml ({len(missing)} missing, {len(unexpected)} "
+                        "unexpected tensors): export the run again")
+    return Pipeline(net.to(device).eval(), cfg, weights.parent)
+
+
+def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = "ddim", steps: int = 50,
+             eta: float = 0.0, spacing: str = "trailing", batch_size: int = 16, first_index: int = 0,
+             progress: bool = True, callback=None) -> np.ndarray:
+    """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i)."""
+    if num < 1:
+        raise UserError(f"--num must be at least 1, got {num}")
+    sample_fn = get_sampler(sampler)
+    timesteps = spaced_timesteps(pipe.cfg.diffusion.timesteps, steps, spacing)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    res, out = pipe.cfg.model.resolution, []
+    bar = tqdm(total=num * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress,
+               leave=False)
+    with torch.inference_mode():
+        for start in range(first_index, first_index + num, batch_size):
+            n = min(batch_size, first_index + num - start)
+            noise = PerImageNoise(seed, start, n)
+            x = noise(torch.empty(n, 3, res, res, device=pipe.device))
+
+            def step_callback(i, t, x_i, x0, n=n):
+                bar.update(n)
+                if callback is not None:
+                    callback(i, t, x_i, x0)
+
+            x = sample_fn(pipe.denoiser, x, timesteps, noise=noise, callback=step_callback, **extra)
+            out.append(to_uint8(x))
+    bar.close()
+    return np.concatenate(out)

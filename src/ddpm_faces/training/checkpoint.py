@@ -1,0 +1,89 @@
+"""Training state on disk: written atomically, loaded without executing code.
+
+runs/<name>/checkpoints/step-N/
+    model.safetensors   live weights          ema.safetensors   EMA weights
+    optimizer.pt        optimizer + LR state  (torch.save of tensors and numbers; loaded weights_only)
+    rng.pt              torch / numpy / python RNG states
+    state.json          step, data position, early-stopping state, EMA count
+Each checkpoint is written into `step-N.tmp` and renamed when complete, so a crash never leaves a
+half-written `step-N`; only complete ones are listed and resumed from.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": np_state[2],
+        "python": torch.tensor(py_state[1], dtype=torch.int64),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
+
+
+def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, ema, optimizer, scheduler, state: dict,
+                    keep: int = 3) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state_tensors(model), tmp / "model.safetensors")
+    save_file(state_tensors(ema.model), tmp / "ema.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "ema": ema.state_dict()}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    prune(root, keep)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
+             and (p / "state.json").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, *, model, ema, optimizer, scheduler) -> dict:
+    path = Path(path)
+    model.load_state_dict(load_file(path / "model.safetensors"))
+    ema.model.load_state_dict(load_file(path / "ema.safetensors"))
+    opt = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    ema.load_state_dict(state["ema"])
+    return state

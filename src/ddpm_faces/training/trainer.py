@@ -1,0 +1,252 @@
+"""The training loop: Accelerate, EMA, validation with early stopping, TensorBoard, checkpoints, export.
+
+    result = train(load_config("configs/quickstart.yaml"), resume=False)
+
+Only the main process writes logs, samples, checkpoints and exports; the other ranks wait at a barrier
+whose timeout is long enough for that work.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from tqdm.auto import tqdm
+
+from ..config import Config, save_config
+from ..data import BatchLoader, PreparedData, prepare_dataset
+from ..diffusion import diffusion_loss
+from ..errors import UserError
+from ..images import make_grid, save_image
+from ..models import count_parameters
+from ..pipeline import Pipeline, build_model, build_schedule, export_model, generate
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .lr import make_scheduler
+
+log = logging.getLogger("ddpm_faces.train")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    best_val: float | None
+    stopped_early: bool
+
+
+class EarlyStopping:
+    """Stop after `patience` evaluations without an improvement of more than `min_delta`."""
+
+    def __init__(self, patience: int, min_delta: float, best: float | None = None, bad: int = 0):
+        self.patience, self.min_delta, self.best, self.bad = patience, min_delta, best, bad
+
+    def update(self, value: float) -> bool:
+        """Record a validation value; True when it is a new best."""
+        if self.best is None or value < self.best - self.min_delta:
+            self.best, self.bad = value, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad >= self.patience
+
+
+class Validation:
+    """Validation loss at fixed timesteps and fixed noise, so evaluations are comparable over time."""
+
+    def __init__(self, data: PreparedData, cfg: Config, rank: int, world: int):
+        rows = data.indices("val")[: cfg.train.val_images]
+        self.loader = BatchLoader(data, "val", 1, shuffle=False) if len(rows) else None
+        self.rows, self.size = rows, len(rows)
+        T = cfg.diffusion.timesteps
+        g = torch.Generator().manual_seed(12345)
+        res = cfg.data.resolution
+        self.t = torch.linspace(0, T - 1, max(self.size, 1)).round().long()[: self.size]
+        self.noise = torch.randn(self.size, 3, res, res, generator=g)
+        self.mine = torch.arange(self.size)[rank::world]
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def __call__(self, net, schedule, device, batch_size: int) -> torch.Tensor:
+        """Sum of per-image losses over this rank's share (reduce across ranks, divide by size)."""
+        total = torch.zeros((), device=device)
+        d = self.cfg.diffusion
+        for chunk in self.mine.split(batch_size):
+            x0 = self.loader.load(self.rows[chunk.numpy()])["images"].to(device)
+            losses = diffusion_loss(net, schedule, x0, self.t[chunk].to(device), self.noise[chunk].to(device),
+                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, reduce=False)
+            total += losses.sum()
+        return total
+
+
+def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume."""
+    run_dir = cfg.run_dir
+    ckpts = list_checkpoints(run_dir)
+    if ckpts and not resume:
+        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another "
+                        "run name with --set name=<new>")
+    saved = run_dir / "config.yaml"
+    if resume and ckpts and saved.is_file():
+        old = yaml.safe_load(saved.read_text())
+        for section in ("model", "diffusion"):
+            if old.get(section) != cfg.to_dict()[section]:
+                raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
+                                "resume with the run's own config (--config " + str(saved) + ")")
+    return ckpts[-1] if (resume and ckpts) else None
+
+
+def _sample_grid(ema_model, cfg: Config, run_dir: Path, step: int, writer) -> None:
+    t = cfg.train
+    images = generate(Pipeline(ema_model, cfg, run_dir), t.sample_images, seed=t.seed, sampler="ddim",
+                      steps=min(t.sample_steps, cfg.diffusion.timesteps), batch_size=t.sample_images,
+                      progress=False)
+    grid = make_grid(images)
+    save_image(grid, run_dir / "samples" / f"step-{step:07d}.png")
+    writer.add_image("samples", grid, step, dataformats="HWC")
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_step: int | None = None) -> TrainResult:
+    """Train (or, with resume, continue) the run `cfg.name`; `until_step` pauses early, after a checkpoint,
+    as if the run had been interrupted there (the learning-rate schedule still ends at max_steps)."""
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    run_dir = cfg.run_dir
+    resume_from = _check_run_dir(cfg, resume)
+    torch.manual_seed(t.seed + rank)
+
+    with accelerator.main_process_first():
+        data = prepare_dataset(cfg.data.source, cfg.data.resolution, crop=cfg.data.crop,
+                               cache_dir=cfg.data.cache_dir, hf_config=cfg.data.hf_config, progress=main)
+    loader = BatchLoader(data, "train", t.batch_size, seed=t.seed, hflip=cfg.data.hflip,
+                         random_crop=cfg.data.random_crop, rank=rank, world_size=world)
+    validation = Validation(data, cfg, rank, world)
+
+    model = build_model(cfg)
+    ema = EMA(model, t.ema_decay, t.ema_warmup)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
+                                  weight_decay=t.weight_decay, foreach=True)
+    scheduler = make_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    stopper = EarlyStopping(t.patience, t.min_delta)
+    step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
+        if world > 1:                      # the saved RNG state is rank 0's; give the others a fresh stream
+            torch.manual_seed(t.seed + 1_000_003 * rank + step)
+        step = state["step"]
+        loader.load_state_dict(state["data"])
+        stopper = EarlyStopping(t.patience, t.min_delta, state["best_val"], state["bad_evals"])
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.model.to(accelerator.device)
+    schedule = build_schedule(cfg)
+    raw_model = accelerator.unwrap_model(model)
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        writer = SummaryWriter(str(run_dir / "tb"))
+        writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", step)
+        log.info("model: %s parameters; data: %d train / %d val images at %d px; %s",
+                 f"{count_parameters(raw_model):,}", len(loader.indices), validation.size, cfg.data.resolution,
+                 f"resuming from {resume_from.name}" if resume_from else f"run folder {run_dir}")
+    if validation.size == 0 and main:
+        log.warning("no validation images: validation loss and early stopping are off")
+
+    def evaluate() -> float | None:
+        if validation.size == 0:
+            return None
+        total = accelerator.reduce(validation(ema.model, schedule, accelerator.device, t.batch_size), "sum")
+        return float(total) / validation.size
+
+    def checkpoint():
+        if main:
+            state = {"data": loader.state_dict(), "best_val": stopper.best, "bad_evals": stopper.bad}
+            save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
+                            scheduler=scheduler, state=state, keep=t.keep_checkpoints)
+            export_model(ema.model, cfg, run_dir / "export")
+        accelerator.wait_for_everyone()
+
+    images_per_step = t.batch_size * world * t.grad_accum
+    bar = tqdm(total=t.max_steps, initial=step, desc=cfg.name, unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
+    loss_sum, norm_sum, n_logged, tick = torch.zeros(()), torch.zeros(()), 0, time.perf_counter()
+    stopped_early = False
+    batches = iter(loader)
+    model.train()
+    last_step = min(t.max_steps, until_step or t.max_steps)
+    while step < last_step and not stopped_early:
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            x0 = batch["images"].to(accelerator.device)
+            ts = torch.randint(0, cfg.diffusion.timesteps, (len(x0),)).to(accelerator.device)
+            noise = torch.randn_like(x0)
+            loss = diffusion_loss(model, schedule, x0, ts, noise, prediction=cfg.diffusion.prediction,
+                                  min_snr_gamma=cfg.diffusion.min_snr_gamma)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                norm_sum += accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float().cpu()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach().float().cpu() / t.grad_accum
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        ema.update(raw_model)
+        step += 1
+        n_logged += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.perf_counter() - tick
+            mean_loss, mean_norm = float(loss_sum) / n_logged, float(norm_sum) / n_logged
+            if not math.isfinite(mean_loss):
+                raise UserError(f"training diverged at step {step} (loss {mean_loss}): lower train.lr, "
+                                "use mixed_precision=bf16 instead of fp16, or resume from an earlier checkpoint")
+            if main:
+                ips = n_logged * images_per_step / elapsed
+                for key, value in {"train/loss": mean_loss, "train/grad_norm": mean_norm, "train/images_per_s": ips,
+                                   "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": ema.current_decay()
+                                   }.items():
+                    writer.add_scalar(key, value, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
+            loss_sum, norm_sum, n_logged, tick = torch.zeros(()), torch.zeros(()), 0, time.perf_counter()
+
+        if step % t.eval_every == 0 or step == t.max_steps:
+            val = evaluate()
+            if val is not None:
+                improved = stopper.update(val)
+                if main:
+                    writer.add_scalar("val/loss", val, step)
+                    bar.write(f"step {step}: val loss {val:.5f} (best {stopper.best:.5f}"
+                              f"{', new best' if improved else f', {stopper.bad}/{t.patience} without improvement'})")
+                    if improved:
+                        export_model(ema.model, cfg, run_dir / "best")
+                stopped_early = stopper.should_stop
+        if main and (step % t.sample_every == 0 or step == t.max_steps):
+            _sample_grid(ema.model, cfg, run_dir, step, writer)
+        if step % t.checkpoint_every == 0 or step == last_step or stopped_early:
+            checkpoint()
+        tick = time.perf_counter() if n_logged == 0 else tick
+    bar.close()
+    if stopped_early and main:
+        log.info("early stopping at step %d: no improvement in %d evaluations", step, t.patience)
+    if main:
+        writer.close()
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, step, stopper.best, stopped_early)

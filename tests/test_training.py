@@ -1,0 +1,103 @@
+"""End-to-end training on a tiny model: files written, resume equality, EMA stepping, early stopping."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from ddpm_faces.config import load_config
+from ddpm_faces.errors import UserError
+from ddpm_faces.pipeline import generate, load_pipeline
+from ddpm_faces.training import EMA, EarlyStopping, train
+from ddpm_faces.training.checkpoint import list_checkpoints
+
+
+def test_end_to_end_run_writes_checkpoints_logs_export_and_samples(tmp_path, face_folder):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.keep_checkpoints": 1}))
+    result = train(cfg, progress=False)
+    run = tmp_path / "runs" / "tiny"
+    assert result.step == 12 and result.best_val is not None
+    assert [p.name for p in list_checkpoints(run)] == ["step-12"]            # keep_checkpoints=1 pruned step-6
+    assert not list(run.glob("checkpoints/*.tmp"))
+    assert {p.name for p in (run / "checkpoints" / "step-12").iterdir()} == {
+        "model.safetensors", "ema.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step-0000006.png", "step-0000012.png"]
+    assert (run / "export" / "model.safetensors").is_file() and (run / "best" / "model.safetensors").is_file()
+
+    # the export holds the EMA weights, not the live ones
+    exported = load_file(run / "export" / "model.safetensors")
+    ema = load_file(run / "checkpoints" / "step-12" / "ema.safetensors")
+    live = load_file(run / "checkpoints" / "step-12" / "model.safetensors")
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], live[k]) for k in ema)
+
+    pipe = load_pipeline(run)
+    images = generate(pipe, 3, seed=1, steps=5, progress=False)
+    assert images.shape == (3, 16, 16, 3) and images.dtype.name == "uint8" and images.std() > 0
+
+
+def test_resume_gives_bit_identical_weights(tmp_path, face_folder):
+    straight = load_config("quickstart", tiny_overrides(tmp_path / "a", face_folder))
+    train(straight, progress=False)
+
+    paused = load_config("quickstart", tiny_overrides(tmp_path / "b", face_folder))
+    assert train(paused, progress=False, until_step=6).step == 6
+    assert train(paused, progress=False, resume=True).step == 12
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(tmp_path / "a" / "runs" / "tiny" / "checkpoints" / "step-12" / name)
+        b = load_file(tmp_path / "b" / "runs" / "tiny" / "checkpoints" / "step-12" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    state = json.loads((tmp_path / "b" / "runs" / "tiny" / "checkpoints" / "step-12" / "state.json").read_text())
+    assert state["step"] == 12 and state["ema"]["num_updates"] == 12
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, face_folder):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 6}))
+    train(cfg, progress=False)
+    with pytest.raises(UserError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_ema_steps_once_per_optimizer_step_with_gradient_accumulation(tmp_path, face_folder):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{
+        "train.grad_accum": 3, "train.max_steps": 4, "train.checkpoint_every": 4}))
+    train(cfg, progress=False)
+    state = json.loads((tmp_path / "runs" / "tiny" / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["ema"]["num_updates"] == 4
+    batches_read = state["data"]["epoch"] * 6 + state["data"]["batch"]          # 48 train images / batch 8
+    assert batches_read == 12                                                   # 3 micro-batches per step
+
+
+def test_ema_update_matches_formula_and_copies_buffers():
+    net = torch.nn.BatchNorm1d(3)                                # has learned params and running buffers
+    ema = EMA(net, decay=0.9, warmup=False)
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+        net.running_mean.fill_(5.0)
+    ema.update(net)
+    assert torch.allclose(ema.model.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.equal(ema.model.running_mean, net.running_mean)
+    warm = EMA(net, decay=0.9999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)             # (1 + 0) / (10 + 0)
+
+
+def test_early_stopping_patience_and_min_delta():
+    stop = EarlyStopping(patience=2, min_delta=0.01)
+    assert stop.update(1.0) and not stop.should_stop
+    assert not stop.update(0.995)                                 # within min_delta: not an improvement
+    assert stop.update(0.9)
+    assert not stop.update(0.95) and not stop.should_stop
+    assert not stop.update(0.95) and stop.should_stop
+
+
+def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{
+        "train.eval_every": 1, "train.patience": 1, "train.min_delta": 100.0, "train.max_steps": 12}))
+    result = train(cfg, progress=False)
+    assert result.stopped_early and result.step == 2
+    assert list_checkpoints(tmp_path / "runs" / "tiny")[-1].name == "step-2"
