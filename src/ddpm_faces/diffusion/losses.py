@@ -18,7 +18,9 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str) -> torch.Te
         return clipped / snr
     if prediction == "v":
         return clipped / (snr + 1)
-    return clipped
+    if prediction == "x0":
+        return clipped
+    raise ValueError(f"unknown prediction target {prediction!r}")
 
 
 def diffusion_loss(net, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, *,

@@ -17,7 +17,7 @@ PREDICTIONS = ("eps", "v", "x0")
 
 
 def _coef(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample coefficients shaped (B, 1, 1, 1) on x's device and dtype."""
+    """Per-sample coefficients shaped (B, 1, 1, 1), float32 on x's device (the maths runs in float32)."""
     return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
 

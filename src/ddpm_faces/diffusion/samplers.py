@@ -30,6 +30,8 @@ class PerImageNoise:
         self.generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        if len(like) != len(self.generators):
+            raise ValueError(f"PerImageNoise holds {len(self.generators)} generators, asked for a batch of {len(like)}")
         per_image = like.shape[1:]
         z = torch.stack([torch.randn(per_image, generator=g) for g in self.generators])
         return z.to(device=like.device, dtype=like.dtype)

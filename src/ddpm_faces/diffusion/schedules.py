@@ -90,7 +90,7 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     if not 1 <= steps <= T:
         raise UserError(f"--steps must be between 1 and {T} (the model's number of timesteps), got {steps}")
     if spacing == "trailing":
-        ts = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)).long() - 1
+        ts = torch.round(T - torch.arange(steps, dtype=torch.float64) * T / steps).long() - 1
     elif spacing == "leading":
         ts = (torch.arange(steps) * (T // steps)).flip(0)
     elif spacing == "linspace":

@@ -1,0 +1,95 @@
+"""The ddpm-faces command: subcommands, the bundled model, determinism, and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_overrides
+from ddpm_faces.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ddpm_faces", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_subcommands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("train", "sample", "export", "data"):
+        assert command in out.stdout
+
+
+def test_sample_with_the_bundled_model_writes_a_grid_and_individual_images(tmp_path):
+    grid, folder = tmp_path / "faces.png", tmp_path / "single"
+    assert main(["sample", "--out", str(grid), "--num", "4", "--steps", "8", "--nrow", "2",
+                 "--save-individual", str(folder), "--no-progress"]) == 0
+    img = np.asarray(Image.open(grid))
+    side = 32 * 2 + 3 * 2                                          # two 32 px faces per row, 2 px padding
+    assert img.shape == (side, side, 3)
+    singles = sorted(folder.glob("*.png"))
+    assert len(singles) == 4
+    first = np.asarray(Image.open(singles[0]))
+    assert first.shape == (32, 32, 3) and first.std() > 5           # not a flat image
+    assert np.array_equal(img[2:34, 2:34], first)                  # the grid holds the same image
+
+
+def test_image_i_of_a_seed_does_not_depend_on_how_many_are_asked_for(tmp_path):
+    for num in ("2", "5"):
+        assert main(["sample", "--num", num, "--seed", "7", "--steps", "6", "--sampler", "ddpm", "--batch-size",
+                     "3", "--out", str(tmp_path / f"g{num}.png"), "--save-individual", str(tmp_path / num),
+                     "--no-progress"]) == 0
+    for i in range(2):
+        a = np.asarray(Image.open(tmp_path / "2" / f"seed7-{i:04d}.png"))
+        b = np.asarray(Image.open(tmp_path / "5" / f"seed7-{i:04d}.png"))
+        assert np.array_equal(a, b)
+    other = np.asarray(Image.open(tmp_path / "5" / "seed7-0002.png"))
+    assert not np.array_equal(other, np.asarray(Image.open(tmp_path / "5" / "seed7-0000.png")))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["train", "--set", "train.lrr=1"], "train.lrr"),
+    (["train", "--set", "diffusion.schedule=square"], "linear, cosine, sigmoid"),
+    (["train", "--config", "nope"], "quickstart"),
+    (["sample", "--checkpoint", "/no/such/run"], "/no/such/run"),
+    (["sample", "--steps", "0"], "--steps"),
+    (["sample", "--num", "0"], "--num"),
+])
+def test_bad_input_gives_one_line_error_and_exit_2(args, words):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_train_then_sample_and_export_from_the_command_line(tmp_path, face_folder):
+    sets = [a for kv in tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 6}) for a in ("--set", kv)]
+    out = run_cli("train", "--no-progress", *sets)
+    assert out.returncode == 0, out.stderr
+    assert "parameters" in out.stderr and "trained 6 steps" in out.stdout
+    run = tmp_path / "runs" / "tiny"
+    assert main(["sample", "--checkpoint", str(run), "--num", "2", "--steps", "4", "--out",
+                 str(tmp_path / "g.png"), "--no-progress"]) == 0
+    assert main(["export", "--checkpoint", str(run / "checkpoints" / "step-6"), "--out", str(tmp_path / "half"),
+                 "--dtype", "fp16"]) == 0
+    assert main(["sample", "--checkpoint", str(tmp_path / "half"), "--num", "2", "--steps", "4", "--out",
+                 str(tmp_path / "h.png"), "--no-progress"]) == 0
+    full, half = np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "h.png"))
+    assert np.abs(full.astype(int) - half.astype(int)).mean() < 3     # fp16 export samples the same faces
+
+    resumed = run_cli("train", "--no-progress", "--resume", "--config", str(run / "config.yaml"),
+                      "--set", "train.max_steps=9")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step-6" in resumed.stderr and "trained 9 steps" in resumed.stdout
+
+
+def test_data_command_describes_the_prepared_set(tmp_path, face_folder, capsys):
+    assert main(["data", str(face_folder), "--resolution", "16", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "64 images at 16 px (48 train, 16 val)" in out
+    assert "gender: Female, Male" in out
