@@ -93,3 +93,13 @@ def test_data_command_describes_the_prepared_set(tmp_path, face_folder, capsys):
     out = capsys.readouterr().out
     assert "64 images at 16 px (48 train, 16 val)" in out
     assert "gender: Female, Male" in out
+
+
+def test_denoising_strip_ends_on_the_generated_faces(tmp_path):
+    grid, strip = tmp_path / "g.png", tmp_path / "strip.png"
+    assert main(["sample", "--num", "3", "--steps", "10", "--nrow", "1", "--batch-size", "2", "--out", str(grid),
+                 "--strip", str(strip), "--no-progress"]) == 0
+    faces, steps = np.asarray(Image.open(grid)), np.asarray(Image.open(strip))
+    assert steps.shape == (2 + 3 * 34, 2 + 8 * 34, 3)                # 3 faces x 8 moments, 32 px + 2 px pad
+    last_column = steps[:, 2 + 7 * 34: 2 + 7 * 34 + 32]
+    assert np.array_equal(last_column, faces[:, 2:34])              # DDIM's last x0 is the output image

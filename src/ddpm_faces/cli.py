@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
+from .images import DenoisingStrip
 
 
 def _train(args) -> None:
@@ -21,6 +22,8 @@ def _train(args) -> None:
         raise UserError("--resume needs --config: the run's config file, e.g. --config runs/<name>/config.yaml")
     cfg = load_config(config or "quickstart", overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if not result.is_main:
+        return
     best = f", best val loss {result.best_val:.5f}" if result.best_val is not None else ""
     print(f"trained {result.step} steps{best}; model exported to {result.run_dir / 'export'}")
 
@@ -34,10 +37,14 @@ def _sample(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.checkpoint, device=args.device)
+    strip = DenoisingStrip(args.steps, args.num) if args.strip else None
     images = generate(pipe, args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                      spacing=args.spacing, batch_size=args.batch_size, progress=not args.no_progress)
+                      spacing=args.spacing, batch_size=args.batch_size, progress=not args.no_progress,
+                      callback=strip)
     out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale)
     print(f"wrote {len(images)} faces to {out}")
+    if strip is not None:
+        print(f"wrote the denoising steps to {save_image(strip.picture(), args.strip, upscale=args.upscale)}")
     if args.save_individual:
         folder = Path(args.save_individual)
         for i, img in enumerate(images):
@@ -102,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nrow", type=int, help="images per grid row (default: a square)")
     p.add_argument("--upscale", type=int, default=1, help="enlarge the saved images by this factor (nearest)")
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
+    p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
+                                                 "per face (a denoising strip)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")

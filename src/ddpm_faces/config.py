@@ -19,6 +19,7 @@ from .errors import UserError
 from .models import UNetConfig
 
 PRECISIONS = ("no", "fp16", "bf16")
+FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Config:
         return Path(self.train.out_dir) / self.name
 
 
+SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
 CHOICES = {
     "data.crop": ("center", "none"),
     "data.hf_config": ("0.25", "1.25"),
@@ -103,40 +105,47 @@ POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train
 def _build(cls, values: dict, prefix: str):
     """Dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    if not isinstance(values or {}, dict):
+        raise UserError(f"config section '{prefix.rstrip('.')}' must be a mapping of keys, got {values!r}")
     kwargs = {}
     for key, value in (values or {}).items():
         if key not in fields:
             raise UserError(f"unknown config key '{prefix}{key}': valid keys are {', '.join(fields)}")
-        sub = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
-        nested = cls is Config and key in sub
-        kwargs[key] = _build(sub[key], value, f"{key}.") if nested else _as_field_type(fields[key].type, value)
+        nested = cls is Config and key in SECTIONS
+        kwargs[key] = _build(SECTIONS[key], value, f"{key}.") if nested else _as_field_type(fields[key].type, value)
     return cls(**kwargs)
 
 
-def _flat(cfg: Config) -> dict[str, Any]:
-    out = {}
-    for section, values in cfg.to_dict().items():
-        if isinstance(values, dict):
-            out.update({f"{section}.{k}": v for k, v in values.items()})
-        else:
-            out[section] = values
-    return out
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _check_type(key: str, value, default) -> None:
-    expected = type(default)
-    if default is None or value is None:
+def _fields(cfg: Config):
+    """(dotted key, annotation, value) for every setting."""
+    yield "name", "str", cfg.name
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            yield f"{section}.{f.name}", str(f.type), getattr(obj, f.name)
+
+
+def _check_type(key: str, annotation: str, value) -> None:
+    """Values must have the annotated type (an int may stand for a float; None only where allowed)."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").strip()
+    if value is None:
+        if not optional:
+            raise UserError(f"config {key} needs a value ({base}), got nothing")
         return
+    expected = list if base.startswith("list") else TYPES.get(base, object)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
-    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-        raise UserError(f"config {key} must be {expected.__name__}, got {value!r}")
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        raise UserError(f"config {key} must be {base}{' or null' if optional else ''}, got {value!r}")
 
 
 def validate(cfg: Config) -> Config:
-    defaults = _flat(Config())
-    for key, value in _flat(cfg).items():
-        _check_type(key, value, defaults[key])
+    for key, annotation, value in _fields(cfg):
+        _check_type(key, annotation, value)
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"invalid {key} {value!r}: choose one of {', '.join(CHOICES[key])}")
         if key in POSITIVE and value < 1:
@@ -152,6 +161,15 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"invalid train.ema_decay {cfg.train.ema_decay}: must be in [0, 1)")
     if not 0 <= m.dropout < 1:
         raise UserError(f"invalid model.dropout {m.dropout}: must be in [0, 1)")
+    if m.base_channels % 2:
+        raise UserError(f"invalid model.base_channels {m.base_channels}: must be even (it sizes the sinusoidal "
+                        "time embedding)")
+    levels = [(m.resolution >> i, m.base_channels * k) for i, k in enumerate(m.channel_mults)]
+    attended = [w for r, w in levels if r in m.attn_resolutions] + [levels[-1][1]]     # + the middle block
+    for width in attended:
+        if width > m.head_channels and width % m.head_channels:
+            raise UserError(f"model.head_channels {m.head_channels} must divide the width of every level with attention "
+                            f"(base_channels x channel_mults = {width})")
     return cfg
 
 
@@ -189,21 +207,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(_build(Config, raw, ""))
 
 
-FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
 def _as_field_type(ftype: str, value):
-    """YAML 1.1 reads 1e-4 (no dot) as a string; for a float field such a string is the float."""
+    """YAML 1.1 reads 1e-4 (no dot) as a string, and 0.25 as a number even for a text field:
+    convert such values to the field's type."""
     if "float" in str(ftype) and isinstance(value, str) and FLOAT.match(value):
         return float(value)
+    if str(ftype).startswith("str") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
     return value
 
 
 def bundled_configs_dir() -> Path:
-    """configs/ of a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve()
-    repo = here.parents[2] / "configs"
-    return repo if repo.is_dir() else here.parent / "configs"
+    """The configs/ folder (inside the package it is a link to the repository's configs/)."""
+    return Path(__file__).resolve().parent / "configs"
 
 
 def _find_config(path: str | Path) -> Path:

@@ -35,3 +35,25 @@ def save_image(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
     img.save(path)
     return path
+
+
+class DenoisingStrip:
+    """A sampler callback that keeps the predicted clean image x0 at `columns` evenly spaced steps;
+    `picture()` lays them out with one row per image, noise on the left, the face on the right."""
+
+    def __init__(self, steps: int, num: int, columns: int = 8):
+        self.keep = {round(i * (steps - 1) / max(columns - 1, 1)) for i in range(columns)}
+        self.rows: list[list[np.ndarray]] = []
+        self.num = num
+
+    def __call__(self, i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if i == 0:
+            self.rows.append([])                         # a new batch of images starts
+        if i in self.keep:
+            self.rows[-1].append(to_uint8(x0))
+
+    def picture(self) -> np.ndarray:
+        per_batch = [np.stack(cols, axis=1) for cols in self.rows]       # (B, columns, H, W, 3)
+        frames = np.concatenate(per_batch)[: self.num]
+        n, cols = frames.shape[:2]
+        return make_grid(frames.reshape(n * cols, *frames.shape[2:]), nrow=cols)

@@ -40,6 +40,7 @@ class TrainResult:
     step: int
     best_val: float | None
     stopped_early: bool
+    is_main: bool = True                         # False on the other ranks of a multi-process run
 
 
 class EarlyStopping:
@@ -249,4 +250,4 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     if main:
         writer.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, step, stopper.best, stopped_early)
+    return TrainResult(run_dir, step, stopper.best, stopped_early, main)
