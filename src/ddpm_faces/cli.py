@@ -81,6 +81,7 @@ def _data(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .diffusion import SAMPLERS, SPACINGS
 
     parser = argparse.ArgumentParser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
     parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
@@ -98,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a grid of faces (default: the bundled model)")
     p.add_argument("--checkpoint", help="runs/<name>, its export/ or a checkpoints/step-N folder; "
                                         "default: the bundled model")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
+                   help="ddim (default), ddpm, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step)")
     p.add_argument("--steps", type=int, default=50, help="number of denoising steps (default 50)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"])
+    p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
+                                                      "karras for dpmpp-2m/heun")
     p.add_argument("--num", type=int, default=16, help="number of faces (default 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)

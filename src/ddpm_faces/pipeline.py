@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import Config, config_from_dict
-from .diffusion import Denoiser, NoiseSchedule, PerImageNoise, get_sampler, spaced_timesteps
+from .diffusion import DEFAULT_SPACING, Denoiser, NoiseSchedule, PerImageNoise, get_sampler, sampling_timesteps
 from .errors import UserError
 from .images import to_uint8
 from .models import UNet
@@ -113,13 +113,13 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
 
 
 def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = "ddim", steps: int = 50,
-             eta: float = 0.0, spacing: str = "trailing", batch_size: int = 16, first_index: int = 0,
+             eta: float = 0.0, spacing: str | None = None, batch_size: int = 16, first_index: int = 0,
              progress: bool = True, callback=None) -> np.ndarray:
     """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i)."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     sample_fn = get_sampler(sampler)
-    timesteps = spaced_timesteps(pipe.cfg.diffusion.timesteps, steps, spacing)
+    timesteps = sampling_timesteps(build_schedule(pipe.cfg), steps, spacing or DEFAULT_SPACING[sampler])
     extra = {"eta": eta} if sampler == "ddim" else {}
     res, out = pipe.cfg.model.resolution, []
     bar = tqdm(total=num * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress,

@@ -61,10 +61,11 @@ class Denoiser:
             raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
-    def predict(self, x_t: torch.Tensor, t: int, cond=None, clip_x0: bool = False):
-        """(eps, x0) at integer timestep t for the whole batch; x0 clipped to [-1, 1] when asked,
-        with eps recomputed from the clipped x0 so the two stay consistent."""
-        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+    def predict(self, x_t: torch.Tensor, t: float, cond=None, clip_x0: bool = False):
+        """(eps, x0) at timestep t (an integer, or fractional between two steps) for the whole batch; x0 is
+        clipped to [-1, 1] when asked, with eps recomputed from the clipped x0 so the two stay consistent."""
+        dtype = torch.long if float(t).is_integer() else torch.float32
+        tt = torch.full((x_t.shape[0],), t, dtype=dtype, device=x_t.device)
         out = self.net(x_t, tt, cond) if cond is not None else self.net(x_t, tt)
         eps, x0 = to_eps_x0(self.prediction, self.schedule, x_t, tt, out.float())
         if clip_x0:

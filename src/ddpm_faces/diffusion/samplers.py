@@ -16,7 +16,8 @@ import torch
 from ..errors import UserError
 from .process import Denoiser
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "heun")
+DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp-2m": "karras", "heun": "karras"}
 
 
 class PerImageNoise:
@@ -42,7 +43,7 @@ def _pairs(timesteps: Sequence[int]):
     return zip(timesteps, list(timesteps[1:]) + [-1])
 
 
-def _abar(denoiser: Denoiser, t: int) -> float:
+def _abar(denoiser: Denoiser, t: float) -> float:
     return float(denoiser.schedule.alpha_bar_at(torch.tensor([t]))[0])
 
 
@@ -93,8 +94,79 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
     return x
 
 
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M) (Lu et al. 2022, https://arxiv.org/abs/2211.01095, alg. 2), data prediction, multistep.
+# With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h = lambda_s - lambda_t:
+#   x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D,
+#   D = x0_t on the first step, else (1 + 1/(2r)) x0_t - 1/(2r) x0_prev with r = h_prev / h.
+# The last step (to no noise) returns x0.
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[float], *,
+                    noise: Callable | None = None, cond=None, clip_x0: bool = True, callback: Callable | None = None):
+    x0_prev, h_prev = None, None
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        _, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
+        if s < 0:
+            x = x0
+        else:
+            (a_t, sig_t), (a_s, sig_s) = _alpha_sigma(denoiser, t), _alpha_sigma(denoiser, s)
+            h = math.log(a_s / sig_s) - math.log(a_t / sig_t)
+            d = x0 if x0_prev is None else (1 + 1 / (2 * h_prev / h)) * x0 - (1 / (2 * h_prev / h)) * x0_prev
+            x = (sig_s / sig_t) * x - a_s * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, alg. 1, no churn), written in
+# the variance-exploding variable x~ = x_t / alpha_t = x0 + sigma eps with sigma = sqrt((1 - abar) / abar):
+#   d = (x~ - x0(x~, sigma)) / sigma;  x~' = x~ + (sigma_s - sigma_t) d;
+#   x~_s = x~ + (sigma_s - sigma_t) (d + d') / 2,  d' at (x~', sigma_s)   (Euler on the last step, to sigma 0).
+# Two network evaluations per step except the last.
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[float], *, noise: Callable | None = None,
+                cond=None, clip_x0: bool = True, callback: Callable | None = None):
+    def slope(x_ve, t):
+        a, sig = _alpha_sigma(denoiser, t)
+        _, x0 = denoiser.predict(a * x_ve, t, cond, clip_x0=clip_x0)
+        return (x_ve - x0) / (sig / a), x0
+
+    x = x / _alpha_sigma(denoiser, timesteps[0])[0]
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        sigma_t, sigma_s = _ve_sigma(denoiser, t), _ve_sigma(denoiser, s)
+        d, x0 = slope(x, t)
+        x_next = x + (sigma_s - sigma_t) * d
+        if s >= 0:
+            d_next, _ = slope(x_next, s)
+            x_next = x + (sigma_s - sigma_t) * (d + d_next) / 2
+        x = x_next
+        if callback is not None:
+            callback(i, t, x * _alpha_sigma(denoiser, s)[0], x0)
+    return x
+
+
+def _alpha_sigma(denoiser: Denoiser, t: float) -> tuple[float, float]:
+    """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) of the variance-preserving process."""
+    ab = _abar(denoiser, t)
+    return math.sqrt(ab), math.sqrt(1 - ab)
+
+
+def _ve_sigma(denoiser: Denoiser, t: float) -> float:
+    a, sig = _alpha_sigma(denoiser, t)
+    return sig / a
+
+
+def network_evaluations(sampler: str, steps: int) -> int:
+    """How many times a sampler calls the network for `steps` timesteps."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
 def get_sampler(name: str) -> Callable:
     try:
-        return {"ddpm": sample_ddpm, "ddim": sample_ddim}[name]
+        return {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun}[name]
     except KeyError:
         raise UserError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}") from None

@@ -55,6 +55,8 @@ class NoiseSchedule:
         self.alphas = 1 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
         self.T = len(betas)
+        self._padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])    # index t + 1
+        self._log_sigmas = 0.5 * torch.log((1 - self.alpha_bar) / self.alpha_bar)          # increasing in t
 
     @classmethod
     def from_config(cls, schedule: str = "linear", timesteps: int = 1000,
@@ -68,9 +70,18 @@ class NoiseSchedule:
         raise UserError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
-        """abar_t for integer t; t = -1 means 'no noise' (abar = 1), the end of every sampler."""
-        padded = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar])
-        return padded[t.long().cpu() + 1]
+        """abar_t; t = -1 means 'no noise' (abar = 1), the end of every sampler. A fractional t in [0, T-1]
+        interpolates log sigma linearly between the two neighbouring steps (as k-diffusion does)."""
+        t = torch.as_tensor(t).cpu()
+        if not t.is_floating_point() or torch.equal(t, t.round()):
+            return self._padded[t.long() + 1]
+        log_sigma = _interp(t.double(), torch.arange(self.T, dtype=torch.float64), self._log_sigmas)
+        return torch.sigmoid(-2 * log_sigma)                                  # 1 / (1 + sigma^2)
+
+    def t_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The (fractional) timestep whose noise-to-signal ratio is sigma: the inverse of the above."""
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log()
+        return _interp(log_sigma, self._log_sigmas, torch.arange(self.T, dtype=torch.float64))
 
     def sigmas(self) -> torch.Tensor:
         """Noise-to-signal ratio sigma_t = sqrt((1 - abar_t) / abar_t), the EDM / k-diffusion view."""
@@ -79,6 +90,14 @@ class NoiseSchedule:
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         ab = self.alpha_bar_at(t)
         return ab / (1 - ab)
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation (numpy.interp) for increasing xp, clamped at both ends."""
+    x = x.clamp(xp[0], xp[-1])
+    i = torch.searchsorted(xp, x, right=True).clamp(1, len(xp) - 1)
+    w = (x - xp[i - 1]) / (xp[i] - xp[i - 1])
+    return fp[i - 1] + w * (fp[i] - fp[i - 1])
 
 
 def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -98,3 +117,31 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     else:
         raise UserError(f"unknown timestep spacing {spacing!r}: choose trailing, leading or linspace")
     return [int(t) for t in ts]
+
+
+SPACINGS = ("trailing", "leading", "linspace", "quadratic", "karras")
+
+
+def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
+                       rho: float = 7.0, sigma_max: float = 80.0) -> list[float]:
+    """The decreasing noise levels a sampler visits, as (possibly fractional) timesteps.
+
+    Integer spacings come from `spaced_timesteps`. "quadratic" spaces t as (T-1)(1 - i/steps)^2, denser near
+    the data (Song et al. 2021, DDIM, sec. D.2); "karras" spaces sigma^(1/rho) evenly between
+    min(sigma(T-1), sigma_max) and sigma(0) (Karras et al. 2022, https://arxiv.org/abs/2206.00364, eq. 5,
+    rho = 7, sigma_max = 80: a cosine schedule's sigma(T-1) ~ 2e4 would waste steps and break Heun's
+    trapezoid rule on the first step).
+    """
+    if spacing in ("trailing", "leading", "linspace"):
+        return [float(t) for t in spaced_timesteps(schedule.T, steps, spacing)]
+    if not 1 <= steps <= schedule.T:
+        raise UserError(f"--steps must be between 1 and {schedule.T} (the model's number of timesteps), got {steps}")
+    i = torch.arange(steps, dtype=torch.float64)
+    if spacing == "quadratic":
+        return ((schedule.T - 1) * (1 - i / steps) ** 2).tolist()
+    if spacing == "karras":
+        sigmas = schedule.sigmas()
+        lo, hi = sigmas[0] ** (1 / rho), min(float(sigmas[-1]), sigma_max) ** (1 / rho)
+        ramp = i / max(steps - 1, 1)
+        return schedule.t_from_sigma((hi + ramp * (lo - hi)) ** rho).tolist()
+    raise UserError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")

@@ -1,0 +1,109 @@
+"""DPM-Solver++(2M), Heun and the fractional spacings, on data whose probability-flow ODE is known exactly.
+
+For data ~ N(mu, s^2) per pixel the marginal at t is N(sqrt(abar) mu, abar s^2 + 1 - abar) and the ODE maps
+x_T to mu + s (x_T - sqrt(abar_T) mu) / sqrt(abar_T s^2 + 1 - abar_T): every deterministic sampler must
+approach that point as its steps grow, and higher-order ones must get there in fewer network calls.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddpm_faces.diffusion import (Denoiser, NoiseSchedule, get_sampler, network_evaluations, sample_ddim,
+                                  sample_dpmpp_2m, sampling_timesteps)
+from ddpm_faces.errors import UserError
+
+MU, S = 0.3, 0.5
+
+
+def gaussian_denoiser(schedule: NoiseSchedule, calls: list | None = None) -> Denoiser:
+    def net(x, t):
+        if calls is not None:
+            calls.append(float(t[0]))
+        ab = schedule.alpha_bar_at(t).float().view(-1, 1, 1, 1)
+        return (1 - ab).sqrt() * (x - ab.sqrt() * MU) / (ab * S**2 + 1 - ab)       # the exact eps
+    return Denoiser(net, schedule)
+
+
+def ode_error(sampler: str, schedule: NoiseSchedule, nfe: int, spacing: str) -> float:
+    steps = (nfe + 1) // 2 if sampler == "heun" else nfe
+    ts = sampling_timesteps(schedule, steps, spacing)
+    x = torch.randn(256, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    ab = float(schedule.alpha_bar_at(torch.tensor(ts[0])))
+    exact = MU + S * (x - math.sqrt(ab) * MU) / math.sqrt(ab * S**2 + 1 - ab)
+    out = get_sampler(sampler)(gaussian_denoiser(schedule), x.clone(), ts, clip_x0=False)
+    return float((out - exact).abs().max())
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m", "heun"])
+def test_deterministic_samplers_converge_to_the_exact_ode_solution(sampler, schedule_name):
+    schedule = NoiseSchedule.from_config(schedule_name)
+    errors = [ode_error(sampler, schedule, nfe, "karras") for nfe in (10, 50, 400)]
+    assert errors[2] < 0.02 and errors[2] < errors[1] < errors[0], errors
+
+
+def test_higher_order_samplers_need_fewer_network_calls_than_ddim():
+    schedule = NoiseSchedule.from_config("linear")
+    budgets = (5, 10, 20, 50, 100, 200, 400)
+
+    def calls_to_reach(sampler, target=0.06):
+        return next((n for n in budgets if ode_error(sampler, schedule, n, "karras") < target), math.inf)
+
+    ddim = calls_to_reach("ddim")
+    assert calls_to_reach("dpmpp-2m") < ddim and calls_to_reach("heun") < ddim
+
+
+def test_dpmpp_first_step_is_a_ddim_step():
+    """With D = x0 (no history yet) the DPM-Solver++ update reduces to DDIM's eta = 0 step exactly."""
+    schedule = NoiseSchedule.from_config("cosine")
+    d = gaussian_denoiser(schedule)
+    x = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    first = {}
+    for name, fn in (("ddim", sample_ddim), ("dpmpp", sample_dpmpp_2m)):
+        fn(d, x.clone(), [900.0, 500.0, 100.0], clip_x0=False,
+           callback=lambda i, t, xi, x0, name=name: first.setdefault(name, xi.clone()))
+    assert torch.allclose(first["ddim"], first["dpmpp"], atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 7), ("dpmpp-2m", 7), ("heun", 7), ("ddpm", 7)])
+def test_network_evaluations_are_counted_right(sampler, steps):
+    schedule = NoiseSchedule.from_config("linear")
+    calls: list = []
+    ts = sampling_timesteps(schedule, steps, "karras")
+    get_sampler(sampler)(gaussian_denoiser(schedule, calls), torch.randn(2, 1, 1, 1), ts)
+    assert len(calls) == network_evaluations(sampler, steps)
+    assert calls[0] == pytest.approx(ts[0], abs=1e-3)
+
+
+def test_karras_spacing_is_even_in_sigma_to_the_one_over_rho():
+    schedule = NoiseSchedule.from_config("linear")
+    ts = torch.tensor(sampling_timesteps(schedule, 12, "karras"))
+    sigmas = ((1 - schedule.alpha_bar_at(ts)) / schedule.alpha_bar_at(ts)).sqrt()
+    root = sigmas ** (1 / 7)
+    assert torch.allclose(root.diff(), root.diff()[0].expand(11), rtol=1e-4)
+    assert float(sigmas[0]) == pytest.approx(80.0, rel=1e-4)                 # capped at EDM's sigma_max
+    assert float(sigmas[-1]) == pytest.approx(float(schedule.sigmas()[0]), rel=1e-4)
+
+
+def test_fractional_timesteps_interpolate_between_neighbours():
+    schedule = NoiseSchedule.from_config("cosine")
+    ab = schedule.alpha_bar_at(torch.tensor([10.0, 10.25, 10.5, 11.0]))
+    assert ab[0] > ab[1] > ab[2] > ab[3]
+    assert torch.allclose(ab[[0, 3]], schedule.alpha_bar[[10, 11]], rtol=1e-12, atol=0)
+    integer_sigmas = schedule.sigmas()[[0, 100, 999]]
+    assert torch.allclose(schedule.t_from_sigma(integer_sigmas), torch.tensor([0.0, 100.0, 999.0], dtype=torch.float64))
+
+
+def test_quadratic_spacing_is_dense_near_the_data():
+    ts = sampling_timesteps(NoiseSchedule.from_config("linear"), 10, "quadratic")
+    gaps = [a - b for a, b in zip(ts, ts[1:])]
+    assert ts[0] == 999 and all(g1 > g2 for g1, g2 in zip(gaps, gaps[1:]))
+
+
+@pytest.mark.parametrize("spacing", ["karras", "quadratic"])
+def test_bad_steps_for_fractional_spacings(spacing):
+    with pytest.raises(UserError, match="--steps"):
+        sampling_timesteps(NoiseSchedule.from_config("linear"), 0, spacing)
