@@ -3,4 +3,4 @@ as a uint8 array at the training resolution."""
 
 from .prepare import PreparedData, prepare_dataset
 from .sources import resolve_source
-from .loader import BatchLoader
+from .loader import BatchLoader, load_batch

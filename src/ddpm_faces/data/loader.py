@@ -26,6 +26,18 @@ def random_resized_crop(x: torch.Tensor, rng: np.random.Generator, scale: float 
     return torch.stack([b[:, i:i + size, j:j + size] for b, (i, j) in zip(big, offsets)])
 
 
+def load_batch(data, rows: np.ndarray, rng: np.random.Generator | None = None, *, hflip: bool = False,
+               random_crop: bool = False) -> dict:
+    """Rows of the prepared array as a batch; augmented only when an rng is given."""
+    x = to_model_range(torch.from_numpy(np.ascontiguousarray(data.images[rows])))
+    if rng is not None and random_crop:
+        x = random_resized_crop(x, rng)
+    if rng is not None and hflip:
+        flip = torch.from_numpy(rng.random(len(x)) < 0.5)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return {"images": x, "labels": torch.from_numpy(data.labels[rows].astype(np.int64))}
+
+
 class BatchLoader:
     """An endless iterator of {"images": (B, 3, H, W) in [-1, 1], "labels": (B, n_attrs) long}."""
 
@@ -59,13 +71,7 @@ class BatchLoader:
         return np.sort(order[start:start + self.batch_size])          # sorted reads from the memmap
 
     def load(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> dict:
-        x = to_model_range(torch.from_numpy(np.ascontiguousarray(self.data.images[rows])))
-        if rng is not None and self.random_crop:
-            x = random_resized_crop(x, rng)
-        if rng is not None and self.hflip:
-            flip = torch.from_numpy(rng.random(len(x)) < 0.5)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return {"images": x, "labels": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
+        return load_batch(self.data, rows, rng, hflip=self.hflip, random_crop=self.random_crop)
 
     def __iter__(self):
         while True:

@@ -21,7 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..data import BatchLoader, PreparedData, prepare_dataset
+from ..data import BatchLoader, PreparedData, load_batch, prepare_dataset
 from ..diffusion import diffusion_loss
 from ..errors import UserError
 from ..images import make_grid, save_image
@@ -67,8 +67,7 @@ class Validation:
 
     def __init__(self, data: PreparedData, cfg: Config, rank: int, world: int):
         rows = data.indices("val")[: cfg.train.val_images]
-        self.loader = BatchLoader(data, "val", 1, shuffle=False) if len(rows) else None
-        self.rows, self.size = rows, len(rows)
+        self.data, self.rows, self.size = data, rows, len(rows)
         T = cfg.diffusion.timesteps
         g = torch.Generator().manual_seed(12345)
         res = cfg.data.resolution
@@ -83,7 +82,7 @@ class Validation:
         total = torch.zeros((), device=device)
         d = self.cfg.diffusion
         for chunk in self.mine.split(batch_size):
-            x0 = self.loader.load(self.rows[chunk.numpy()])["images"].to(device)
+            x0 = load_batch(self.data, self.rows[chunk.numpy()])["images"].to(device)
             losses = diffusion_loss(net, schedule, x0, self.t[chunk].to(device), self.noise[chunk].to(device),
                                     prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, reduce=False)
             total += losses.sum()
