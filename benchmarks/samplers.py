@@ -1,0 +1,99 @@
+"""FID, KID and face rate against the number of network evaluations (NFE), for every sampler.
+
+    python benchmarks/samplers.py --num 500 --out benchmarks/results/samplers.json --plot docs/samplers.png
+
+Every sampler draws the same seeds (image i from seed + i). Rows already in the JSON file are kept, so an
+interrupted run continues where it stopped. The reference is the val split of --reference at the model's
+resolution; FID of a few hundred samples is biased upward, so compare rows of equal --num only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ddpm_faces.diffusion import SAMPLERS
+from ddpm_faces.evaluation import InceptionFeatures, evaluate_images, reference_stats
+from ddpm_faces.evaluation.model_eval import format_table
+from ddpm_faces.pipeline import generate, load_pipeline
+
+NFES = (5, 10, 20, 50, 100, 1000)
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def run(args) -> list[dict]:
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    done = {(r["sampler"], r["nfe"], r["num_fake"]) for r in rows}
+    pipe = load_pipeline(args.checkpoint)
+    extractor = InceptionFeatures()
+    real = reference_stats(args.reference, "val", pipe.cfg.model.resolution, extractor=extractor,
+                           cache_dir=args.cache_dir)
+    for nfe in args.nfe:
+        for sampler in args.samplers:
+            if (sampler, nfe, args.num) in done or (nfe > args.max_nfe_except_ddpm and sampler != "ddpm"):
+                continue
+            start = time.perf_counter()
+            images = generate(pipe, args.num, seed=args.seed, sampler=sampler, steps=steps_for(sampler, nfe),
+                              batch_size=args.batch_size, progress=True)
+            seconds = time.perf_counter() - start
+            metrics = evaluate_images(images, real, extractor=extractor)
+            rows.append({"sampler": sampler, "steps": steps_for(sampler, nfe), "nfe": nfe, **metrics,
+                         "sample_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(rows, indent=2))
+            print(format_table(rows[-1:]), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
+    for sampler in SAMPLERS:
+        mine = sorted((r for r in rows if r["sampler"] == sampler), key=lambda r: r["nfe"])
+        if mine:
+            for ax, key in zip(axes, ("fid", "face_rate")):
+                ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=sampler)
+    for ax, label in zip(axes, ("FID (lower is better)", "face rate (higher is better)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("network evaluations")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="default: the bundled model")
+    p.add_argument("--reference", default="../shared/data/faces")
+    p.add_argument("--cache-dir")
+    p.add_argument("--num", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--max-nfe-except-ddpm", type=int, default=100,
+                   help="only DDPM runs above this NFE (its 1000-step FID is the reference point)")
+    p.add_argument("--out", default="benchmarks/results/samplers.json")
+    p.add_argument("--plot", help="also draw FID and face rate against NFE into this PNG")
+    args = p.parse_args()
+    rows = run(args)
+    print(format_table(sorted(rows, key=lambda r: (r["nfe"], r["sampler"]))))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
