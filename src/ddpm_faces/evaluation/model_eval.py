@@ -22,9 +22,10 @@ def evaluate_model(pipe: Pipeline, *, reference: str, split: str = "val", num: i
                    cache_dir: str | Path | None = None, extractor=None, with_face_rate: bool = True,
                    progress: bool = True) -> dict:
     """Metrics of `num` samples (seeds seed..seed+num-1) against a split of a real face set."""
-    extractor = extractor or InceptionFeatures(progress=progress)
+    extractor = extractor or InceptionFeatures(pipe.device, progress=progress)
+    d = pipe.cfg.data                              # prepare the reference as the model's data were prepared
     real = reference_stats(reference, split, pipe.cfg.model.resolution, num=reference_num, cache_dir=cache_dir,
-                           extractor=extractor, progress=progress)
+                           crop=d.crop, hf_config=d.hf_config, extractor=extractor, progress=progress)
     images = generate(pipe, num, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
                       batch_size=batch_size, progress=progress)
     metrics = evaluate_images(images, real, extractor=extractor, with_face_rate=with_face_rate,

@@ -74,6 +74,7 @@ def reference_stats(
     cache_dir: str | Path | None = None,
     extractor: ExtractorSpec = InceptionFeatures,
     crop: str = "center",
+    hf_config: str = "0.25",
     progress: bool = True,
 ) -> FeatureStats:
     """Feature statistics (with the features) of a dataset split, cached after the first call.
@@ -86,7 +87,8 @@ def reference_stats(
     """
     if num is not None and (isinstance(num, bool) or int(num) < 2):
         raise UserError(f"the number of reference images must be at least 2, not {num!r}")
-    data = prepare_dataset(source, resolution, crop=crop, cache_dir=cache_dir, progress=progress)
+    data = prepare_dataset(source, resolution, crop=crop, cache_dir=cache_dir, hf_config=hf_config,
+                           progress=progress)
     rows = data.indices(split)
     if rows.size < 2:
         raise UserError(

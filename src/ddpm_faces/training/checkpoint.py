@@ -2,8 +2,8 @@
 
 runs/<name>/checkpoints/step-N/
     model.safetensors   live weights          ema.safetensors   EMA weights
-    optimizer.pt        optimizer + LR state  (torch.save of tensors and numbers; loaded weights_only)
-    rng.pt              torch / numpy / python RNG states
+    optimizer.pt        optimizer, LR schedule and fp16 loss-scaler state (loaded with weights_only=True)
+    rng.pt              every rank's torch RNG states (CPU and, where present, CUDA)
     state.json          step, data position, early-stopping state, EMA count
 Each checkpoint is written into `step-N.tmp` and renamed when complete, so a crash never leaves a
 half-written `step-N`; only complete ones are listed and resumed from.
@@ -11,49 +11,31 @@ half-written `step-N`; only complete ones are listed and resumed from.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": np_state[2],
-        "python": torch.tensor(py_state[1], dtype=torch.int64),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None))
-
-
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, ema, optimizer, scheduler, state: dict,
-                    keep: int = 3) -> Path:
+def save_checkpoint(run_dir: Path, step: int, *, model, ema, optimizer, scheduler, state: dict, rng: dict,
+                    scaler=None, keep: int = 3) -> Path:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state_tensors(model), tmp / "model.safetensors")
     save_file(state_tensors(ema.model), tmp / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+    torch.save(rng, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "ema": ema.state_dict()}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -76,14 +58,16 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, model, ema, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, *, model, ema, optimizer, scheduler, scaler=None) -> tuple[dict, dict]:
+    """Restore weights, EMA, optimizer, LR schedule and loss scaler; returns (state.json, rng.pt)."""
     path = Path(path)
     model.load_state_dict(load_file(path / "model.safetensors"))
     ema.model.load_state_dict(load_file(path / "ema.safetensors"))
     opt = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    if scaler is not None and opt.get("scaler"):
+        scaler.load_state_dict(opt["scaler"])
     state = json.loads((path / "state.json").read_text())
     ema.load_state_dict(state["ema"])
-    return state
+    return state, torch.load(path / "rng.pt", weights_only=True)

@@ -42,7 +42,9 @@ class Validation:
     """Validation loss at fixed timesteps and fixed noise, so evaluations are comparable over time."""
 
     def __init__(self, data: PreparedData, cfg: Config, rank: int, world: int):
-        rows = data.indices("val")[: cfg.train.val_images]
+        from ..evaluation.reference import spread
+
+        rows = spread(data.indices("val"), cfg.train.val_images)        # evenly over the split, not a prefix
         self.data, self.rows, self.size = data, rows, len(rows)
         T = cfg.diffusion.timesteps
         g = torch.Generator().manual_seed(12345)
@@ -68,18 +70,28 @@ class Validation:
 class SampleQuality:
     """FID, KID, precision/recall and face rate of `train.fid_images` samples against the val split."""
 
-    def __init__(self, cfg: Config, data: PreparedData, rank: int, world: int, main: bool):
+    def __init__(self, cfg: Config, data: PreparedData, rank: int, world: int, main: bool, device):
+        """On the main process, loads the Inception network and the reference statistics (cached)."""
         self.cfg, self.rank, self.world, self.main = cfg, rank, world, main
-        self.split = "val" if len(data.indices("val")) >= 2 else "train"
         self.reference = self.extractor = None
+        if main:
+            from ..evaluation import InceptionFeatures, reference_stats
 
-    def _prepare(self) -> None:
-        from ..evaluation import InceptionFeatures, reference_stats
+            d = cfg.data
+            split = "val" if len(data.indices("val")) >= 2 else "train"
+            self.extractor = InceptionFeatures(device)
+            self.reference = reference_stats(d.source, split, d.resolution, num=cfg.train.fid_images,
+                                             cache_dir=d.cache_dir, crop=d.crop, hf_config=d.hf_config,
+                                             extractor=self.extractor, progress=True)
 
-        d = self.cfg.data
-        self.extractor = InceptionFeatures()
-        self.reference = reference_stats(d.source, self.split, d.resolution, cache_dir=d.cache_dir,
-                                         crop=d.crop, extractor=self.extractor, progress=False)
+    @staticmethod
+    def check_dependencies() -> None:
+        """Raise UserError now if the Inception network or the face detector is missing."""
+        from ..evaluation import inception_weights_path
+        from ..evaluation.faces import _detector
+
+        inception_weights_path()
+        _detector()
 
     def __call__(self, ema_model, accelerator) -> dict | None:
         """Metrics on the main process (None on the others); every rank generates its share."""
@@ -96,8 +108,6 @@ class SampleQuality:
         gathered = accelerator.gather(torch.from_numpy(mine).to(accelerator.device)).cpu().numpy()
         if not self.main:
             return None
-        if self.reference is None:
-            self._prepare()
         from ..evaluation import evaluate_images
 
         return evaluate_images(gathered[: t.fid_images], self.reference, extractor=self.extractor)

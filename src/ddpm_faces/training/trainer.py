@@ -44,16 +44,38 @@ class TrainResult:
     is_main: bool = True                         # False on the other ranks of a multi-process run
 
 
+def gather_rng(accelerator) -> dict:
+    """Every rank's torch RNG states, gathered (a collective: all ranks call it)."""
+    def gather(state: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(state.to(accelerator.device)[None]).cpu()
+    rng = {"torch": gather(torch.get_rng_state())}
+    if torch.cuda.is_available() and accelerator.device.type == "cuda":
+        rng["cuda"] = gather(torch.cuda.get_rng_state(accelerator.device))
+    return rng
+
+
+def restore_rng(rng: dict, rank: int, world: int, seed: int) -> None:
+    """This rank's saved RNG states; a fresh seed when the run was saved with another number of processes."""
+    if rng["torch"].shape[0] != world:
+        log.warning("checkpoint saved by %d process(es), resumed by %d: fresh noise streams",
+                    rng["torch"].shape[0], world)
+        torch.manual_seed(seed)
+        return
+    torch.set_rng_state(rng["torch"][rank])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][rank], torch.cuda.current_device())
+
+
 def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume."""
     run_dir = cfg.run_dir
     ckpts = list_checkpoints(run_dir)
-    if ckpts and not resume:
-        raise UserError(f"{run_dir} already holds checkpoints: pass --resume to continue it, or pick another "
+    if (ckpts or (run_dir / "export").exists()) and not resume:
+        raise UserError(f"{run_dir} already holds a trained model: pass --resume to continue it, or pick another "
                         "run name with --set name=<new>")
     saved = run_dir / "config.yaml"
     if resume and ckpts and saved.is_file():
-        old = yaml.safe_load(saved.read_text())
+        old = yaml.safe_load(saved.read_text()) or {}
         for section in ("model", "diffusion"):
             if old.get(section) != cfg.to_dict()[section]:
                 raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
@@ -82,7 +104,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(cfg, resume)
-    torch.manual_seed(t.seed + rank)
+    if t.fid_every:
+        SampleQuality.check_dependencies()          # on every rank, before hours of training
 
     with accelerator.main_process_first():
         data = prepare_dataset(cfg.data.source, cfg.data.resolution, crop=cfg.data.crop,
@@ -90,20 +113,25 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     loader = BatchLoader(data, "train", t.batch_size, seed=t.seed, hflip=cfg.data.hflip,
                          random_crop=cfg.data.random_crop, rank=rank, world_size=world)
     validation = Validation(data, cfg, rank, world)
-    quality = SampleQuality(cfg, data, rank, world, main) if t.fid_every else None
+    quality = None
+    if t.fid_every:
+        with accelerator.main_process_first():       # the main process builds the reference statistics
+            quality = SampleQuality(cfg, data, rank, world, main, accelerator.device)
 
+    torch.manual_seed(t.seed)                       # the same initial weights (and EMA) on every rank
     model = build_model(cfg)
     ema = EMA(model, t.ema_decay, t.ema_warmup)
+    torch.manual_seed(t.seed + rank)                # then each rank its own noise and timesteps
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.adam_betas),
                                   weight_decay=t.weight_decay, foreach=True)
     scheduler = make_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     stopper = EarlyStopping(t.patience, t.min_delta)
     step = 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler)
-        if world > 1:                      # the saved RNG state is rank 0's; give the others a fresh stream
-            torch.manual_seed(t.seed + 1_000_003 * rank + step)
+        state, rng = load_checkpoint(resume_from, model=model, ema=ema, optimizer=optimizer,
+                                     scheduler=scheduler, scaler=accelerator.scaler)
         step = state["step"]
+        restore_rng(rng, rank, world, seed=t.seed + 1_000_003 * rank + step)
         loader.load_state_dict(state["data"])
         stopper = EarlyStopping(t.patience, t.min_delta, state["best"], state["bad_evals"])
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -132,10 +160,12 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
         return float(total) / validation.size
 
     def checkpoint():
+        rng = gather_rng(accelerator)
         if main:
             state = {"data": loader.state_dict(), "best": stopper.best, "bad_evals": stopper.bad}
             save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
-                            scheduler=scheduler, state=state, keep=t.keep_checkpoints)
+                            scheduler=scheduler, state=state, rng=rng, scaler=accelerator.scaler,
+                            keep=t.keep_checkpoints)
             export_model(ema.model, cfg, run_dir / "export")
         accelerator.wait_for_everyone()
 
@@ -183,6 +213,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
 
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.perf_counter() - tick
+            loss_sum = accelerator.reduce(loss_sum.to(accelerator.device), "mean")      # every rank checks
             mean_loss, mean_norm = float(loss_sum) / n_logged, float(norm_sum) / n_logged
             if not math.isfinite(mean_loss):
                 raise UserError(f"training diverged at step {step} (loss {mean_loss}): lower train.lr, "
