@@ -46,7 +46,7 @@ def tiny_overrides(tmp_path: Path, data: Path, **extra) -> list[str]:
         "model.dropout": 0.1, "train.batch_size": 8, "train.max_steps": 12, "train.warmup_steps": 3,
         "train.log_every": 3, "train.eval_every": 6, "train.sample_every": 6, "train.sample_images": 4,
         "train.sample_steps": 4, "train.checkpoint_every": 6, "train.val_images": 8, "train.out_dir": str(tmp_path / "runs"),
-        "train.ema_decay": 0.9, "diffusion.timesteps": 50,
+        "train.ema_decay": 0.9, "diffusion.timesteps": 50, "diffusion.schedule": "cosine",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]

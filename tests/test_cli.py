@@ -19,7 +19,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_subcommands():
     out = run_cli("--help")
     assert out.returncode == 0
-    for command in ("train", "sample", "export", "data"):
+    for command in ("train", "sample", "eval", "export", "data"):
         assert command in out.stdout
 
 
@@ -58,6 +58,13 @@ def test_image_i_of_a_seed_does_not_depend_on_how_many_are_asked_for(tmp_path):
     (["sample", "--checkpoint", "/no/such/run"], "/no/such/run"),
     (["sample", "--steps", "0"], "--steps"),
     (["sample", "--num", "0"], "--num"),
+    (["sample", "--batch-size", "0"], "--batch-size"),
+    (["sample", "--out", "grid"], "extension"),
+    (["sample", "--strip", "strip.gif2"], "extension"),
+    (["sample", "--device", "cuda:7"], "cuda:7"),
+    (["sample", "--device", "toaster"], "toaster"),
+    (["sample", "--sampler", "euler"], "euler"),
+    (["train", "--config", "runs/none"], "runs/none"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(args, words):
     out = run_cli(*args)
@@ -119,3 +126,55 @@ def test_eval_prints_and_writes_metrics(tmp_path, face_folder):
     result = json.loads(report.read_text())
     assert result["num_fake"] == 6 and result["num_real"] == 16 and result["nfe"] == 5
     assert result["fid"] > 0 and 0 <= result["face_rate"] <= 1 and 0 <= result["precision"] <= 1
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, face_folder):
+    """A 3-step run made once for the tests that need a trained model on disk."""
+    from ddpm_faces.config import load_config
+    from ddpm_faces.training import train
+
+    root = tmp_path_factory.mktemp("tinyrun")
+    train(load_config("quickstart", tiny_overrides(root, face_folder, **{"train.max_steps": 3})), progress=False)
+    return root / "runs" / "tiny"
+
+
+def test_export_never_deletes_other_files(tmp_path, tiny_run):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    out = run_cli("export", "--checkpoint", str(tiny_run), "--out", str(keep))
+    assert out.returncode == 2 and "other files" in out.stderr
+    assert (keep / "notes.txt").read_text() == "precious"
+    out = run_cli("export", "--checkpoint", str(tiny_run), "--out", str(tiny_run))
+    assert out.returncode == 2 and (tiny_run / "checkpoints").is_dir()
+
+
+def test_damaged_or_mismatched_weights_give_one_line_errors(tmp_path, tiny_run):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run / "export", broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])            # truncated download
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run / "export", other)
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("base_channels: 16",
+                                                                                   "base_channels: 32"))
+    bad_yaml = tmp_path / "bad"
+    shutil.copytree(tiny_run / "export", bad_yaml)
+    (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
+    for folder, words in ((broken, "safetensors"), (other, "does not match"), (bad_yaml, "not valid YAML")):
+        out = run_cli("sample", "--checkpoint", str(folder), "--num", "1", "--steps", "2",
+                      "--out", str(tmp_path / "x.png"))
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr
+
+
+def test_config_may_be_a_run_folder_and_data_is_taken_literally(tmp_path, tiny_run):
+    from ddpm_faces.config import load_config
+
+    assert load_config(tiny_run).name == "tiny"                                   # runs/<name> -> its config
+    odd = tmp_path / "faces #2"
+    out = run_cli("train", "--data", str(odd), "--set", f"train.out_dir={tmp_path}")
+    assert out.returncode == 2 and "faces #2" in out.stderr                       # not cut at the '#'

@@ -3,24 +3,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .errors import UserError
-from .images import DenoisingStrip
 
 
 def _train(args) -> None:
     from .config import load_config
     from .training import train
 
-    overrides = list(args.set or [])
-    if args.data:
-        overrides.append(f"data.source={args.data}")
     config = args.config
     if config is None and args.resume:
-        raise UserError("--resume needs --config: the run's config file, e.g. --config runs/<name>/config.yaml")
-    cfg = load_config(config or "quickstart", overrides)
+        raise UserError("--resume needs --config: the run folder or its config file, e.g. --config runs/<name>")
+    cfg = load_config(config or "quickstart", args.set)
+    if args.data:
+        cfg.data.source = args.data                  # taken as it is: a path is not YAML
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if not result.is_main:
         return
@@ -29,14 +28,42 @@ def _train(args) -> None:
     print(f"trained {result.step} steps{best}; model exported to {result.run_dir / 'export'}")
 
 
-def _sample(args) -> None:
-    import torch
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
 
-    from .images import make_grid, save_image
+
+def check_image_path(path: str) -> None:
+    """Fail before any work when an output image could not be written."""
+    from PIL import Image
+
+    out = Path(path)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"cannot tell the image format of {path!r} from its extension: use .png, .jpg or .webp")
+    folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: {folder} is not writable")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _sample(args) -> None:
+    from .images import DenoisingStrip, make_grid, save_image
     from .pipeline import generate, load_pipeline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
+    check_image_path(args.out)
+    if args.strip:
+        check_image_path(args.strip)
     pipe = load_pipeline(args.checkpoint, device=args.device)
     strip = DenoisingStrip(args.steps, args.num) if args.strip else None
     images = generate(pipe, args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
@@ -56,13 +83,10 @@ def _sample(args) -> None:
 def _eval(args) -> None:
     import json
 
-    import torch
-
     from .evaluation.model_eval import evaluate_model, format_table
     from .pipeline import load_pipeline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     pipe = load_pipeline(args.checkpoint, device=args.device)
     result = evaluate_model(pipe, reference=args.reference, split=args.split, num=args.num,
                             reference_num=args.reference_num, sampler=args.sampler, steps=args.steps,
@@ -103,11 +127,18 @@ def _data(args) -> None:
         print("  " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors instead of a usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .diffusion import SAMPLERS, SPACINGS
 
-    parser = argparse.ArgumentParser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
+    parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
     parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -129,17 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
                                                       "karras for dpmpp-2m/heun")
-    p.add_argument("--num", type=int, default=16, help="number of faces (default 16)")
+    p.add_argument("--num", type=positive_int, default=16, help="number of faces (default 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--out", default="faces.png", help="grid image to write (default faces.png)")
-    p.add_argument("--nrow", type=int, help="images per grid row (default: a square)")
-    p.add_argument("--upscale", type=int, default=1, help="enlarge the saved images by this factor (nearest)")
+    p.add_argument("--nrow", type=positive_int, help="images per grid row (default: a square)")
+    p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved images by this factor (nearest)")
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
     p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
                                                  "per face (a denoising strip)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sample)
 
@@ -148,18 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="../shared/data/faces", help="real faces, any --data form "
                                                                        "(default ../shared/data/faces)")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
-    p.add_argument("--reference-num", type=int, help="use the first N images of the split (default: all)")
-    p.add_argument("--num", type=int, default=2000, help="samples to generate (default 2000)")
+    p.add_argument("--reference-num", type=positive_int, help="use the first N images of the split (default: all)")
+    p.add_argument("--num", type=positive_int, default=2000, help="samples to generate (default 2000)")
     p.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLERS)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--spacing", choices=SPACINGS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--cache-dir", help="where prepared data and reference statistics are cached")
     p.add_argument("--no-face-rate", action="store_true", help="skip the face detector")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -171,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="prepare (decode, crop, resize, cache) a face dataset and describe it")
     p.add_argument("source", help="same forms as train --data")
-    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--resolution", type=positive_int, default=32)
     p.add_argument("--crop", default="center", choices=["center", "none"])
     p.add_argument("--hf-config", default="0.25", choices=["0.25", "1.25"])
     p.add_argument("--cache-dir")

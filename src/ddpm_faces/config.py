@@ -105,7 +105,8 @@ CHOICES = {
 }
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
-            "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps", "model.base_channels", "model.blocks_per_level",
+            "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps",
+            "train.sample_images", "model.groups", "model.base_channels", "model.blocks_per_level",
             "model.head_channels")
 
 
@@ -157,6 +158,7 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"invalid {key} {value!r}: choose one of {', '.join(CHOICES[key])}")
         if key in POSITIVE and value < 1:
             raise UserError(f"invalid {key} {value!r}: must be a positive integer")
+    _check_ranges(cfg)
     m = cfg.model
     if cfg.data.resolution != m.resolution:
         raise UserError(f"data.resolution ({cfg.data.resolution}) and model.resolution ({m.resolution}) differ: "
@@ -166,8 +168,6 @@ def validate(cfg: Config) -> Config:
                         f"{2 ** (len(m.channel_mults) - 1)} for model.channel_mults {m.channel_mults}")
     if cfg.train.best_metric == "fid" and not cfg.train.fid_every:
         raise UserError("train.best_metric=fid needs train.fid_every > 0 (how often FID is measured)")
-    if cfg.train.fid_every < 0:
-        raise UserError(f"invalid train.fid_every {cfg.train.fid_every}: 0 (off) or a positive number of steps")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError(f"invalid train.ema_decay {cfg.train.ema_decay}: must be in [0, 1)")
     if not 0 <= m.dropout < 1:
@@ -182,6 +182,44 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"model.head_channels {m.head_channels} must divide the width of every level with attention "
                             f"(base_channels x channel_mults = {width})")
     return cfg
+
+
+def _int_list(key: str, values, allow_empty: bool = False) -> None:
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values) or (
+            not values and not allow_empty):
+        raise UserError(f"invalid {key} {values!r}: must be a list of positive integers, e.g. [1, 2, 2]")
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Values that have the right type but would fail later, perhaps hours into a run."""
+    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", ".."):
+        raise UserError(f"invalid name {cfg.name!r}: use letters, digits, '.', '_' or '-' (it names runs/<name>)")
+    _int_list("model.channel_mults", m.channel_mults)
+    _int_list("model.attn_resolutions", m.attn_resolutions, allow_empty=True)
+    if m.in_channels != 3:
+        raise UserError(f"invalid model.in_channels {m.in_channels}: face images are RGB, so it must be 3")
+    if not (len(t.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas)):
+        raise UserError(f"invalid train.adam_betas {t.adam_betas!r}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not 0 < d.beta_start < d.beta_end < 1:
+        raise UserError(f"invalid diffusion.beta_start/beta_end {d.beta_start}/{d.beta_end}: "
+                        "need 0 < beta_start < beta_end < 1 (e.g. 1e-4 and 0.02)")
+    for key, value in (("train.lr", t.lr), ("train.grad_clip", t.grad_clip),
+                       ("diffusion.min_snr_gamma", d.min_snr_gamma or 1.0)):
+        if value <= 0:
+            raise UserError(f"invalid {key} {value}: must be positive")
+    for key, value in (("train.val_images", t.val_images), ("train.fid_every", t.fid_every),
+                       ("train.warmup_steps", t.warmup_steps), ("train.patience", t.patience),
+                       ("train.weight_decay", t.weight_decay), ("train.min_lr_ratio", t.min_lr_ratio)):
+        if value < 0:
+            raise UserError(f"invalid {key} {value}: must be 0 or more")
+    if t.threads is not None and t.threads < 1:
+        raise UserError(f"invalid train.threads {t.threads}: a positive number, or null for torch's default")
+    if t.fid_every and t.fid_images < 4:
+        raise UserError(f"invalid train.fid_images {t.fid_images}: at least 4 samples for FID and precision/recall")
+    for key, steps in (("train.fid_steps", t.fid_steps), ("train.sample_steps", t.sample_steps)):
+        if steps > d.timesteps:
+            raise UserError(f"invalid {key} {steps}: at most diffusion.timesteps ({d.timesteps})")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -207,15 +245,25 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from a file, or a UserError naming the file and the problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path} is not valid YAML{line}: fix the file") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} must be a YAML mapping of sections (data, model, diffusion, train)")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (a path, or the name of one in configs/), apply overrides and validate."""
-    raw: dict = {}
-    if path is not None:
-        raw = yaml.safe_load(_find_config(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"config {path} must be a YAML mapping of sections")
-    raw = apply_overrides(raw, overrides or [])
-    return validate(_build(Config, raw, ""))
+    """Read a YAML config (a path, a run folder, or the name of one in configs/), apply overrides, validate."""
+    raw = read_yaml(_find_config(path)) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides or []))
 
 
 def _as_field_type(ftype: str, value):
@@ -234,14 +282,20 @@ def bundled_configs_dir() -> Path:
 
 
 def _find_config(path: str | Path) -> Path:
+    """A YAML file, a run folder's config.yaml, or a bundled config named without folder or suffix."""
     p = Path(path)
     if p.is_file():
         return p
-    named = bundled_configs_dir() / f"{p.name}.yaml"
-    if named.is_file():
-        return named
+    if p.is_dir():
+        if (p / "config.yaml").is_file():
+            return p / "config.yaml"
+        raise UserError(f"{p} is a folder without config.yaml: give a YAML file or a run folder")
     available = sorted(q.stem for q in bundled_configs_dir().glob("*.yaml"))
-    raise UserError(f"config {path} not found: give a YAML path or one of {', '.join(available) or 'none'}")
+    named = bundled_configs_dir() / f"{p.name}.yaml"
+    if str(p) == p.name and not p.suffix and named.is_file():
+        return named
+    raise UserError(f"config {path} not found: give a YAML path, a run folder, or one of "
+                    f"{', '.join(available) or 'none'}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

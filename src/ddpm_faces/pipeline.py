@@ -7,8 +7,6 @@ An export is a folder with `model.safetensors` (EMA weights) and `config.yaml` (
 """
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +16,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import Config, config_from_dict
+from .config import Config, config_from_dict, read_yaml
 from .diffusion import DEFAULT_SPACING, Denoiser, NoiseSchedule, PerImageNoise, get_sampler, sampling_timesteps
 from .errors import UserError
 from .images import to_uint8
+from .io import atomic_folder
 from .models import UNet
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -52,24 +51,20 @@ class Pipeline:
         return next(self.net.parameters()).device
 
 
+EXPORT_FILES = {"model.safetensors", "config.yaml"}
+
+
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write model.safetensors + config.yaml into out_dir, atomically (a temporary folder, then a rename)."""
+    """Write model.safetensors + config.yaml into out_dir atomically. An existing out_dir is replaced only
+    if it holds nothing but an earlier export, so no other files are ever deleted."""
+    from .training.checkpoint import state_tensors
+
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in model.state_dict().items()}
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "ddpm-faces"})
-    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
+        raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
+    with atomic_folder(out_dir) as tmp:
+        save_file(state_tensors(model, dtype), tmp / "model.safetensors", metadata={"format": "ddpm-faces"})
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir
 
 
@@ -99,17 +94,39 @@ def _resolve(path: str | Path | None) -> tuple[Path, Path]:
 
 
 def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """The model at `path` (see `_resolve` for the accepted forms) in eval mode on `device`."""
     weights, config_file = _resolve(path)
     if not config_file.is_file():
         raise UserError(f"{config_file} is missing: the model's config must sit beside its weights")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()))
+    cfg = config_from_dict(read_yaml(config_file))
     net = build_model(cfg)
-    state = {k: v.float() for k, v in load_file(weights).items()}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{weights} does not match its config.yaml ({len(missing)} missing, {len(unexpected)} "
-                        "unexpected tensors): export the run again")
-    return Pipeline(net.to(device).eval(), cfg, weights.parent)
+    try:
+        state = {k: v.float() for k, v in load_file(weights).items()}
+    except Exception as err:                     # safetensors raises its own error types for bad files
+        raise UserError(f"{weights} is not a readable safetensors file ({type(err).__name__}): "
+                        "export the run again or check the download") from None
+    expected = net.state_dict()
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if wrong or set(state) - set(expected):
+        raise UserError(f"{weights} does not match its config.yaml ({len(wrong)} missing or differently shaped, "
+                        f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
+    net.load_state_dict(state)
+    return Pipeline(net.to(check_device(device)).eval(), cfg, weights.parent)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here, or a UserError naming what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but this PyTorch has no CUDA GPU: use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
+    return dev
 
 
 def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = "ddim", steps: int = 50,

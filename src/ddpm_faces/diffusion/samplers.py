@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import UserError
@@ -20,15 +21,22 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "heun")
 DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp-2m": "karras", "heun": "karras"}
 
 
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a run seeded `seed`, mixed so that seeds s and s + 1 share no image."""
+    if seed < 0 or index < 0:
+        raise UserError(f"seeds must be 0 or more, got {seed}")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
 class PerImageNoise:
-    """Gaussian noise where image i is drawn from its own generator seeded with seed + i.
+    """Gaussian noise where image i is drawn from its own generator, seeded with image_seed(seed, i).
 
     Image i of seed s is then the same whether 4 or 16 images are asked for, and whatever the
     batch size: a batch of images (start, start + n) draws from generators start..start+n-1.
     """
 
     def __init__(self, seed: int, start: int, count: int):
-        self.generators = [torch.Generator().manual_seed(seed + i) for i in range(start, start + count)]
+        self.generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(start, start + count)]
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         if len(like) != len(self.generators):

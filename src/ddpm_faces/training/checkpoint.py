@@ -18,27 +18,28 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..io import atomic_folder
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def state_tensors(module: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The module's tensors on the CPU, floating-point ones cast to `dtype` when given."""
+    return {k: v.detach().to("cpu", dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous()
+            for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, ema, optimizer, scheduler, state: dict, rng: dict,
                     scaler=None, keep: int = 3) -> Path:
     root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"step-{step}", root / f"step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state_tensors(model), tmp / "model.safetensors")
-    save_file(state_tensors(ema.model), tmp / "ema.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
-    torch.save(rng, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "ema": ema.state_dict()}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    final = root / f"step-{step}"
+    with atomic_folder(final) as tmp:
+        save_file(state_tensors(model), tmp / "model.safetensors")
+        save_file(state_tensors(ema.model), tmp / "ema.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "optimizer.pt")
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "ema": ema.state_dict()}, indent=2))
     prune(root, keep)
     return final
 
