@@ -512,3 +512,22 @@ def test_shared_fairface_sample(tmp_path: Path, caplog) -> None:
     assert len(data.indices("train")) == 300
     assert len(data.indices("val")) == 0
     assert (data.labels >= 0).all()
+
+
+def test_a_changed_folder_is_prepared_again(tmp_path):
+    import os
+    import time
+
+    from ddpm_faces.data import prepare_dataset
+
+    folder = tmp_path / "grow"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    first = prepare_dataset(str(folder), 8, cache_dir=tmp_path / "cache", progress=False)
+    assert prepare_dataset(str(folder), 8, cache_dir=tmp_path / "cache", progress=False).root == first.root
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(folder / "new.png")
+    later = time.time() + 5
+    os.utime(folder, (later, later))                 # coarse file-system clocks: make the change visible
+    grown = prepare_dataset(str(folder), 8, cache_dir=tmp_path / "cache", progress=False)
+    assert grown.root != first.root and len(grown) == 4 and grown.root.name.startswith("grow-")

@@ -146,7 +146,7 @@ def cache_root(cache_dir: str | Path | None) -> Path:
 
 def cache_name(identity: str, resolution: int, crop: str) -> str:
     """``<readable name>-<short hash of the identity>-r<resolution>-<crop>``."""
-    base = re.sub(r"@[^/]*$", "", identity).rstrip("/")
+    base = re.sub(r"[@#][^/]*$", "", identity).rstrip("/")
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", base.rsplit("/", 1)[-1]).strip("._") or "data"
     digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:10]
     return f"{readable[:40]}-{digest}-r{resolution}-{crop}"

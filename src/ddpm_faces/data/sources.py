@@ -166,8 +166,18 @@ def _identity(kind: str, location: str, hf_config: str) -> str:
     if kind == "huggingface":
         return f"{HF_PREFIX}{location}@{hf_config}"
     if kind == "parquet":
-        return f"{location}@{hf_config}"
-    return location
+        return f"{location}@{hf_config}#{_fingerprint(Path(location))}"
+    return f"{location}#{_fingerprint(Path(location))}"
+
+
+def _fingerprint(path: Path) -> str:
+    """A cheap summary of a local source's state, so that a changed folder is prepared again: the
+    modification times of the folder and its sub-folders (adding or removing a file changes them) and the
+    size and time of its label and parquet files. Image edits in place are not noticed."""
+    entries = [path, *(p for p in path.iterdir() if p.is_dir() or p.suffix.lower() in (".csv", ".parquet"))] \
+        if path.is_dir() else [path]
+    stats = sorted((str(p), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns) for p in entries)
+    return hashlib.sha1(repr(stats).encode("utf-8")).hexdigest()[:10]
 
 
 # --------------------------------------------------------------------------- shared helpers
