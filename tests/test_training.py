@@ -127,3 +127,54 @@ def test_sample_quality_is_logged_and_can_pick_the_best_export(tmp_path, face_fo
 def test_best_metric_fid_needs_fid_every(tmp_path, face_folder):
     with pytest.raises(UserError, match="fid_every"):
         load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.best_metric": "fid"}))
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    import math
+
+    from ddpm_faces.training.lr import make_scheduler, warmup_cosine
+
+    assert [warmup_cosine(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    for step in (4, 9, 12, 20, 30):
+        progress = min(1.0, (step - 4) / 16)
+        assert warmup_cosine(step, 4, 20, 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = make_scheduler(opt, 4, 20)
+    seen = []
+    for _ in range(21):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == 0.5 and seen[3] == 2.0 and seen[12] == pytest.approx(1.0) and seen[20] == pytest.approx(0.0)
+
+
+def test_two_processes_share_weights_and_split_the_data(tmp_path, face_folder):
+    """torchrun --nproc_per_node 2 (gloo on CPU): one set of checkpoints, one RNG state per rank, and a resume
+    that continues; both ranks start from the same weights (the EMA would differ otherwise)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = [a for kv in tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 4, "train.checkpoint_every": 2,
+                                                                  "train.ema_decay": 0.0, "train.ema_warmup": False,
+                                                                  "train.eval_every": 2})
+            for a in ("--set", kv)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(port), "-m", "ddpm_faces", "train", "--no-progress"]
+    out = subprocess.run(launch + sets, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("trained 4 steps") == 1 and "2 process(es)" in out.stderr     # main process only
+    run = tmp_path / "runs" / "tiny"
+    assert [p.name for p in list_checkpoints(run)] == ["step-2", "step-4"]
+    rng = torch.load(run / "checkpoints" / "step-4" / "rng.pt", weights_only=True)
+    assert rng["torch"].shape[0] == 2 and not torch.equal(rng["torch"][0], rng["torch"][1])
+    # with decay 0 the EMA is the live model, which DDP keeps identical on both ranks
+    ema, live = (load_file(run / "checkpoints" / "step-4" / f) for f in ("ema.safetensors", "model.safetensors"))
+    assert all(torch.equal(ema[k], live[k]) for k in live)
+    resumed = subprocess.run(launch + ["--resume", "--config", str(run), "--set", "train.max_steps=6"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step-4" in resumed.stderr and list_checkpoints(run)[-1].name == "step-6"

@@ -61,9 +61,9 @@ def restore_rng(rng: dict, rank: int, world: int, seed: int) -> None:
                     rng["torch"].shape[0], world)
         torch.manual_seed(seed)
         return
-    torch.set_rng_state(rng["torch"][rank])
+    torch.set_rng_state(rng["torch"][rank].clone())        # a clone: torch crashes on a view with an offset
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"][rank], torch.cuda.current_device())
+        torch.cuda.set_rng_state(rng["cuda"][rank].clone(), torch.cuda.current_device())
 
 
 def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
@@ -100,6 +100,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     if t.threads:
         torch.set_num_threads(t.threads)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              cpu=not torch.cuda.is_available(),   # several CPU processes then use gloo
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     run_dir = cfg.run_dir
@@ -146,8 +147,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
         save_config(cfg, run_dir / "config.yaml")
         writer = SummaryWriter(str(run_dir / "tb"))
         writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "\n```", step)
-        log.info("model: %s parameters; data: %d train / %d val images at %d px; %s",
-                 f"{count_parameters(raw_model):,}", len(loader.indices), validation.size, cfg.data.resolution,
+        log.info("model: %s parameters; data: %d train / %d val images at %d px; %d process(es); %s",
+                 f"{count_parameters(raw_model):,}", len(loader.indices), validation.size, cfg.data.resolution, world,
                  f"resuming from {resume_from.name}" if resume_from else f"run folder {run_dir}")
     if validation.size == 0 and main:
         log.warning("no validation images: validation loss%s is off",
