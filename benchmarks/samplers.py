@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_faces.diffusion import SAMPLERS
+from ddpm_faces.diffusion import SAMPLERS, network_evaluations
 from ddpm_faces.evaluation import InceptionFeatures, evaluate_images, reference_stats
 from ddpm_faces.evaluation.model_eval import format_table
 from ddpm_faces.pipeline import generate, load_pipeline
@@ -24,13 +24,14 @@ NFES = (5, 10, 20, 50, 100, 1000)
 
 
 def steps_for(sampler: str, nfe: int) -> int:
+    """The most steps whose network evaluations stay within the budget `nfe` (Heun: 2 x steps - 1)."""
     return (nfe + 1) // 2 if sampler == "heun" else nfe
 
 
 def run(args) -> list[dict]:
     out = Path(args.out)
     rows = json.loads(out.read_text()) if out.is_file() else []
-    done = {(r["sampler"], r["nfe"], r["num_fake"]) for r in rows}
+    done = {(r["sampler"], r["nfe_budget"], r["num_fake"]) for r in rows}
     pipe = load_pipeline(args.checkpoint)
     extractor = InceptionFeatures()
     real = reference_stats(args.reference, "val", pipe.cfg.model.resolution, extractor=extractor,
@@ -44,7 +45,9 @@ def run(args) -> list[dict]:
                               batch_size=args.batch_size, progress=True)
             seconds = time.perf_counter() - start
             metrics = evaluate_images(images, real, extractor=extractor)
-            rows.append({"sampler": sampler, "steps": steps_for(sampler, nfe), "nfe": nfe, **metrics,
+            steps = steps_for(sampler, nfe)
+            rows.append({"sampler": sampler, "steps": steps, "nfe_budget": nfe,
+                         "nfe": network_evaluations(sampler, steps), **metrics,
                          "sample_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(rows, indent=2))

@@ -70,7 +70,8 @@ class TrainConfig:
     best_metric: str = "val_loss"             # val_loss | fid: what picks runs/<name>/best and early stopping
     sample_every: int = 1000                  # sample grid to TensorBoard and runs/<name>/samples
     sample_images: int = 16
-    sample_steps: int = 50                    # DDIM steps for those grids
+    sample_sampler: str = "ddpm"              # sampler for those grids
+    sample_steps: int = 50
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     out_dir: str = "runs"
@@ -101,6 +102,7 @@ CHOICES = {
     "diffusion.prediction": PREDICTIONS,
     "train.mixed_precision": PRECISIONS,
     "train.fid_sampler": SAMPLERS,
+    "train.sample_sampler": SAMPLERS,
     "train.best_metric": ("val_loss", "fid"),
 }
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",

@@ -16,6 +16,12 @@ from .schedules import NoiseSchedule
 PREDICTIONS = ("eps", "v", "x0")
 
 
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+    return prediction
+
+
 def _coef(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-sample coefficients shaped (B, 1, 1, 1), float32 on x's device (the maths runs in float32)."""
     return values.to(device=like.device, dtype=torch.float32).view(-1, *([1] * (like.ndim - 1)))
@@ -28,38 +34,30 @@ def q_sample(schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor, noise: 
 
 
 def training_target(prediction: str, schedule: NoiseSchedule, x0, t, noise) -> torch.Tensor:
-    if prediction == "eps":
+    if check_prediction(prediction) == "eps":
         return noise
     if prediction == "x0":
         return x0
-    if prediction == "v":
-        ab = schedule.alpha_bar_at(t)
-        return _coef(ab.sqrt(), x0) * noise - _coef((1 - ab).sqrt(), x0) * x0
-    raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+    ab = schedule.alpha_bar_at(t)                                              # v
+    return _coef(ab.sqrt(), x0) * noise - _coef((1 - ab).sqrt(), x0) * x0
 
 
 def to_eps_x0(prediction: str, schedule: NoiseSchedule, x_t, t, out) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn a network output into (eps, x0) at timestep t (floats; t = -1 never reaches a network)."""
     ab = schedule.alpha_bar_at(t)
     a, s = _coef(ab.sqrt(), x_t), _coef((1 - ab).sqrt(), x_t)
-    if prediction == "eps":
-        eps = out
-        return eps, (x_t - s * eps) / a
+    if check_prediction(prediction) == "eps":
+        return out, (x_t - s * out) / a
     if prediction == "x0":
-        x0 = out
-        return (x_t - a * x0) / s, x0
-    if prediction == "v":
-        return s * x_t + a * out, a * x_t - s * out
-    raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        return (x_t - a * out) / s, out
+    return s * x_t + a * out, a * x_t - s * out                                # v
 
 
 class Denoiser:
     """Wraps a network f(x_t, t, cond) with its schedule and target; the one interface samplers use."""
 
     def __init__(self, net: Callable, schedule: NoiseSchedule, prediction: str = "eps"):
-        if prediction not in PREDICTIONS:
-            raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
-        self.net, self.schedule, self.prediction = net, schedule, prediction
+        self.net, self.schedule, self.prediction = net, schedule, check_prediction(prediction)
 
     def predict(self, x_t: torch.Tensor, t: float, cond=None, clip_x0: bool = False):
         """(eps, x0) at timestep t (an integer, or fractional between two steps) for the whole batch; x0 is

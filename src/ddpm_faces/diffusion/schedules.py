@@ -100,14 +100,18 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
     return fp[i - 1] + w * (fp[i] - fp[i - 1])
 
 
+def _check_steps(steps: int, T: int) -> None:
+    if not 1 <= steps <= T:
+        raise UserError(f"--steps must be between 1 and {T} (the model's number of timesteps), got {steps}")
+
+
 def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
     """A decreasing subset of `steps` timesteps out of T (the respacing of Nichol & Dhariwal 2021).
 
     "trailing" starts at T-1 (Lin et al. 2024, https://arxiv.org/abs/2305.08891, table 2);
     "leading" is DDIM's arange(0, T, T // steps); "linspace" rounds an even grid over [0, T-1].
     """
-    if not 1 <= steps <= T:
-        raise UserError(f"--steps must be between 1 and {T} (the model's number of timesteps), got {steps}")
+    _check_steps(steps, T)
     if spacing == "trailing":
         ts = torch.round(T - torch.arange(steps, dtype=torch.float64) * T / steps).long() - 1
     elif spacing == "leading":
@@ -134,8 +138,7 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trai
     """
     if spacing in ("trailing", "leading", "linspace"):
         return [float(t) for t in spaced_timesteps(schedule.T, steps, spacing)]
-    if not 1 <= steps <= schedule.T:
-        raise UserError(f"--steps must be between 1 and {schedule.T} (the model's number of timesteps), got {steps}")
+    _check_steps(steps, schedule.T)
     i = torch.arange(steps, dtype=torch.float64)
     if spacing == "quadratic":
         return ((schedule.T - 1) * (1 - i / steps) ** 2).tolist()

@@ -14,6 +14,7 @@ import torch
 from ..config import Config
 from ..data import PreparedData, load_batch
 from ..diffusion import diffusion_loss
+from ..images import make_grid, save_image
 from ..pipeline import Pipeline, generate
 
 QUALITY_SEED = 1_000_000               # samples for FID use their own seeds, apart from the sample grids
@@ -111,3 +112,13 @@ class SampleQuality:
         from ..evaluation import evaluate_images
 
         return evaluate_images(gathered[: t.fid_images], self.reference, extractor=self.extractor)
+
+
+def sample_grid(ema_model, cfg: Config, step: int, writer) -> None:
+    """The fixed-seed grid of train.sample_images faces: runs/<name>/samples/step-N.png and TensorBoard."""
+    t = cfg.train
+    images = generate(Pipeline(ema_model, cfg, cfg.run_dir), t.sample_images, seed=t.seed,
+                      sampler=t.sample_sampler, steps=t.sample_steps, batch_size=t.sample_images, progress=False)
+    grid = make_grid(images)
+    save_image(grid, cfg.run_dir / "samples" / f"step-{step:07d}.png")
+    writer.add_image("samples", grid, step, dataformats="HWC")

@@ -24,13 +24,12 @@ from ..config import Config, save_config
 from ..data import BatchLoader, prepare_dataset
 from ..diffusion import diffusion_loss
 from ..errors import UserError
-from ..images import make_grid, save_image
 from ..models import count_parameters
-from ..pipeline import Pipeline, build_model, build_schedule, export_model, generate
+from ..pipeline import build_model, build_schedule, export_model
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
 from .lr import make_scheduler
-from .monitors import EarlyStopping, SampleQuality, Validation
+from .monitors import EarlyStopping, SampleQuality, Validation, sample_grid
 
 log = logging.getLogger("ddpm_faces.train")
 
@@ -81,16 +80,6 @@ def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
                 raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
                                 "resume with the run's own config (--config " + str(saved) + ")")
     return ckpts[-1] if (resume and ckpts) else None
-
-
-def _sample_grid(ema_model, cfg: Config, run_dir: Path, step: int, writer) -> None:
-    t = cfg.train
-    images = generate(Pipeline(ema_model, cfg, run_dir), t.sample_images, seed=t.seed, sampler="ddim",
-                      steps=min(t.sample_steps, cfg.diffusion.timesteps), batch_size=t.sample_images,
-                      progress=False)
-    grid = make_grid(images)
-    save_image(grid, run_dir / "samples" / f"step-{step:07d}.png")
-    writer.add_image("samples", grid, step, dataformats="HWC")
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_step: int | None = None) -> TrainResult:
@@ -249,7 +238,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                                                       device=accelerator.device))[0].item()
                 stopped_early = track_best(f"FID ({t.fid_images} samples)", fid)
         if main and (step % t.sample_every == 0 or step == t.max_steps):
-            _sample_grid(ema.model, cfg, run_dir, step, writer)
+            sample_grid(ema.model, cfg, step, writer)
         if step % t.checkpoint_every == 0 or step == last_step or stopped_early:
             checkpoint()
         tick = time.perf_counter() if n_logged == 0 else tick
