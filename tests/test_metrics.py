@@ -257,7 +257,12 @@ def test_evaluate_images_returns_every_metric(face_folder, tmp_path):
     assert set(result) == {"fid", "kid_mean", "kid_std", "precision", "recall", "face_rate",
                            "num_fake", "num_real"}
     assert result["num_fake"] == 20 and result["num_real"] == 48 and result["face_rate"] is None
-    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    fake_feats = PixelFeatures()(fake)
+    fake_stats = metrics.FeatureStats.from_features(fake_feats)
+    assert result["fid"] == pytest.approx(metrics.fid_from_stats(real, fake_stats), rel=1e-9)
+    assert (result["precision"], result["recall"]) == pytest.approx(
+        metrics.precision_recall(real.feats, fake_feats, k=3), abs=1e-12)
+    assert result["kid_mean"] == pytest.approx(metrics.kid(real.feats, fake_feats, subsets=5)[0], rel=1e-9)
     with pytest.raises(UserError, match="uint8"):
         reference.evaluate_images(fake.astype(np.float32), real, extractor=PixelFeatures())
 

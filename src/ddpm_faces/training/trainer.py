@@ -99,7 +99,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
 
     with accelerator.main_process_first():
         data = prepare_dataset(cfg.data.source, cfg.data.resolution, crop=cfg.data.crop,
-                               cache_dir=cfg.data.cache_dir, hf_config=cfg.data.hf_config, progress=main)
+                               cache_dir=cfg.data.cache_dir, hf_config=cfg.data.hf_config, progress=main and progress)
     loader = BatchLoader(data, "train", t.batch_size, seed=t.seed, hflip=cfg.data.hflip,
                          random_crop=cfg.data.random_crop, rank=rank, world_size=world)
     validation = Validation(data, cfg, rank, world)
