@@ -137,6 +137,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .diffusion import SAMPLERS, SPACINGS
+    from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
     parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
@@ -154,9 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a grid of faces (default: the bundled model)")
     p.add_argument("--checkpoint", help="runs/<name>, its export/ or a checkpoints/step-N folder; "
                                         "default: the bundled model")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS,
-                   help="ddim (default), ddpm, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step)")
-    p.add_argument("--steps", type=int, default=50, help="number of denoising steps (default 50)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help=f"ddpm, ddim, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step); "
+                        f"default {DEFAULT_SAMPLER}")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
                                                       "karras for dpmpp-2m/heun")
@@ -181,8 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
     p.add_argument("--reference-num", type=positive_int, help="use the first N images of the split (default: all)")
     p.add_argument("--num", type=positive_int, default=2000, help="samples to generate (default 2000)")
-    p.add_argument("--sampler", default="dpmpp-2m", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--spacing", choices=SPACINGS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=64)

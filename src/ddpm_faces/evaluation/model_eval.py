@@ -17,7 +17,7 @@ METRIC_NAMES = ("fid", "kid_mean", "kid_std", "precision", "recall", "face_rate"
 
 
 def evaluate_model(pipe: Pipeline, *, reference: str, split: str = "val", num: int = 2000,
-                   reference_num: int | None = None, sampler: str = "dpmpp-2m", steps: int = 20,
+                   reference_num: int | None = None, sampler: str = "ddpm", steps: int = 50,
                    spacing: str | None = None, seed: int = 0, batch_size: int = 64,
                    cache_dir: str | Path | None = None, extractor=None, with_face_rate: bool = True,
                    progress: bool = True) -> dict:
