@@ -140,8 +140,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                  f"{count_parameters(raw_model):,}", len(loader.indices), validation.size, cfg.data.resolution, world,
                  f"resuming from {resume_from.name}" if resume_from else f"run folder {run_dir}")
     if validation.size == 0 and main:
-        log.warning("no validation images: validation loss%s is off",
-                    " and early stopping" if t.best_metric == "val_loss" else "")
+        log.warning("no validation images: %s off", "validation loss and early stopping are"
+                    if t.best_metric == "val_loss" else "validation loss is")
 
     def evaluate() -> float | None:
         if validation.size == 0:
