@@ -43,9 +43,10 @@ def test_image_i_of_a_seed_does_not_depend_on_how_many_are_asked_for(tmp_path):
                      "3", "--out", str(tmp_path / f"g{num}.png"), "--save-individual", str(tmp_path / num),
                      "--no-progress"]) == 0
     for i in range(2):
-        a = np.asarray(Image.open(tmp_path / "2" / f"seed7-{i:04d}.png"))
-        b = np.asarray(Image.open(tmp_path / "5" / f"seed7-{i:04d}.png"))
-        assert np.array_equal(a, b)
+        a = np.asarray(Image.open(tmp_path / "2" / f"seed7-{i:04d}.png")).astype(int)
+        b = np.asarray(Image.open(tmp_path / "5" / f"seed7-{i:04d}.png")).astype(int)
+        # the same noise; only the network's float rounding may differ between batch sizes (a grey level)
+        assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.05
     other = np.asarray(Image.open(tmp_path / "5" / "seed7-0002.png"))
     assert not np.array_equal(other, np.asarray(Image.open(tmp_path / "5" / "seed7-0000.png")))
 
