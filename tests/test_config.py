@@ -64,6 +64,17 @@ def test_exponent_without_dot_is_a_float_for_float_fields(tmp_path):
     assert cfg.data.source == "1e-4"                    # a string field keeps the string
 
 
+def test_yes_no_words_stay_text_and_only_true_false_are_booleans(tmp_path):
+    """YAML 1.1 reads no/off/yes as booleans; `mixed_precision: no` and a run named `off` must stay text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("name: off\ntrain:\n  mixed_precision: no\ndata:\n  hflip: false\n")
+    cfg = load_config(path)
+    assert (cfg.name, cfg.train.mixed_precision, cfg.data.hflip) == ("off", "no", False)
+    cfg = load_config(path, ["train.mixed_precision=bf16", "name=yes", "data.hflip=true"])
+    assert (cfg.name, cfg.train.mixed_precision, cfg.data.hflip) == ("yes", "bf16", True)
+    assert load_config(path, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["train.lrr=1"], ["train.lrr", "batch_size", "lr", "warmup_steps", "threads"]),
     (["trian.lr=1"], ["trian", "data", "model", "diffusion", "train"]),

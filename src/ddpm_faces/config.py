@@ -224,12 +224,27 @@ def _check_ranges(cfg: Config) -> None:
             raise UserError(f"invalid {key} {steps}: at most diffusion.timesteps ({d.timesteps})")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. YAML 1.1 would read `mixed_precision: no` or a run named `off`
+    as a boolean."""
+
+
+_Loader.yaml_implicit_resolvers = {key: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+                                   for key, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UserError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=2e-4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_load(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -250,7 +265,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: Path) -> dict:
     """A YAML mapping from a file, or a UserError naming the file and the problem."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml_load(Path(path).read_text()) or {}
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from ..config import Config, save_config
+from ..config import Config, save_config, yaml_load
 from ..data import BatchLoader, prepare_dataset
 from ..diffusion import diffusion_loss
 from ..errors import UserError
@@ -74,7 +74,7 @@ def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
                         "run name with --set name=<new>")
     saved = run_dir / "config.yaml"
     if resume and ckpts and saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
+        old = yaml_load(saved.read_text()) or {}
         for section in ("model", "diffusion"):
             if old.get(section) != cfg.to_dict()[section]:
                 raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
@@ -174,7 +174,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     images_per_step = t.batch_size * world * t.grad_accum
     bar = tqdm(total=t.max_steps, initial=step, desc=cfg.name, unit="step", disable=not (progress and main),
                dynamic_ncols=True)
-    loss_sum, norm_sum, n_logged, tick = torch.zeros(()), torch.zeros(()), 0, time.perf_counter()
+    def zeros():
+        return torch.zeros((), device=accelerator.device)
+    loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
     stopped_early = False
     batches = iter(loader)
     model.train()
@@ -189,10 +191,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                                   min_snr_gamma=cfg.diffusion.min_snr_gamma)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
-                norm_sum += accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float().cpu()
+                norm_sum += accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach().float().cpu() / t.grad_accum
+        loss_sum += loss.detach().float() / t.grad_accum      # stays on the device: no host sync per step
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
@@ -203,7 +205,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
 
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.perf_counter() - tick
-            loss_sum = accelerator.reduce(loss_sum.to(accelerator.device), "mean")      # every rank checks
+            loss_sum = accelerator.reduce(loss_sum, "mean")             # every rank checks (the one host sync)
             mean_loss, mean_norm = float(loss_sum) / n_logged, float(norm_sum) / n_logged
             if not math.isfinite(mean_loss):
                 raise UserError(f"training diverged at step {step} (loss {mean_loss}): lower train.lr, "
@@ -215,7 +217,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                                    }.items():
                     writer.add_scalar(key, value, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
-            loss_sum, norm_sum, n_logged, tick = torch.zeros(()), torch.zeros(()), 0, time.perf_counter()
+            loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
 
         if step % t.eval_every == 0 or step == t.max_steps:
             val = evaluate()
