@@ -9,7 +9,9 @@ optimizer (AdamW, foreach) and loss; they are timed in the same process, alterna
 median of the repeats is reported. Sampling is `--sample-steps` DDIM steps under inference_mode through our
 sampler, the only difference being the network. MFU = (FLOPs of one training step, counted by
 torch.utils.flop_counter) / (step time) / (peak of a large matmul in the same precision, measured here).
-Peak memory is the growth of the resident set of a fresh process (CPU) or torch's peak allocation (CUDA).
+Peak memory is the peak growth of the resident set of a fresh process over three training steps, from
+the moment the model is built (so optimizer state, gradients and activations; CPU, Linux), or torch's
+peak allocation (CUDA).
 lucidrains' denoising_diffusion_pytorch is not in the table: it imports torchvision at import time, and
 PyPI's torchvision does not import beside the CPU build of torch used here.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def build(kind: str, res: int):
     up = [b.replace("Down", "Up") for b in reversed(down)]
     net = UNet2DModel(sample_size=res, block_out_channels=tuple(widths), layers_per_block=2,
                       down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=s["heads"],
-                      norm_num_groups=32 if s["base"] % 32 == 0 else 16)
+                      norm_num_groups=32 if s["base"] % 32 == 0 else 16, resnet_time_scale_shift="scale_shift")
     return _Diffusers(net)
 
 
@@ -168,10 +169,19 @@ def memory_child(kind: str, res: int, precision: str, threads: int, device: str)
             step()
         print(torch.cuda.max_memory_allocated() / 2 ** 20)
         return
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _proc_status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")            # reset the peak (VmHWM) to the current RSS
     for _ in range(3):
         step()
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    print((_proc_status("VmHWM") - before) / 1024)
+
+
+def _proc_status(key: str) -> int:
+    """kB of a /proc/self/status line (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
 
 
 def data_loading(res: int, batch: int, source: str, seconds: float = 5.0) -> float | None:
@@ -242,6 +252,13 @@ def main() -> None:
                       f"MFU {r['mfu']:.1%}{mem}")
             print(f"  speed-up: train {ours['train_img_s'] / theirs['train_img_s']:.2f}x, "
                   f"sample {ours['sample_img_s_50_steps'] / theirs['sample_img_s_50_steps']:.2f}x")
+    for res in args.res:
+        pick = {(r["model"], r["precision"]): r for r in rows if r["res"] == res}
+        if ("ours", "bf16") in pick and ("diffusers", "fp32") in pick:
+            a, b = pick[("ours", "bf16")], pick[("diffusers", "fp32")]
+            print(f"{res} px, ours in bf16 (the default where the CPU has bf16 units) vs diffusers in fp32 (its "
+                  f"default): train {a['train_img_s'] / b['train_img_s']:.2f}x, "
+                  f"sample {a['sample_img_s_50_steps'] / b['sample_img_s_50_steps']:.2f}x")
     loading = {}
     for res in args.res:
         ips = data_loading(res, SIZES[res]["batch"], args.data)

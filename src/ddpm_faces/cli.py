@@ -56,7 +56,25 @@ def positive_int(text: str) -> int:
     return value
 
 
+ATTRIBUTE_FLAGS = ("age", "gender", "race")
+
+
+def _attributes(args) -> dict[str, str]:
+    return {name: getattr(args, name) for name in ATTRIBUTE_FLAGS if getattr(args, name) is not None}
+
+
+def _guidance_interval(args):
+    if args.guidance_interval is None:
+        return None
+    lo, hi = args.guidance_interval
+    if lo > hi:
+        raise UserError(f"--guidance-interval {lo:g} {hi:g}: the first timestep must not exceed the second")
+    return lo, hi
+
+
 def _sample(args) -> None:
+    import numpy as np
+
     from .images import DenoisingStrip, make_grid, save_image
     from .pipeline import generate, load_pipeline
 
@@ -65,10 +83,22 @@ def _sample(args) -> None:
     if args.strip:
         check_image_path(args.strip)
     pipe = load_pipeline(args.checkpoint, device=args.device)
+    attributes, interval = _attributes(args), _guidance_interval(args)
+    pipe.labels(attributes, 1)                               # unknown names or values: one line, before work
+    options = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
+                   batch_size=args.batch_size, progress=not args.no_progress, guidance=args.guidance,
+                   guidance_interval=interval)
+    if args.grid_by:
+        rows = grid_rows(pipe, args.grid_by, attributes)
+        # the same seeds in every row: the attribute is the only thing that changes
+        images = [generate(pipe, args.num, attributes={**attributes, args.grid_by: value}, **options)
+                  for value in rows]
+        grid = make_grid(np.concatenate(images), nrow=args.num)
+        out = save_image(grid, args.out, upscale=args.upscale)
+        print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
+        return
     strip = DenoisingStrip(args.steps, args.num) if args.strip else None
-    images = generate(pipe, args.num, seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                      spacing=args.spacing, batch_size=args.batch_size, progress=not args.no_progress,
-                      callback=strip)
+    images = generate(pipe, args.num, attributes=attributes, callback=strip, **options)
     out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale)
     print(f"wrote {len(images)} faces to {out}")
     if strip is not None:
@@ -80,6 +110,18 @@ def _sample(args) -> None:
         print(f"wrote {len(images)} images to {folder}/")
 
 
+def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:
+    """The values of `attribute` for a --grid-by picture, checked against the model."""
+    m = pipe.cfg.model
+    if not m.attributes:
+        raise UserError(f"--grid-by {attribute}: this model ({pipe.source}) is unconditional")
+    if attribute not in m.attributes:
+        raise UserError(f"--grid-by {attribute}: the model is conditioned on {', '.join(m.attributes)} only")
+    if attribute in attributes:
+        raise UserError(f"--grid-by {attribute} varies the {attribute}: do not also pass --{attribute}")
+    return list(m.vocab[attribute])
+
+
 def _eval(args) -> None:
     import json
 
@@ -88,6 +130,8 @@ def _eval(args) -> None:
 
     _set_threads(args.threads)
     pipe = load_pipeline(args.checkpoint, device=args.device)
+    if args.attributes:
+        return _eval_attributes(args, pipe)
     result = evaluate_model(pipe, reference=args.reference, split=args.split, num=args.num,
                             reference_num=args.reference_num, sampler=args.sampler, steps=args.steps,
                             spacing=args.spacing, seed=args.seed, batch_size=args.batch_size,
@@ -98,6 +142,41 @@ def _eval(args) -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
+
+
+def _eval_attributes(args, pipe) -> None:
+    import json
+
+    from .evaluation.attributes import load_classifier
+    from .evaluation.model_eval import attribute_agreement, format_agreement
+
+    classifier = load_classifier(args.classifier)
+    scales = args.guidance or [1.0, 2.0, 3.0, 5.0]
+    if any(not (w >= 0) or w != w or w == float("inf") for w in scales):
+        raise UserError(f"--guidance scales must be numbers >= 0, got {scales}")
+    result = attribute_agreement(pipe, classifier, reference=args.reference, guidance=scales, num=args.num,
+                                 split=args.split, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                 batch_size=args.batch_size, cache_dir=args.cache_dir, with_fid=not args.no_fid,
+                                 progress=not args.no_progress)
+    print(format_agreement(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
+def _classifier(args) -> None:
+    from .data import prepare_dataset
+    from .evaluation.attributes import ClassifierTraining, save_classifier, train_classifier
+
+    _set_threads(args.threads)
+    data = prepare_dataset(args.data, args.resolution, cache_dir=args.cache_dir)
+    clf, acc = train_classifier(data, args.attribute, ClassifierTraining(steps=args.steps, seed=args.seed),
+                                progress=not args.no_progress)
+    note = (f"ddpm-faces classifier --data {args.data} --resolution {args.resolution} --steps {args.steps} "
+            f"--seed {args.seed}")
+    out = save_classifier(clf, args.out, acc, note)
+    print("val accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + f"; wrote {out}")
 
 
 def _export(args) -> None:
@@ -171,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
     p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
                                                  "per face (a denoising strip)")
+    for name in ATTRIBUTE_FLAGS:
+        p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale w (1 = plain conditional, larger = stronger attributes)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI (default: every step)")
+    p.add_argument("--grid-by", choices=ATTRIBUTE_FLAGS,
+                   help="one row per value of this attribute, with the same seeds in every row")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
     p.add_argument("--no-progress", action="store_true")
@@ -194,7 +281,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--attributes", action="store_true",
+                   help="conditional models: how often an attribute classifier reads what was asked for, per "
+                        "guidance scale, with FID (uses --num samples per scale)")
+    p.add_argument("--guidance", type=float, nargs="+", help="guidance scales for --attributes (default 1 2 3 5)")
+    p.add_argument("--classifier", help="attribute classifier folder (default: the bundled one)")
+    p.add_argument("--no-fid", action="store_true", help="--attributes without FID (faster)")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("classifier", help="train the attribute classifier that `eval --attributes` uses")
+    p.add_argument("--data", default="../shared/data/faces", help="labelled faces, any train --data form")
+    p.add_argument("--out", required=True, help="folder to write model.safetensors and config.yaml into")
+    p.add_argument("--attribute", action="append", help="an attribute to learn (repeat; default: all labelled)")
+    p.add_argument("--resolution", type=positive_int, default=32)
+    p.add_argument("--steps", type=positive_int, default=3000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir")
+    p.add_argument("--threads", type=positive_int)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_classifier)
 
     p = sub.add_parser("export", help="write a run's EMA weights (safetensors) and config to a folder")
     p.add_argument("--checkpoint", required=True, help="runs/<name>, its export/ or a checkpoints/step-N folder")

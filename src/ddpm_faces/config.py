@@ -76,6 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     out_dir: str = "runs"
     threads: int | None = None                # torch.set_num_threads; None = torch's default
+    label_dropout: float = 0.1                # conditional models: P(a label is replaced by "unspecified")
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _check_type(key: str, annotation: str, value) -> None:
         if not optional:
             raise UserError(f"config {key} needs a value ({base}), got nothing")
         return
-    expected = list if base.startswith("list") else TYPES.get(base, object)
+    expected = list if base.startswith("list") else dict if base.startswith("dict") else TYPES.get(base, object)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return
     if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
@@ -172,6 +173,7 @@ def validate(cfg: Config) -> Config:
         raise UserError("train.best_metric=fid needs train.fid_every > 0 (how often FID is measured)")
     if not 0 <= cfg.train.ema_decay < 1:
         raise UserError(f"invalid train.ema_decay {cfg.train.ema_decay}: must be in [0, 1)")
+    _check_conditioning(cfg)
     if not 0 <= m.dropout < 1:
         raise UserError(f"invalid model.dropout {m.dropout}: must be in [0, 1)")
     if m.base_channels % 2:
@@ -184,6 +186,22 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"model.head_channels {m.head_channels} must divide the width of every level with attention "
                             f"(base_channels x channel_mults = {width})")
     return cfg
+
+
+def _check_conditioning(cfg: Config) -> None:
+    m = cfg.model
+    if not all(isinstance(a, str) for a in m.attributes) or len(set(m.attributes)) != len(m.attributes):
+        raise UserError(f"invalid model.attributes {m.attributes!r}: a list of distinct label names, e.g. "
+                        "[age, gender, race], or [] for an unconditional model")
+    if not isinstance(m.vocab, dict) or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in m.vocab.values()):
+        raise UserError("invalid model.vocab: a mapping from attribute to its list of values (filled in from "
+                        "the data at training time; leave it out of configs)")
+    if m.vocab and sorted(m.vocab) != sorted(m.attributes):
+        raise UserError(f"model.vocab covers {sorted(m.vocab)} but model.attributes is {m.attributes}: "
+                        "they must name the same attributes")
+    if not 0 <= cfg.train.label_dropout < 1:
+        raise UserError(f"invalid train.label_dropout {cfg.train.label_dropout}: a probability in [0, 1)")
 
 
 def _int_list(key: str, values, allow_empty: bool = False) -> None:

@@ -7,6 +7,7 @@ An export is a folder with `model.safetensors` (EMA weights) and `config.yaml` (
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .errors import UserError
 from .images import to_uint8
 from .io import atomic_folder
 from .models import UNet
+from .models.conditioning import encode_attributes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "faces32"
@@ -46,6 +48,24 @@ class Pipeline:
     @property
     def denoiser(self) -> Denoiser:
         return Denoiser(self.net, build_schedule(self.cfg), self.cfg.diffusion.prediction)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.cfg.model.attributes)
+
+    def labels(self, attributes: dict[str, str | None] | None, batch: int) -> torch.Tensor | None:
+        """(batch, n_attributes) labels for attribute values given by name, or None for none given."""
+        wanted = {k: v for k, v in (attributes or {}).items() if v not in (None, "", "any")}
+        if not wanted:
+            return None
+        m = self.cfg.model
+        if not m.attributes:
+            raise UserError(f"this model ({self.source}) is unconditional: it cannot be asked for "
+                            f"{', '.join(wanted)}; leave out the attribute options or use a conditional model")
+        try:
+            return encode_attributes(m.vocab, m.attributes, wanted, batch).to(self.device)
+        except ValueError as err:
+            raise UserError(str(err)) from None
 
     @property
     def device(self) -> torch.device:
@@ -132,10 +152,22 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
              eta: float = 0.0, spacing: str | None = None, batch_size: int = 16, first_index: int = 0,
-             progress: bool = True, callback=None) -> np.ndarray:
-    """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i)."""
+             progress: bool = True, callback=None, attributes: dict[str, str | None] | None = None,
+             guidance: float = 1.0, guidance_interval: tuple[float, float] | None = None,
+             labels: torch.Tensor | None = None) -> np.ndarray:
+    """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i) and the
+    attributes asked for (a conditional model; names to values, e.g. {"gender": "Female"}, the same for every
+    image; or `labels`, (num, n_attributes) class indices, one row per image) with guidance."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"--guidance must be a number >= 0 (1 = no guidance), got {guidance}")
+    pipe.labels(attributes, 1)                         # checks names and values before any work
+    if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
+        raise UserError(f"labels must be ({num}, {len(pipe.cfg.model.attributes)}) for this model, "
+                        f"got {tuple(labels.shape)}")
+    denoiser = Denoiser(pipe.net, build_schedule(pipe.cfg), pipe.cfg.diffusion.prediction, guidance,
+                        guidance_interval)
     sample_fn = get_sampler(sampler)
     timesteps = sampling_timesteps(build_schedule(pipe.cfg), steps, spacing or DEFAULT_SPACING[sampler])
     extra = {"eta": eta} if sampler == "ddim" else {}
@@ -153,7 +185,10 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
                 if callback is not None:
                     callback(i, t, x_i, x0)
 
-            x = sample_fn(pipe.denoiser, x, timesteps, noise=noise, callback=step_callback, **extra)
+            cond = (labels[start - first_index:start - first_index + n].to(pipe.device) if labels is not None
+                    else pipe.labels(attributes, n))
+            x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond,
+                          callback=step_callback, **extra)
             out.append(to_uint8(x))
     bar.close()
     return np.concatenate(out)

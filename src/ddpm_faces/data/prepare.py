@@ -98,7 +98,7 @@ class PreparedData:
 
 
 def prepare_dataset(
-    source: str,
+    source: str | Path,
     resolution: int,
     *,
     crop: str = "center",
@@ -113,7 +113,7 @@ def prepare_dataset(
     ``~/.cache/ddpm-faces/data``.
     """
     _check_options(resolution, crop)
-    resolution = int(resolution)
+    resolution, source = int(resolution), str(source)
     identity = source_identity(source, hf_config)
     final = Path(cache_root(cache_dir)) / cache_name(identity, resolution, crop)
     if read_meta(final) is not None:

@@ -6,6 +6,7 @@ A network predicts one of eps (Ho et al. 2020), x0, or v = sqrt(abar) eps - sqrt
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -54,18 +55,42 @@ def to_eps_x0(prediction: str, schedule: NoiseSchedule, x_t, t, out) -> tuple[to
 
 
 class Denoiser:
-    """Wraps a network f(x_t, t, cond) with its schedule and target; the one interface samplers use."""
+    """Wraps a network f(x_t, t, cond) with its schedule and target; the one interface samplers use.
 
-    def __init__(self, net: Callable, schedule: NoiseSchedule, prediction: str = "eps"):
+    With labels (`cond`, -1 = unspecified) and `guidance` w != 1, the prediction is classifier-free guided
+    (Ho & Salimans 2022, eq. 6, written for any linear target): out = out_uncond + w (out_cond - out_uncond),
+    both halves in one batched forward. `guidance_interval` (lo, hi) limits guidance to timesteps
+    lo <= t <= hi (Kynkaanniemi et al. 2024); outside it the plain conditional prediction (w = 1) is used.
+    """
+
+    def __init__(self, net: Callable, schedule: NoiseSchedule, prediction: str = "eps", guidance: float = 1.0,
+                 guidance_interval: tuple[float, float] | None = None):
         self.net, self.schedule, self.prediction = net, schedule, check_prediction(prediction)
+        self.guidance, self.guidance_interval = float(guidance), guidance_interval
+
+    def guided_at(self, t: float) -> bool:
+        if self.guidance == 1.0:
+            return False
+        lo, hi = self.guidance_interval or (-math.inf, math.inf)
+        return lo <= t <= hi
+
+    def output(self, x_t: torch.Tensor, tt: torch.Tensor, cond=None) -> torch.Tensor:
+        """The network's (guided) output at timesteps tt, in float32."""
+        if cond is None:
+            return self.net(x_t, tt).float()
+        if not self.guided_at(float(tt[0])):
+            return self.net(x_t, tt, cond).float()
+        both = self.net(torch.cat([x_t, x_t]), torch.cat([tt, tt]),
+                        torch.cat([cond, torch.full_like(cond, -1)])).float()
+        out_cond, out_uncond = both.chunk(2)
+        return out_uncond + self.guidance * (out_cond - out_uncond)
 
     def predict(self, x_t: torch.Tensor, t: float, cond=None, clip_x0: bool = False):
         """(eps, x0) at timestep t (an integer, or fractional between two steps) for the whole batch; x0 is
         clipped to [-1, 1] when asked, with eps recomputed from the clipped x0 so the two stay consistent."""
         dtype = torch.long if float(t).is_integer() else torch.float32
         tt = torch.full((x_t.shape[0],), t, dtype=dtype, device=x_t.device)
-        out = self.net(x_t, tt, cond) if cond is not None else self.net(x_t, tt)
-        eps, x0 = to_eps_x0(self.prediction, self.schedule, x_t, tt, out.float())
+        eps, x0 = to_eps_x0(self.prediction, self.schedule, x_t, tt, self.output(x_t, tt, cond))
         if clip_x0:
             x0 = x0.clamp(-1, 1)
             ab = self.schedule.alpha_bar_at(tt)

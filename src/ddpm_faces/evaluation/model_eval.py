@@ -34,6 +34,68 @@ def evaluate_model(pipe: Pipeline, *, reference: str, split: str = "val", num: i
             "seed": seed, "reference": reference, "split": split, "model": str(pipe.source)}
 
 
+def attribute_agreement(pipe: Pipeline, classifier, *, reference: str, guidance: list[float], num: int = 300,
+                        split: str = "val", sampler: str = "ddpm", steps: int = 50, seed: int = 0,
+                        batch_size: int = 64, cache_dir: str | Path | None = None, extractor=None,
+                        with_fid: bool = True, progress: bool = True) -> dict:
+    """For each guidance scale: how often `classifier` reads the attributes asked for in `num` conditional
+    samples (attribute combinations drawn from the reference's val labels), with FID at the same scale;
+    plus the classifier's own accuracy on the real val faces, the ceiling to compare with."""
+    import numpy as np
+    import torch
+
+    from ..data import prepare_dataset
+    from ..errors import UserError
+    from .attributes import agreement, classifier_accuracy, target_labels
+
+    m = pipe.cfg.model
+    if not m.attributes:
+        raise UserError(f"--attributes needs a conditional model; {pipe.source} is unconditional")
+    d = pipe.cfg.data
+    data = prepare_dataset(reference, m.resolution, crop=d.crop, cache_dir=cache_dir, hf_config=d.hf_config,
+                           progress=progress)
+    missing = [a for a in m.attributes if a not in data.attributes]
+    if missing:
+        raise UserError(f"the reference data has no {', '.join(missing)} labels: use the data the model was "
+                        "trained on")
+    asked_data = target_labels(data, m.attributes, num, seed)
+    # data vocabulary indices -> the model's vocabulary indices (the same values, perhaps in another order)
+    asked = np.stack([[m.vocab[a].index(data.vocab[a][j]) for j in asked_data[:, i]]
+                      for i, a in enumerate(m.attributes)], 1)
+    val = data.indices(split)
+    clf_cols = [data.attributes.index(a) for a in classifier.attributes if a in data.attributes]
+    real_acc = classifier_accuracy(classifier, np.asarray(data.images[val]),
+                                   data.labels[val][:, clf_cols].astype(np.int64))
+    real = None
+    if with_fid:
+        extractor = extractor or InceptionFeatures(pipe.device, progress=progress)
+        real = reference_stats(reference, split, m.resolution, cache_dir=cache_dir, crop=d.crop,
+                               hf_config=d.hf_config, extractor=extractor, progress=progress)
+    rows = []
+    for w in guidance:
+        images = generate(pipe, num, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size,
+                          guidance=w, labels=torch.from_numpy(asked), progress=progress)
+        row = {"guidance": w, "agreement": agreement(classifier, images, asked, m.attributes, m.vocab)}
+        if real is not None:
+            row.update(evaluate_images(images, real, extractor=extractor, with_face_rate=False, progress=progress))
+        rows.append(row)
+    return {"classifier_accuracy_real": real_acc, "rows": rows, "num": num, "sampler": sampler, "steps": steps,
+            "model": str(pipe.source), "reference": reference, "split": split}
+
+
+def format_agreement(result: dict) -> str:
+    names = list(result["classifier_accuracy_real"])
+    head = ["guidance", *[f"{n} agree" for n in names], "fid"]
+    lines = ["  ".join(f"{h:>12s}" for h in head)]
+    lines.append("  ".join(f"{x:>12s}" for x in ["real faces", *[f"{result['classifier_accuracy_real'][n]:.3f}"
+                                                                  for n in names], "-"]))
+    for r in result["rows"]:
+        cells = [f"{r['guidance']:g}", *[f"{r['agreement'].get(n, float('nan')):.3f}" for n in names],
+                 f"{r['fid']:.2f}" if "fid" in r else "-"]
+        lines.append("  ".join(f"{x:>12s}" for x in cells))
+    return "\n".join(lines)
+
+
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of metric rows (one per model / sampler setting)."""
     cols = ["sampler", "steps", "nfe", "num_fake", *METRIC_NAMES]

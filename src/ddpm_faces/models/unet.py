@@ -5,7 +5,8 @@ https://arxiv.org/abs/2105.05233, sec. 3: scale-shift norm, attention at several
 
 Levels are built from `channel_mults`; each level holds `blocks_per_level` residual blocks and halves the
 resolution after it (except the last). Self-attention runs at every resolution listed in `attn_resolutions`.
-A conditioning embedding, when given, is added to the time embedding (the hook the conditional model uses).
+With `attributes` set (e.g. [age, gender, race], vocabularies in `vocab`), an embedding of the labels is
+added to the time embedding (models/conditioning.py); labels left out mean "unspecified".
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .conditioning import AttributeEmbedding
 
 
 @dataclass
@@ -28,6 +31,8 @@ class UNetConfig:
     head_channels: int = 64                    # channels per attention head
     dropout: float = 0.1
     groups: int = 32                           # GroupNorm groups (fewer when channels are few)
+    attributes: list[str] = field(default_factory=list)   # labels it is conditioned on; [] = unconditional
+    vocab: dict[str, list[str]] = field(default_factory=dict)   # values of each attribute (from the data)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -119,6 +124,12 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, emb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cond_embedding is None and cfg.attributes:
+            missing = [a for a in cfg.attributes if not cfg.vocab.get(a)]
+            if missing:
+                raise ValueError(f"conditional model without vocabularies for {', '.join(missing)}: they are "
+                                 "filled in from the data by training, or read from an export's config.yaml")
+            cond_embedding = AttributeEmbedding([len(cfg.vocab[a]) for a in cfg.attributes], emb_dim)
         self.cond_embedding = cond_embedding                   # maps cond -> (B, emb_dim), or None
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
@@ -154,8 +165,14 @@ class UNet(nn.Module):
         self.norm_out = norm(c, cfg.groups)
         self.conv_out = zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
+    @property
+    def conditional(self) -> bool:
+        return isinstance(self.cond_embedding, AttributeEmbedding)
+
     def embed(self, t: torch.Tensor, cond=None) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels))
+        if cond is None and self.conditional:                  # no labels: every attribute unspecified
+            cond = self.cond_embedding.unspecified(len(t), t.device)
         if cond is not None:
             if self.cond_embedding is None:
                 raise ValueError("this model was built without conditioning; it cannot take labels")

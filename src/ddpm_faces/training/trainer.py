@@ -25,6 +25,7 @@ from ..data import BatchLoader, prepare_dataset
 from ..diffusion import diffusion_loss
 from ..errors import UserError
 from ..models import count_parameters
+from ..models.conditioning import drop_labels
 from ..pipeline import build_model, build_schedule, export_model
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .ema import EMA
@@ -65,6 +66,28 @@ def restore_rng(rng: dict, rank: int, world: int, seed: int) -> None:
         torch.cuda.set_rng_state(rng["cuda"][rank].clone(), torch.cuda.current_device())
 
 
+def conditioning_columns(cfg: Config, data) -> list[int]:
+    """Columns of the data's labels the model is conditioned on; fills cfg.model.vocab from the data."""
+    m = cfg.model
+    if not m.attributes:
+        return []
+    missing = [a for a in m.attributes if a not in data.attributes]
+    if missing:
+        have = ", ".join(data.attributes) if data.attributes else "none (add a labels.csv)"
+        raise UserError(f"model.attributes asks for {', '.join(missing)}, which the data does not label; its "
+                        f"labels: {have}. Set model.attributes to a subset, or [] for an unconditional model")
+    vocab = {a: list(data.vocab[a]) for a in m.attributes}
+    if m.vocab and m.vocab != vocab:
+        raise UserError(f"the data's label values differ from the run's model.vocab ({cfg.run_dir}/config.yaml): "
+                        "resume on the data the run was started with")
+    m.vocab = vocab
+    known = (data.labels[data.indices("train")][:, [data.attributes.index(a) for a in m.attributes]] >= 0).mean(0)
+    for name, share in zip(m.attributes, known):
+        if share < 0.5:
+            log.warning("only %.0f%% of the training images have a %s label", 100 * share, name)
+    return [data.attributes.index(a) for a in m.attributes]
+
+
 def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume."""
     run_dir = cfg.run_dir
@@ -76,7 +99,10 @@ def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
     if resume and ckpts and saved.is_file():
         old = yaml_load(saved.read_text()) or {}
         for section in ("model", "diffusion"):
-            if old.get(section) != cfg.to_dict()[section]:
+            new = cfg.to_dict()[section]
+            if section == "model":                  # the vocabularies are filled in from the data later
+                old.setdefault("model", {}).pop("vocab", None), new.pop("vocab", None)
+            if old.get(section) != new:
                 raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
                                 "resume with the run's own config (--config " + str(saved) + ")")
     return ckpts[-1] if (resume and ckpts) else None
@@ -100,6 +126,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     with accelerator.main_process_first():
         data = prepare_dataset(cfg.data.source, cfg.data.resolution, crop=cfg.data.crop,
                                cache_dir=cfg.data.cache_dir, hf_config=cfg.data.hf_config, progress=main and progress)
+    label_columns = conditioning_columns(cfg, data)
     loader = BatchLoader(data, "train", t.batch_size, seed=t.seed, hflip=cfg.data.hflip,
                          random_crop=cfg.data.random_crop, rank=rank, world_size=world)
     validation = Validation(data, cfg, rank, world)
@@ -187,8 +214,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
             x0 = batch["images"].to(accelerator.device)
             ts = torch.randint(0, cfg.diffusion.timesteps, (len(x0),)).to(accelerator.device)
             noise = torch.randn_like(x0)
+            cond = None
+            if label_columns:
+                cond = drop_labels(batch["labels"][:, label_columns], t.label_dropout).to(accelerator.device)
             loss = diffusion_loss(model, schedule, x0, ts, noise, prediction=cfg.diffusion.prediction,
-                                  min_snr_gamma=cfg.diffusion.min_snr_gamma)
+                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, cond=cond)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 norm_sum += accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float()

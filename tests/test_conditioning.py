@@ -1,0 +1,156 @@
+"""Attribute conditioning and classifier-free guidance: label dropout, the unspecified path, the guidance
+formula, vocabularies through export and load, and the errors users see."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from ddpm_faces.config import load_config
+from ddpm_faces.diffusion import Denoiser, NoiseSchedule
+from ddpm_faces.diffusion.schedules import cosine_betas
+from ddpm_faces.errors import UserError
+from ddpm_faces.models import UNet, UNetConfig
+from ddpm_faces.models.conditioning import UNSPECIFIED, AttributeEmbedding, drop_labels, encode_attributes
+from ddpm_faces.pipeline import Pipeline, export_model, generate, load_pipeline
+from ddpm_faces.training import train
+
+VOCAB = {"age": ["0-2", "20-29", "30-39"], "gender": ["Female", "Male"]}
+
+
+def conditional_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1, attn_resolutions=[8],
+                     head_channels=8, dropout=0.0, groups=4, attributes=["age", "gender"], vocab=VOCAB)
+    net = UNet(cfg).eval()
+    with torch.no_grad():                       # zero-initialised output layers would hide every difference
+        for p in net.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return net
+
+
+def test_label_dropout_rate_is_p_per_attribute_and_independent():
+    labels = torch.zeros(200_000, 3, dtype=torch.long)
+    dropped = drop_labels(labels, 0.1, torch.Generator().manual_seed(0)) == UNSPECIFIED
+    rates = dropped.float().mean(0)
+    assert torch.allclose(rates, torch.full((3,), 0.1), atol=0.003)
+    both = (dropped[:, 0] & dropped[:, 1]).float().mean()
+    assert abs(float(both) - 0.01) < 0.001                                   # independent: p * p
+    assert torch.equal(drop_labels(labels, 0.0), labels)
+    unknown = torch.full((10, 2), UNSPECIFIED)
+    assert torch.equal(drop_labels(unknown, 0.5), unknown)                   # unknown labels stay unknown
+
+
+def test_all_unspecified_is_the_unconditional_path_and_labels_change_the_output():
+    net = conditional_unet()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5, 500, 900])
+    unspecified = torch.full((3, 2), UNSPECIFIED)
+    with torch.no_grad():
+        assert torch.equal(net(x, t), net(x, t, unspecified))
+        female = net(x, t, torch.tensor([[UNSPECIFIED, 0]] * 3))
+        male = net(x, t, torch.tensor([[UNSPECIFIED, 1]] * 3))
+    assert (female - male).abs().max() > 1e-4
+
+
+def test_guidance_one_is_the_conditional_prediction_and_w_follows_the_formula():
+    net = conditional_unet()
+    schedule = NoiseSchedule(cosine_betas(1000))
+    x = torch.randn(2, 3, 16, 16)
+    cond = torch.tensor([[2, 0], [UNSPECIFIED, 1]])
+    t = torch.full((2,), 400)
+    with torch.no_grad():
+        out_c, out_u = net(x, t, cond), net(x, t)
+        plain = Denoiser(net, schedule, "v", guidance=1.0).output(x, t, cond)
+        assert torch.equal(plain, out_c)
+        for w in (0.0, 2.0, 5.0):
+            guided = Denoiser(net, schedule, "v", guidance=w).output(x, t, cond)
+            torch.testing.assert_close(guided, out_u + w * (out_c - out_u), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(Denoiser(net, schedule, "v", guidance=0.0).output(x, t, cond), out_u,
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_guidance_interval_leaves_other_timesteps_unguided():
+    net = conditional_unet()
+    schedule = NoiseSchedule(cosine_betas(1000))
+    d = Denoiser(net, schedule, "eps", guidance=4.0, guidance_interval=(100, 600))
+    assert [d.guided_at(t) for t in (50, 100, 600, 601)] == [False, True, True, False]
+    x, cond, t = torch.randn(1, 3, 16, 16), torch.tensor([[1, 1]]), torch.tensor([800])
+    with torch.no_grad():
+        assert torch.equal(d.output(x, t, cond), net(x, t, cond))
+
+
+def test_embedding_rejects_labels_outside_the_vocabulary():
+    emb = AttributeEmbedding([3, 2], 8)
+    with pytest.raises(IndexError):
+        emb(torch.tensor([[3, 0]]))
+    with pytest.raises(ValueError, match=r"\(batch, 2\)"):
+        emb(torch.tensor([[0, 0, 0]]))
+
+
+def test_encode_attributes_by_name_case_insensitive_and_errors_list_the_values():
+    labels = encode_attributes(VOCAB, ["age", "gender"], {"gender": "female"}, 2)
+    assert labels.tolist() == [[UNSPECIFIED, 0], [UNSPECIFIED, 0]]
+    assert encode_attributes(VOCAB, ["age", "gender"], {"age": "30-39", "gender": "Male"}, 1).tolist() == [[2, 1]]
+    with pytest.raises(ValueError, match="choose one of '0-2', '20-29', '30-39'"):
+        encode_attributes(VOCAB, ["age", "gender"], {"age": "35"}, 1)
+    with pytest.raises(ValueError, match="not conditioned on race"):
+        encode_attributes(VOCAB, ["age", "gender"], {"race": "Black"}, 1)
+
+
+def test_vocabularies_survive_export_and_load_and_sampling_follows_them(tmp_path):
+    net = conditional_unet()
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
+                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
+                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
+                                     "model.dropout=0.0", "model.attributes=[age,gender]"])
+    cfg.model.vocab = VOCAB
+    export_model(net, cfg, tmp_path / "export")
+    pipe = load_pipeline(tmp_path / "export")
+    assert pipe.cfg.model.vocab == VOCAB and pipe.cfg.model.attributes == ["age", "gender"]
+    for key, value in net.state_dict().items():
+        assert torch.equal(pipe.net.state_dict()[key], value)
+    kw = dict(steps=4, sampler="ddim", progress=False)
+    female = generate(pipe, 2, attributes={"gender": "Female"}, guidance=3.0, **kw)
+    again = generate(pipe, 2, attributes={"gender": "Female"}, guidance=3.0, **kw)
+    male = generate(pipe, 2, attributes={"gender": "Male"}, guidance=3.0, **kw)
+    assert (female == again).all() and (female != male).any()
+    with pytest.raises(UserError, match="choose one of 'Female', 'Male'"):
+        generate(pipe, 1, attributes={"gender": "robot"}, **kw)
+
+
+def test_unconditional_model_refuses_attributes():
+    cfg = load_config("quickstart")
+    pipe = Pipeline(UNet(cfg.model), cfg, source="somewhere")
+    with pytest.raises(UserError, match="unconditional"):
+        pipe.labels({"age": "30-39"}, 1)
+    assert pipe.labels({"age": None}, 1) is None
+
+
+def test_training_a_conditional_model_fills_the_vocabulary_from_the_data(tmp_path, face_folder):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"model.attributes": "[gender, age]",
+                                                                         "train.max_steps": 4}))
+    result = train(cfg, progress=False)
+    pipe = load_pipeline(result.run_dir)
+    assert pipe.cfg.model.vocab == {"gender": ["Female", "Male"], "age": ["0-2", "20-29", "30-39"]}
+    assert pipe.net.conditional
+    bad = load_config("quickstart", tiny_overrides(tmp_path, face_folder, name="bad",
+                                                   **{"model.attributes": "[race]"}))
+    with pytest.raises(UserError, match="does not label; its labels: .*gender"):
+        train(bad, progress=False)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--age", "30-39"], ["unconditional", "age"]),
+    (["--grid-by", "race"], ["unconditional"]),
+    (["--guidance", "nan"], ["guidance"]),
+    (["--guidance-interval", "500", "100"], ["guidance-interval"]),
+])
+def test_sample_cli_errors_are_one_line(flags, words, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "sample", "--steps", "2", "--num", "1",
+                          "--out", str(tmp_path / "x.png"), *flags], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and all(w in out.stderr for w in words), out.stderr
