@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,21 @@ def test_sample_cli_errors_are_one_line(flags, words, tmp_path):
                           "--out", str(tmp_path / "x.png"), *flags], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and all(w in out.stderr for w in words), out.stderr
+
+
+def test_interpolation_ends_are_the_seeds_own_faces_and_slerp_keeps_the_norm():
+    from ddpm_faces.pipeline import interpolate, slerp
+
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 8, 8), torch.randn(3, 8, 8)
+    mid = slerp(a, b, 0.5)
+    assert abs(mid.norm() / a.norm() - 1) < 0.05                  # a straight line would shrink it by ~0.7
+    assert torch.allclose(slerp(a, b, 0.0), a, atol=1e-6) and torch.allclose(slerp(a, b, 1.0), b, atol=1e-6)
+    net = conditional_unet()
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16"])
+    cfg.model = net.cfg
+    pipe = Pipeline(net, cfg, source="test")
+    row = interpolate(pipe, 3, 7, num=4, steps=3, progress=False)
+    kw = dict(sampler="ddim", steps=3, progress=False)
+    assert np.array_equal(row[0], generate(pipe, 1, seed=3, **kw)[0])
+    assert np.array_equal(row[-1], generate(pipe, 1, seed=7, **kw)[0])

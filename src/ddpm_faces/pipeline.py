@@ -154,10 +154,11 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
              eta: float = 0.0, spacing: str | None = None, batch_size: int = 16, first_index: int = 0,
              progress: bool = True, callback=None, attributes: dict[str, str | None] | None = None,
              guidance: float = 1.0, guidance_interval: tuple[float, float] | None = None,
-             labels: torch.Tensor | None = None) -> np.ndarray:
+             labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None) -> np.ndarray:
     """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i) and the
     attributes asked for (a conditional model; names to values, e.g. {"gender": "Female"}, the same for every
-    image; or `labels`, (num, n_attributes) class indices, one row per image) with guidance."""
+    image; or `labels`, (num, n_attributes) class indices, one row per image) with guidance.
+    `initial_noise` (num, 3, H, W) replaces the seeded starting noise (e.g. interpolated noise)."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     if not math.isfinite(guidance) or guidance < 0:
@@ -166,12 +167,15 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
     if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
         raise UserError(f"labels must be ({num}, {len(pipe.cfg.model.attributes)}) for this model, "
                         f"got {tuple(labels.shape)}")
+    res = pipe.cfg.model.resolution
+    if initial_noise is not None and tuple(initial_noise.shape) != (num, 3, res, res):
+        raise UserError(f"initial noise must be ({num}, 3, {res}, {res}), got {tuple(initial_noise.shape)}")
     denoiser = Denoiser(pipe.net, build_schedule(pipe.cfg), pipe.cfg.diffusion.prediction, guidance,
                         guidance_interval)
     sample_fn = get_sampler(sampler)
     timesteps = sampling_timesteps(build_schedule(pipe.cfg), steps, spacing or DEFAULT_SPACING[sampler])
     extra = {"eta": eta} if sampler == "ddim" else {}
-    res, out = pipe.cfg.model.resolution, []
+    out = []
     bar = tqdm(total=num * steps, desc=f"sampling ({sampler}, {steps} steps)", unit="step", disable=not progress,
                leave=False)
     with torch.inference_mode():
@@ -179,6 +183,8 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
             n = min(batch_size, first_index + num - start)
             noise = PerImageNoise(seed, start, n)
             x = noise(torch.empty(n, 3, res, res, device=pipe.device))
+            if initial_noise is not None:
+                x = initial_noise[start - first_index:start - first_index + n].to(pipe.device, torch.float32)
 
             def step_callback(i, t, x_i, x0, n=n):
                 bar.update(n)
@@ -192,3 +198,32 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
             out.append(to_uint8(x))
     bar.close()
     return np.concatenate(out)
+
+
+def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:
+    """(1, 3, H, W): the pure noise that image `index` of seed `seed` starts from in `generate`."""
+    res = pipe.cfg.model.resolution
+    return PerImageNoise(seed, index, 1)(torch.empty(1, 3, res, res))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation between two Gaussian noise tensors (keeps their norm, so the result still looks
+    like Gaussian noise to the model; Shoemake 1985)."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    cos = torch.clamp(fa @ fb / (fa.norm() * fb.norm()), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if float(omega) < 1e-6:
+        return (1 - weight) * a + weight * b
+    out = (torch.sin((1 - weight) * omega) * fa + torch.sin(weight * omega) * fb) / torch.sin(omega)
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def interpolate(pipe: Pipeline, seed_a: int, seed_b: int, num: int = 8, *, sampler: str = "ddim",
+                steps: int = DEFAULT_STEPS, **kwargs) -> np.ndarray:
+    """`num` faces along the spherical path between the starting noise of seeds a and b (image 0 of each);
+    a deterministic sampler (ddim, dpmpp-2m, heun) makes the row change smoothly."""
+    if num < 2:
+        raise UserError(f"interpolation needs at least 2 images, got {num}")
+    a, b = starting_noise(pipe, seed_a), starting_noise(pipe, seed_b)
+    noise = torch.cat([slerp(a, b, i / (num - 1)) for i in range(num)])
+    return generate(pipe, num, seed=seed_a, sampler=sampler, steps=steps, initial_noise=noise, **kwargs)
