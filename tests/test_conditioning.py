@@ -173,3 +173,16 @@ def test_interpolation_ends_are_the_seeds_own_faces_and_slerp_keeps_the_norm():
     kw = dict(sampler="ddim", steps=3, progress=False)
     assert np.array_equal(row[0], generate(pipe, 1, seed=3, **kw)[0])
     assert np.array_equal(row[-1], generate(pipe, 1, seed=7, **kw)[0])
+
+
+def test_bf16_sampling_stays_close_to_fp32():
+    net = conditional_unet()
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16"])
+    cfg.model = net.cfg
+    pipe = Pipeline(net, cfg, source="test")
+    kw = dict(num=4, sampler="ddim", steps=5, progress=False, attributes={"gender": "Male"}, guidance=2.0)
+    full, half = generate(pipe, **kw), generate(pipe, precision="bf16", **kw)
+    diff = np.abs(full.astype(int) - half.astype(int))
+    assert diff.mean() < 3 and (full != half).any()         # a little rounding, not another image
+    with pytest.raises(UserError, match="precision"):
+        generate(pipe, precision="fp8", **kw)

@@ -20,6 +20,8 @@ def _train(args) -> None:
     cfg = load_config(config or "quickstart", args.set)
     if args.data:
         cfg.data.source = args.data                  # taken as it is: a path is not YAML
+    if args.compile:
+        cfg.train.compile = True
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if not result.is_main:
         return
@@ -87,7 +89,7 @@ def _sample(args) -> None:
     pipe.labels(attributes, 1)                               # unknown names or values: one line, before work
     options = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
                    batch_size=args.batch_size, progress=not args.no_progress, guidance=args.guidance,
-                   guidance_interval=interval)
+                   guidance_interval=interval, precision=args.precision)
     if args.grid_by:
         rows = grid_rows(pipe, args.grid_by, attributes)
         # the same seeds in every row: the attribute is the only thing that changes
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "a parquet file or folder, or hf:HuggingFaceM4/FairFace")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=2e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (same as --set train.compile=true)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -250,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
     p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
                                                  "per face (a denoising strip)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: the network under bf16 autocast (about 2x faster on CPUs with bf16 units)")
     for name in ATTRIBUTE_FLAGS:
         p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
     p.add_argument("--guidance", type=float, default=1.0,

@@ -154,11 +154,14 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
              eta: float = 0.0, spacing: str | None = None, batch_size: int = 16, first_index: int = 0,
              progress: bool = True, callback=None, attributes: dict[str, str | None] | None = None,
              guidance: float = 1.0, guidance_interval: tuple[float, float] | None = None,
-             labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None) -> np.ndarray:
+             labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None,
+             precision: str = "fp32") -> np.ndarray:
     """`num` images as (num, H, W, 3) uint8; image i depends only on (seed, first_index + i) and the
     attributes asked for (a conditional model; names to values, e.g. {"gender": "Female"}, the same for every
     image; or `labels`, (num, n_attributes) class indices, one row per image) with guidance.
-    `initial_noise` (num, 3, H, W) replaces the seeded starting noise (e.g. interpolated noise)."""
+    `initial_noise` (num, 3, H, W) replaces the seeded starting noise (e.g. interpolated noise).
+    `precision="bf16"` runs the network under bf16 autocast (about 2x faster on CPUs with AMX or AVX512-bf16;
+    the sampler's arithmetic stays in fp32)."""
     if num < 1:
         raise UserError(f"--num must be at least 1, got {num}")
     if not math.isfinite(guidance) or guidance < 0:
@@ -170,8 +173,10 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
     res = pipe.cfg.model.resolution
     if initial_noise is not None and tuple(initial_noise.shape) != (num, 3, res, res):
         raise UserError(f"initial noise must be ({num}, 3, {res}, {res}), got {tuple(initial_noise.shape)}")
-    denoiser = Denoiser(pipe.net, build_schedule(pipe.cfg), pipe.cfg.diffusion.prediction, guidance,
-                        guidance_interval)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    denoiser = Denoiser(_autocast(pipe.net, precision), build_schedule(pipe.cfg), pipe.cfg.diffusion.prediction,
+                        guidance, guidance_interval)
     sample_fn = get_sampler(sampler)
     timesteps = sampling_timesteps(build_schedule(pipe.cfg), steps, spacing or DEFAULT_SPACING[sampler])
     extra = {"eta": eta} if sampler == "ddim" else {}
@@ -198,6 +203,20 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
             out.append(to_uint8(x))
     bar.close()
     return np.concatenate(out)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _autocast(net, precision: str):
+    if precision == "fp32":
+        return net
+    device_type = next(net.parameters()).device.type
+
+    def run(*args):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return net(*args)
+    return run
 
 
 def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:

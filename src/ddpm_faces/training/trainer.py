@@ -115,6 +115,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     if t.threads:
         torch.set_num_threads(t.threads)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+                              dynamo_backend="inductor" if t.compile else None,
                               cpu=not torch.cuda.is_available(),   # several CPU processes then use gloo
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
@@ -154,7 +155,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.model.to(accelerator.device)
     schedule = build_schedule(cfg)
-    raw_model = accelerator.unwrap_model(model)
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     writer = None
     if main:
