@@ -27,7 +27,12 @@ def _train(args) -> None:
         return
     metric = cfg.train.best_metric.replace("_", " ").replace("fid", "FID")
     best = f", best {metric} {result.best:.5f}" if result.best is not None else ""
-    print(f"trained {result.step} steps{best}; model exported to {result.run_dir / 'export'}")
+    skipped = f" ({result.skipped_steps} skipped for a non-finite loss)" if result.skipped_steps else ""
+    if result.interrupted:
+        print(f"interrupted after {result.step} steps{skipped}; checkpoint saved. Continue with: ddpm-faces train "
+              f"--config {result.run_dir} --resume")
+        return
+    print(f"trained {result.step} steps{skipped}{best}; model exported to {result.run_dir / 'export'}")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -193,6 +198,18 @@ def _export(args) -> None:
     print(f"exported {pipe.source} to {out} ({args.dtype}, {size:.1f} MiB)")
 
 
+def _serve(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UserError("the web app needs gradio: pip install 'ddpm-faces[app]'") from None
+    from .app import serve
+
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, got {args.port}")
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, threads=args.threads)
+
+
 def _data(args) -> None:
     from .data import prepare_dataset
 
@@ -311,6 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.yaml into")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("serve", help="a web page that generates faces (Gradio; http://127.0.0.1:7860)")
+    p.add_argument("--checkpoint", action="append", metavar="PATH",
+                   help="a model to offer: runs/<name>, an export or checkpoint folder (repeat for several; "
+                        "default: the bundled model(s) and every exported run under runs/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public share link (off unless given)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: all cores but one)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("data", help="prepare (decode, crop, resize, cache) a face dataset and describe it")
     p.add_argument("source", help="same forms as train --data")

@@ -77,6 +77,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     out_dir: str = "runs"
     threads: int | None = None                # torch.set_num_threads; None = torch's default
+    max_bad_steps: int = 10                   # non-finite losses/gradients in a row before the run stops
     label_dropout: float = 0.1                # conditional models: P(a label is replaced by "unspecified")
 
 
@@ -110,7 +111,7 @@ CHOICES = {
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
             "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps",
-            "train.sample_images", "model.groups", "model.base_channels", "model.blocks_per_level",
+            "train.sample_images", "train.max_bad_steps", "model.groups", "model.base_channels", "model.blocks_per_level",
             "model.head_channels")
 
 

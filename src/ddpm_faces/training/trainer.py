@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,7 +45,9 @@ class TrainResult:
     step: int
     best: float | None                           # the best value of train.best_metric
     stopped_early: bool
-    is_main: bool = True                         # False on the other ranks of a multi-process run
+    is_main: bool = True
+    interrupted: bool = False                    # stopped by Ctrl-C after saving a checkpoint
+    skipped_steps: int = 0                       # optimizer steps skipped for a non-finite loss or gradient                         # False on the other ranks of a multi-process run
 
 
 def gather_rng(accelerator) -> dict:
@@ -88,6 +94,41 @@ def conditioning_columns(cfg: Config, data) -> list[int]:
     return [data.attributes.index(a) for a in m.attributes]
 
 
+def check_writable(folder: Path) -> None:
+    """Fail before any training when the run folder cannot be created or written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the run folder {folder}: {err.strerror or err}; choose a writable "
+                        "train.out_dir (--set train.out_dir=...) or free some space") from None
+
+
+class Interrupt:
+    """Ctrl-C once: finish the step, save a checkpoint and stop cleanly. Ctrl-C twice: stop at once."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit at once)", file=sys.stderr,
+              flush=True)
+
+    def restore(self):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def _check_run_dir(cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume."""
     run_dir = cfg.run_dir
@@ -121,6 +162,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     run_dir = cfg.run_dir
     resume_from = _check_run_dir(cfg, resume)
+    if main:
+        check_writable(run_dir)
     if t.fid_every:
         SampleQuality.check_dependencies()          # on every rank, before hours of training
 
@@ -181,10 +224,16 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
         rng = gather_rng(accelerator)
         if main:
             state = {"data": loader.state_dict(), "best": stopper.best, "bad_evals": stopper.bad}
-            save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
-                            scheduler=scheduler, state=state, rng=rng, scaler=accelerator.scaler,
-                            keep=t.keep_checkpoints)
-            export_model(ema.model, cfg, run_dir / "export")
+            try:
+                save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
+                                scheduler=scheduler, state=state, rng=rng, scaler=accelerator.scaler,
+                                keep=t.keep_checkpoints)
+                export_model(ema.model, cfg, run_dir / "export")
+            except OSError as err:
+                done = list_checkpoints(run_dir)
+                kept = f"the last complete one, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
+                raise UserError(f"could not write the checkpoint of step {step} in {run_dir}: "
+                                f"{err.strerror or err}; {kept}. Free some space, then continue with --resume") from None
         accelerator.wait_for_everyone()
 
     def track_best(label: str, value: float | None) -> bool:
@@ -205,80 +254,118 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     def zeros():
         return torch.zeros((), device=accelerator.device)
     loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
-    stopped_early = False
+    stopped_early, interrupted, skipped, bad_in_row, micro_loss = False, False, 0, 0, zeros()
+    interrupt = Interrupt(enabled=True)
     batches = iter(loader)
     model.train()
     last_step = min(t.max_steps, until_step or t.max_steps)
-    while step < last_step and not stopped_early:
-        batch = next(batches)
-        with accelerator.accumulate(model):
-            x0 = batch["images"].to(accelerator.device)
-            ts = torch.randint(0, cfg.diffusion.timesteps, (len(x0),)).to(accelerator.device)
-            noise = torch.randn_like(x0)
-            cond = None
-            if label_columns:
-                cond = drop_labels(batch["labels"][:, label_columns], t.label_dropout).to(accelerator.device)
-            loss = diffusion_loss(model, schedule, x0, ts, noise, prediction=cfg.diffusion.prediction,
-                                  min_snr_gamma=cfg.diffusion.min_snr_gamma, cond=cond)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                norm_sum += accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach().float() / t.grad_accum      # stays on the device: no host sync per step
-        if not accelerator.sync_gradients:
-            continue
-        scheduler.step()
-        ema.update(raw_model)
-        step += 1
-        n_logged += 1
-        bar.update(1)
+    checks_finite = accelerator.scaler is None       # fp16's loss scaler skips non-finite steps by itself
+    try:
+        while step < last_step and not stopped_early:
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                x0 = batch["images"].to(accelerator.device)
+                ts = torch.randint(0, cfg.diffusion.timesteps, (len(x0),)).to(accelerator.device)
+                noise = torch.randn_like(x0)
+                cond = None
+                if label_columns:
+                    cond = drop_labels(batch["labels"][:, label_columns], t.label_dropout).to(accelerator.device)
+                loss = diffusion_loss(model, schedule, x0, ts, noise, prediction=cfg.diffusion.prediction,
+                                      min_snr_gamma=cfg.diffusion.min_snr_gamma, cond=cond)
+                accelerator.backward(loss)
+                micro_loss += loss.detach().float() / t.grad_accum   # stays on the device until a log step
+                finite = True
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip).detach().float()
+                    # the one host sync per optimizer step: a NaN/inf loss or gradient must not reach the weights
+                    finite = not checks_finite or bool(torch.isfinite(norm) & torch.isfinite(micro_loss))
+                    if finite:
+                        norm_sum += norm
+                if finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            if not finite:
+                skipped, bad_in_row, micro_loss = skipped + 1, bad_in_row + 1, zeros()
+                if main:
+                    bar.write(f"step {step + 1}: non-finite loss or gradient, step skipped ({skipped} so far)")
+                    writer.add_scalar("train/skipped_steps", skipped, step)
+                if bad_in_row >= t.max_bad_steps:
+                    done = list_checkpoints(run_dir)
+                    kept = f"the last checkpoint, {done[-1]}, is intact" if done else "no checkpoint was written yet"
+                    raise UserError(f"{bad_in_row} steps in a row had a non-finite loss or gradient (at step {step}): "
+                                    f"training stopped; {kept}. Lower train.lr, use mixed_precision=bf16 instead of "
+                                    "fp16, or check the data")
+                continue
+            bad_in_row = 0
+            loss_sum += micro_loss
+            micro_loss = zeros()
+            scheduler.step()
+            ema.update(raw_model)
+            step += 1
+            n_logged += 1
+            bar.update(1)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            elapsed = time.perf_counter() - tick
-            loss_sum = accelerator.reduce(loss_sum, "mean")             # every rank checks (the one host sync)
-            mean_loss, mean_norm = float(loss_sum) / n_logged, float(norm_sum) / n_logged
-            if not math.isfinite(mean_loss):
-                raise UserError(f"training diverged at step {step} (loss {mean_loss}): lower train.lr, "
-                                "use mixed_precision=bf16 instead of fp16, or resume from an earlier checkpoint")
-            if main:
-                ips = n_logged * images_per_step / elapsed
-                for key, value in {"train/loss": mean_loss, "train/grad_norm": mean_norm, "train/images_per_s": ips,
-                                   "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": ema.current_decay()
-                                   }.items():
-                    writer.add_scalar(key, value, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
-            loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.perf_counter() - tick
+                loss_sum = accelerator.reduce(loss_sum, "mean")             # every rank checks (the one host sync)
+                mean_loss, mean_norm = float(loss_sum) / n_logged, float(norm_sum) / n_logged
+                if not math.isfinite(mean_loss):
+                    raise UserError(f"training diverged at step {step} (loss {mean_loss}): lower train.lr, "
+                                    "use mixed_precision=bf16 instead of fp16, or resume from an earlier checkpoint")
+                if main:
+                    ips = n_logged * images_per_step / elapsed
+                    for key, value in {"train/loss": mean_loss, "train/grad_norm": mean_norm, "train/images_per_s": ips,
+                                       "train/lr": scheduler.get_last_lr()[0], "train/ema_decay": ema.current_decay()
+                                       }.items():
+                        writer.add_scalar(key, value, step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{ips:.1f}")
+                loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
 
-        if step % t.eval_every == 0 or step == t.max_steps:
-            val = evaluate()
-            if val is not None and main:
-                writer.add_scalar("val/loss", val, step)
-            if t.best_metric == "val_loss":
-                stopped_early = track_best("val loss", val)
-            elif val is not None and main:
-                bar.write(f"step {step}: val loss {val:.5f}")
-        if quality is not None and (step % t.fid_every == 0 or step == t.max_steps):
-            metrics = quality(ema.model, accelerator)
-            if main:
-                for key in ("fid", "kid_mean", "precision", "recall", "face_rate"):
-                    writer.add_scalar(f"quality/{key}", metrics[key], step)
-                if t.best_metric != "fid":
-                    bar.write(f"step {step}: FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f}, "
-                              f"face rate {metrics['face_rate']:.2f} ({t.fid_images} samples)")
-            if t.best_metric == "fid":
-                fid = accelerator.gather(torch.tensor([metrics["fid"] if main else 0.0],
-                                                      device=accelerator.device))[0].item()
-                stopped_early = track_best(f"FID ({t.fid_images} samples)", fid)
-        if main and (step % t.sample_every == 0 or step == t.max_steps):
-            sample_grid(ema.model, cfg, step, writer)
-        if step % t.checkpoint_every == 0 or step == last_step or stopped_early:
-            checkpoint()
-        tick = time.perf_counter() if n_logged == 0 else tick
+            if step % t.eval_every == 0 or step == t.max_steps:
+                val = evaluate()
+                if val is not None and main:
+                    writer.add_scalar("val/loss", val, step)
+                if t.best_metric == "val_loss":
+                    stopped_early = track_best("val loss", val)
+                elif val is not None and main:
+                    bar.write(f"step {step}: val loss {val:.5f}")
+            if quality is not None and (step % t.fid_every == 0 or step == t.max_steps):
+                metrics = quality(ema.model, accelerator)
+                if main:
+                    for key in ("fid", "kid_mean", "precision", "recall", "face_rate"):
+                        writer.add_scalar(f"quality/{key}", metrics[key], step)
+                    if t.best_metric != "fid":
+                        bar.write(f"step {step}: FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f}, "
+                                  f"face rate {metrics['face_rate']:.2f} ({t.fid_images} samples)")
+                if t.best_metric == "fid":
+                    fid = accelerator.gather(torch.tensor([metrics["fid"] if main else 0.0],
+                                                          device=accelerator.device))[0].item()
+                    stopped_early = track_best(f"FID ({t.fid_images} samples)", fid)
+            if main and (step % t.sample_every == 0 or step == t.max_steps):
+                sample_grid(ema.model, cfg, step, writer)
+            saved = step % t.checkpoint_every == 0 or step == last_step or stopped_early
+            if saved:
+                checkpoint()
+            tick = time.perf_counter() if n_logged == 0 else tick
+            stop = interrupt.requested
+            if world > 1:                   # every rank must stop at the same step: agree at log steps only
+                stop = step % t.log_every == 0 and bool(accelerator.reduce(
+                    torch.tensor(float(stop), device=accelerator.device), "sum") > 0)
+            if stop:
+                if not saved:
+                    checkpoint()
+                interrupted = True
+                if main:
+                    bar.write(f"stopped at step {step}; checkpoint saved: continue with --resume")
+                break
+    finally:
+        interrupt.restore()
     bar.close()
     if stopped_early and main:
         log.info("early stopping at step %d: no improvement in %d evaluations", step, t.patience)
     if main:
         writer.close()
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, step, stopper.best, stopped_early, main)
+    return TrainResult(run_dir, step, stopper.best, stopped_early, main, interrupted, skipped)

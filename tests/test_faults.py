@@ -1,0 +1,191 @@
+"""Nothing the user made is lost: kill -9 (also in the middle of writing a checkpoint), Ctrl-C, non-finite
+losses, an unwritable run folder and a full disk. Resumed runs must end with the weights of an
+uninterrupted one (CPU, deterministic)."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from ddpm_faces.config import load_config
+from ddpm_faces.errors import UserError
+from ddpm_faces.training import checkpoint as checkpoint_module
+from ddpm_faces.training import train
+from ddpm_faces.training import trainer as trainer_module
+from ddpm_faces.training.checkpoint import list_checkpoints
+
+STEPS = 24
+
+
+def overrides(root: Path, data: Path, **extra) -> list[str]:
+    values = {"train.max_steps": STEPS, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
+              "train.eval_every": 100, "train.sample_every": 100, "train.log_every": 4, "train.threads": 1}
+    values.update(extra)
+    return tiny_overrides(root, data, **values)
+
+
+def final_weights(root: Path) -> dict:
+    return load_file(root / "runs" / "tiny" / "checkpoints" / f"step-{STEPS}" / "model.safetensors")
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, face_folder) -> dict:
+    root = tmp_path_factory.mktemp("straight")
+    train(load_config("quickstart", overrides(root, face_folder)), progress=False)
+    return final_weights(root)
+
+
+# a training process whose checkpoint writes are slowed down, so that a kill can land inside one
+SLOW_SAVE = """
+import sys, time
+import ddpm_faces.io as io
+_fsync = io._fsync_tree
+def slow(folder):
+    time.sleep(0.4)
+    _fsync(folder)
+io._fsync_tree = slow
+from ddpm_faces.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start(root: Path, data: Path, resume: bool = False) -> subprocess.Popen:
+    args = ["train", "--config", "quickstart", "--no-progress", *sum((["--set", o] for o in overrides(root, data)), [])]
+    if resume:
+        args = ["train", "--config", str(root / "runs" / "tiny"), "--resume", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before the kill: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting to kill the training process")
+        time.sleep(0.01)
+
+
+def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(tmp_path, face_folder, uninterrupted):
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    # 1. killed while a checkpoint is being written (its .tmp folder exists)
+    proc = start(tmp_path, face_folder)
+    wait_for(lambda: ckpts.is_dir() and any(p.name.endswith(".tmp") and p.name != "step-2.tmp"
+                                            for p in ckpts.iterdir()), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    half = [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert half, "the kill should have left a half-written checkpoint behind"
+    newest = list_checkpoints(tmp_path / "runs" / "tiny")[-1]
+    assert (newest / "state.json").is_file() and not newest.name.endswith(".tmp")
+    # 2. resumed, and killed again at a random later step
+    proc = start(tmp_path, face_folder, resume=True)
+    target = int(newest.name.split("-")[1]) + 2 + int(torch.randint(0, 8, (1,)))
+    wait_for(lambda: any(p.name == f"step-{min(target, STEPS - 2)}" for p in ckpts.iterdir()), proc)
+    time.sleep(float(torch.rand(())) * 0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # 3. resumed to the end
+    proc = start(tmp_path, face_folder, resume=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert same(final_weights(tmp_path), uninterrupted)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_path, face_folder, uninterrupted):
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    proc = start(tmp_path, face_folder)
+    wait_for(lambda: (ckpts / "step-4").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted after" in out and "--resume" in out
+    stopped = list_checkpoints(tmp_path / "runs" / "tiny")[-1]
+    assert int(stopped.name.split("-")[1]) < STEPS
+    proc = start(tmp_path, face_folder, resume=True)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert same(final_weights(tmp_path), uninterrupted)
+
+
+def test_second_ctrl_c_quits_at_once(tmp_path, face_folder):
+    proc = start(tmp_path, face_folder)
+    wait_for(lambda: (tmp_path / "runs" / "tiny" / "checkpoints" / "step-2").is_dir(), proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)                  # two signals sent at once reach Python as one; the save takes 0.4 s
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def nan_at(steps: set[int]):
+    """A diffusion_loss that returns NaN on the given calls (0-based), the true loss otherwise."""
+    real, calls = trainer_module.diffusion_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        calls["n"] += 1
+        return value * float("nan") if calls["n"] - 1 in steps else value
+    return loss
+
+
+def test_non_finite_losses_are_skipped_and_counted(tmp_path, face_folder, monkeypatch):
+    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_at({3, 4}))
+    result = train(load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_steps": 8})),
+                   progress=False)
+    assert result.step == 8 and result.skipped_steps == 2
+    weights = load_file(tmp_path / "runs" / "tiny" / "checkpoints" / "step-8" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path, face_folder, monkeypatch):
+    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_at(set(range(5, 100))))
+    cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_bad_steps": 3}))
+    with pytest.raises(UserError, match="3 steps in a row had a non-finite loss.*step-4.*intact"):
+        train(cfg, progress=False)
+    newest = list_checkpoints(tmp_path / "runs" / "tiny")[-1]
+    assert newest.name == "step-4"
+    assert all(torch.isfinite(w).all() for w in load_file(newest / "model.safetensors").values())
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path, face_folder):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the run folder should go")
+    cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.out_dir": str(blocker / "runs")}))
+    started = time.perf_counter()
+    with pytest.raises(UserError, match="cannot write the run folder .*train.out_dir"):
+        train(cfg, progress=False)
+    assert time.perf_counter() - started < 5
+
+
+def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, face_folder, monkeypatch):
+    real, calls = checkpoint_module.save_file, {"n": 0}
+
+    def full_disk(tensors, path, metadata=None):
+        calls["n"] += 1
+        if "step-4" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, metadata=metadata)
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    with pytest.raises(UserError, match="step 4.*No space left on device.*step-2, is intact.*--resume"):
+        train(load_config("quickstart", overrides(tmp_path, face_folder)), progress=False)
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "tiny")] == ["step-2"]
+    assert not list(ckpts.glob("*.tmp"))
+    assert load_file(ckpts / "step-2" / "model.safetensors")
