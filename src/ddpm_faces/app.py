@@ -46,6 +46,7 @@ ANY = "any"                      # an attribute left to the model
 DEFAULT_NUM = 4
 INTERPOLATION_SAMPLER = "ddim"   # deterministic: the row changes smoothly from one face to the other
 PREVIEWS = 10                    # live previews per generation (every steps / PREVIEWS steps)
+TICK = 0.25                      # seconds: the longest a handler waits on the sampler before it yields
 DISPLAY_PX = 128                 # faces are enlarged (nearest) to about this size for the page and the PNGs
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]   # local fonts: the page needs no network
 
@@ -152,6 +153,16 @@ def _latest_checkpoint_step(folder: Path) -> int | None:
         return None
 
 
+def _where(folder: Path) -> str:
+    """A short name for a weights folder: inside the package, under the working folder, or in full."""
+    for root, prefix in ((WEIGHTS_DIR.parent, "the package's "), (Path.cwd(), "")):
+        try:
+            return f"{prefix}{folder.resolve().relative_to(root.resolve())}/"
+        except ValueError:
+            continue
+    return str(folder)
+
+
 def model_card(entry: ModelEntry, pipe: Pipeline) -> str:
     """Markdown: what the model is, how it was trained and how well it does (when measured)."""
     m, d, t = entry.cfg.model, entry.cfg.diffusion, entry.cfg.train
@@ -172,50 +183,55 @@ def model_card(entry: ModelEntry, pipe: Pipeline) -> str:
         ("attributes", attributes),
         ("default sampler", f"{DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps "
                             f"({network_evaluations(DEFAULT_SAMPLER, DEFAULT_STEPS)} network calls per image)"),
-        ("weights", f"`{entry.folder}`"),
+        ("weights", _where(entry.folder)),
     ]
     metrics = read_metrics(entry.folder)
     if metrics:
         rows += [(f"metric: {k}", _format_value(v)) for k, v in metrics.items()]
     else:
         rows.append(("metrics", "not recorded here (no metrics.json beside the weights)"))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return f"**{entry.label}**\n\n| | |\n|---|---|\n{table}\n"
+    return f"**{entry.label}**\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in rows) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Input validation: every handler checks its own inputs (the HTTP API can send anything)
 # ---------------------------------------------------------------------------------------------------
+def input_error(message: str) -> gr.Error:
+    """The error a handler raises for bad input: shown to the user (and to API clients), not logged as a fault."""
+    return gr.Error(message, title="Invalid input", print_exception=False)
+
+
 def check_int(value, name: str, lo: int, hi: int) -> int:
     """`value` as an int in [lo, hi], or gr.Error naming the input and its range."""
     if isinstance(value, bool) or value is None:
-        raise gr.Error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        raise input_error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}") from None
+        raise input_error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}") from None
     if not math.isfinite(number) or number != int(number):
-        raise gr.Error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        raise input_error(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
     if not lo <= int(number) <= hi:
-        raise gr.Error(f"{name} must be from {lo} to {hi}, got {int(number)}")
+        raise input_error(f"{name} must be from {lo} to {hi}, got {int(number)}")
     return int(number)
 
 
 def check_guidance(value) -> float:
     if isinstance(value, bool) or value is None:
-        raise gr.Error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}")
+        raise input_error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}")
     try:
         w = float(value)
     except (TypeError, ValueError):
-        raise gr.Error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}") from None
+        raise input_error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g}, got {value!r}") from None
     if not math.isfinite(w) or not 0 <= w <= MAX_GUIDANCE:
-        raise gr.Error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance), got {value!r}")
+        raise input_error(f"guidance scale must be a number from 0 to {MAX_GUIDANCE:g} (1 = no guidance), "
+                          f"got {value!r}")
     return w
 
 
 def check_choice(value, choices, name: str) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise gr.Error(f"unknown {name} {value!r}: choose one of {', '.join(map(str, choices))}")
+        raise input_error(f"unknown {name} {value!r}: choose one of {', '.join(map(str, choices))}")
     return value
 
 
@@ -225,7 +241,7 @@ def check_steps(entry: ModelEntry, sampler: str, steps) -> int:
     try:
         sampling_timesteps(build_schedule(entry.cfg), steps, DEFAULT_SPACING[sampler])
     except UserError as err:
-        raise gr.Error(f"{steps} steps do not work with the {sampler} sampler on this model: {err}") from None
+        raise input_error(f"{steps} steps do not work with the {sampler} sampler on this model: {err}") from None
     return steps
 
 
@@ -233,7 +249,7 @@ def check_attributes(entry: ModelEntry, names: list[str], values) -> dict[str, s
     """The attribute values asked for (those not left at 'any'), each in the model's vocabulary; values
     for `names` in order, missing ones taken as 'any'."""
     if len(values) > len(names):
-        raise gr.Error(f"expected at most {len(names)} attribute values ({', '.join(names) or 'none'}), "
+        raise input_error(f"expected at most {len(names)} attribute values ({', '.join(names) or 'none'}), "
                        f"got {len(values)}")
     m = entry.cfg.model
     wanted = {}
@@ -242,7 +258,7 @@ def check_attributes(entry: ModelEntry, names: list[str], values) -> dict[str, s
             continue
         if name not in m.attributes:
             known = ", ".join(m.attributes) if m.attributes else "no attributes (an unconditional model)"
-            raise gr.Error(f"{entry.label} is not conditioned on {name} (it knows {known}): leave {name} at 'any'")
+            raise input_error(f"{entry.label} is not conditioned on {name} (it knows {known}): leave {name} at 'any'")
         check_choice(value, [ANY, *m.vocab[name]], name)
         wanted[name] = value
     return wanted
@@ -302,7 +318,8 @@ class FaceApp:
             raise UserError(f"the concurrency limit must be at least 1, got {concurrency_limit}")
         self.models = models
         self.default = next(iter(models))
-        self.concurrency_limit, self.max_queue, self.threads, self.device = concurrency_limit, max_queue, threads, device
+        self.concurrency_limit, self.max_queue = concurrency_limit, max_queue
+        self.threads, self.device = threads, device
         names: list[str] = []
         for entry in models.values():
             names += [a for a in entry.cfg.model.attributes if a not in names]
@@ -328,7 +345,7 @@ class FaceApp:
                 try:
                     self._pipes[entry.label] = load_pipeline(entry.source, device=self.device)
                 except UserError as err:
-                    raise gr.Error(str(err)) from None
+                    raise gr.Error(f"cannot load {entry.label}: {err}") from None
             return self._pipes[entry.label]
 
     def card(self, model) -> str:
@@ -357,8 +374,10 @@ class FaceApp:
 
     # -- sampling in a worker thread --------------------------------------------------------------------
     def _stream(self, kind: str, steps: int, work: Callable) -> Iterator[tuple[str, object]]:
-        """Run `work(callback)` in a thread; yield ("preview", (step, x0 uint8)) every few steps, then
-        ("done", result). Closing this generator sets the stop flag; the callback then raises Cancelled."""
+        """Run `work(callback)` in a thread; yield ("preview", (step, x0 uint8)) every few steps, ("tick", None)
+        every TICK seconds without news, then ("done", result). Closing this generator sets the stop flag;
+        the callback then raises Cancelled. (Gradio cancels a generator between two of its items: the ticks
+        keep that wait short however long a step takes.)"""
         events: queue.Queue = queue.Queue()
         stop = threading.Event()
         every = max(1, round(steps / PREVIEWS))
@@ -398,7 +417,11 @@ class FaceApp:
         thread.start()
         try:
             while True:
-                what, payload = events.get()
+                try:
+                    what, payload = events.get(timeout=TICK)
+                except queue.Empty:          # hand control back now and then, so that a cancel can close us
+                    yield "tick", None
+                    continue
                 while what == "preview" and not events.empty():     # behind: show only the newest estimate
                     what, payload = events.get()
                 if what == "preview":
@@ -407,9 +430,9 @@ class FaceApp:
                     yield what, payload
                     return
                 elif what == "cancelled":
-                    raise gr.Error("stopped: the generation was cancelled")
+                    raise gr.Error("stopped: the generation was cancelled", title="Stopped", print_exception=False)
                 elif isinstance(payload, UserError):
-                    raise gr.Error(str(payload)) from None
+                    raise input_error(str(payload)) from None
                 else:
                     raise payload
         finally:
@@ -443,10 +466,13 @@ class FaceApp:
         images = None
         with contextlib.closing(self._stream("generate", steps, work)) as stream:
             for what, payload in stream:
-                if what == "preview":
+                if what == "tick":
+                    yield (gr.skip(),) * 5
+                elif what == "preview":
                     step, x0 = payload
                     gallery = [(enlarge(img, scale), f"step {step} of {steps}") for img in x0]
-                    yield gallery, None, "", None, f"Denoising: step {step} of {steps} (the current estimate of each face)"
+                    status = f"Denoising: step {step} of {steps} (the current estimate of each face)"
+                    yield gallery, None, "", None, status
                 else:
                     images = payload
         seconds = time.perf_counter() - start
@@ -488,7 +514,9 @@ class FaceApp:
         images = None
         with contextlib.closing(self._stream("interpolate", steps, work)) as stream:
             for what, payload in stream:
-                if what == "preview":
+                if what == "tick":
+                    yield gr.skip(), gr.skip()
+                elif what == "preview":
                     step, x0 = payload
                     yield enlarge(make_grid(x0, nrow=num), scale), f"Denoising: step {step} of {steps}"
                 else:
@@ -539,12 +567,12 @@ class FaceApp:
                             cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                         status = gr.Markdown(elem_id="status")
                         gallery = gr.Gallery(label="Faces (live: the current estimate while it denoises)", columns=4,
-                                             format="png", object_fit="contain", elem_id="faces")
+                                             height="auto", format="png", object_fit="contain", elem_id="faces")
+                        strip = gr.Image(label="Denoising strip: face 0 from noise to image", format="png",
+                                         interactive=False, height=150, elem_id="strip")
                         with gr.Row():
-                            grid_file = gr.File(label="Grid PNG", elem_id="grid-file")
-                            strip = gr.Image(label="Denoising strip: face 0 from noise to image", format="png",
-                                             interactive=False, elem_id="strip")
-                        seeds = gr.Markdown(elem_id="seeds")
+                            grid_file = gr.File(label="Grid PNG", scale=1, elem_id="grid-file")
+                            seeds = gr.Markdown(elem_id="seeds")
                     with gr.Tab("Interpolate"):
                         gr.Markdown("Faces along the path between the starting noise of two seeds (spherical "
                                     "interpolation); a deterministic sampler makes the row change smoothly.")

@@ -42,15 +42,21 @@ def _set_threads(threads: int | None) -> None:
 
 
 def check_image_path(path: str) -> None:
-    """Fail before any work when an output image could not be written."""
+    """Fail before any work when an output image could not be written (tries to create it)."""
     from PIL import Image
 
     out = Path(path)
     if out.suffix.lower() not in Image.registered_extensions():
         raise UserError(f"cannot tell the image format of {path!r} from its extension: use .png, .jpg or .webp")
-    folder = out.parent if str(out.parent) else Path(".")
-    if folder.exists() and not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {path}: {folder} is not writable")
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "ab"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}; choose another --out") from None
 
 
 def positive_int(text: str) -> int:
@@ -229,6 +235,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with the project's one-line errors instead of a usage block."""
 
     def error(self, message: str):
+        message = message.replace("\r", "\\r").replace("\n", "\\n")     # user text echoed back stays one line
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 

@@ -285,7 +285,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def read_yaml(path: Path) -> dict:
     """A YAML mapping from a file, or a UserError naming the file and the problem."""
     try:
-        raw = yaml_load(Path(path).read_text()) or {}
+        raw = yaml_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a UTF-8 text file: a config must be YAML text") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

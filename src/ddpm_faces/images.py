@@ -28,12 +28,17 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, fill: i
 
 
 def save_image(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
+    from .errors import UserError
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(array)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    img.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot write the image {path}: {getattr(err, 'strerror', None) or err}") from None
     return path
 
 
