@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,9 +150,17 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
     assert seen[0] == 0.5 and seen[3] == 2.0 and seen[12] == pytest.approx(1.0) and seen[20] == pytest.approx(0.0)
 
 
-def test_two_processes_share_weights_and_split_the_data(tmp_path, face_folder):
-    """torchrun --nproc_per_node 2 (gloo on CPU): one set of checkpoints, one RNG state per rank, and a resume
-    that continues; both ranks start from the same weights (the EMA would differ otherwise)."""
+def scalars(run: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars(tag)]
+
+
+def test_two_processes_with_accelerate_launch(tmp_path, face_folder):
+    """accelerate launch, 2 CPU processes (gloo): every rank its own images (checked by the trainer), one set of
+    logs and checkpoints, one RNG state per rank, a resume that continues, and the loss curve of one process
+    with the same global batch."""
     import socket
     import subprocess
     import sys
@@ -158,23 +168,39 @@ def test_two_processes_share_weights_and_split_the_data(tmp_path, face_folder):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sets = [a for kv in tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 4, "train.checkpoint_every": 2,
-                                                                  "train.ema_decay": 0.0, "train.ema_warmup": False,
-                                                                  "train.eval_every": 2})
-            for a in ("--set", kv)]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(port), "-m", "ddpm_faces", "train", "--no-progress"]
-    out = subprocess.run(launch + sets, capture_output=True, text=True, timeout=300)
+    common = {"train.max_steps": 16, "train.checkpoint_every": 8, "train.ema_decay": 0.0, "train.ema_warmup": False,
+              "train.eval_every": 8, "train.log_every": 2, "train.sample_every": 100, "train.threads": 1,
+              "train.lr": 1e-3, "train.warmup_steps": 2, "model.dropout": 0.0}
+    single = load_config("quickstart", tiny_overrides(tmp_path / "one", face_folder,
+                                                      **{**common, "train.batch_size": 8}))
+    train(single, progress=False)
+    sets = [a for kv in tiny_overrides(tmp_path, face_folder, **{**common, "train.batch_size": 4}) for a in ("--set", kv)]
+    # on a machine without a GPU, --multi_gpu is accelerate's torchrun launcher; the trainer then uses gloo on CPU
+    # (accelerate's --cpu launcher starts several processes only through mpirun)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              str(port), "-m", "ddpm_faces", "train", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(launch + sets, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.count("trained 4 steps") == 1 and "2 process(es)" in out.stderr     # main process only
+    assert out.stdout.count("trained 16 steps") == 1 and "2 process(es)" in out.stderr     # main process only
+    assert "2 processes, each with its own images" in out.stderr
     run = tmp_path / "runs" / "tiny"
-    assert [p.name for p in list_checkpoints(run)] == ["step-2", "step-4"]
-    rng = torch.load(run / "checkpoints" / "step-4" / "rng.pt", weights_only=True)
+    assert [p.name for p in list_checkpoints(run)] == ["step-8", "step-16"]
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1
+    rng = torch.load(run / "checkpoints" / "step-16" / "rng.pt", weights_only=True)
     assert rng["torch"].shape[0] == 2 and not torch.equal(rng["torch"][0], rng["torch"][1])
     # with decay 0 the EMA is the live model, which DDP keeps identical on both ranks
-    ema, live = (load_file(run / "checkpoints" / "step-4" / f) for f in ("ema.safetensors", "model.safetensors"))
+    ema, live = (load_file(run / "checkpoints" / "step-16" / f) for f in ("ema.safetensors", "model.safetensors"))
     assert all(torch.equal(ema[k], live[k]) for k in live)
-    resumed = subprocess.run(launch + ["--resume", "--config", str(run), "--set", "train.max_steps=6"],
-                             capture_output=True, text=True, timeout=300)
+    # same global batch, other noise draws: the curves agree within the noise of 8-image batches
+    one, two = scalars(tmp_path / "one" / "runs" / "tiny", "train/loss"), scalars(run, "train/loss")
+    assert len(one) == len(two) == 8
+    assert abs(sum(one) / len(one) - sum(two) / len(two)) < 0.1 * sum(one) / len(one)
+    val_one, val_two = scalars(tmp_path / "one" / "runs" / "tiny", "val/loss"), scalars(run, "val/loss")
+    assert abs(val_one[-1] - val_two[-1]) < 0.1 * val_one[-1]
+    assert val_one[-1] < val_one[0] and val_two[-1] < val_two[0]             # and both actually learn
+    resumed = subprocess.run(launch + ["--resume", "--config", str(run), "--set", "train.max_steps=18"],
+                             capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from step-4" in resumed.stderr and list_checkpoints(run)[-1].name == "step-6"
+    assert "resuming from step-16" in resumed.stderr and list_checkpoints(run)[-1].name == "step-18"

@@ -39,7 +39,7 @@ def load_batch(data, rows: np.ndarray, rng: np.random.Generator | None = None, *
 
 
 class BatchLoader:
-    """An endless iterator of {"images": (B, 3, H, W) in [-1, 1], "labels": (B, n_attrs) long}."""
+    """An endless iterator of {"images": (B, 3, H, W) in [-1, 1], "labels": (B, n_attrs) long, "rows": (B,)}."""
 
     def __init__(self, data, split: str, batch_size: int, *, seed: int = 0, hflip: bool = True,
                  random_crop: bool = False, shuffle: bool = True, rank: int = 0, world_size: int = 1):
@@ -80,5 +80,5 @@ class BatchLoader:
                 rows = self._rank_slice(order, self.batch)
                 rng = np.random.default_rng([self.seed, self.epoch, self.batch, self.rank, 1])
                 self.batch += 1
-                yield self.load(rows, rng)
+                yield {**self.load(rows, rng), "rows": torch.from_numpy(rows)}
             self.epoch, self.batch = self.epoch + 1, 0

@@ -94,6 +94,16 @@ def conditioning_columns(cfg: Config, data) -> list[int]:
     return [data.attributes.index(a) for a in m.attributes]
 
 
+def check_sharding(accelerator, rows: torch.Tensor, main: bool) -> None:
+    """Every rank must train on its own images: compare the first batch of all ranks (one gather)."""
+    everyone = accelerator.gather(rows.to(accelerator.device)[None]).cpu()       # (world, batch)
+    if len(set(everyone.flatten().tolist())) != everyone.numel():
+        raise UserError("the processes were given overlapping images: launch every rank with its own "
+                        "RANK/WORLD_SIZE (torchrun or accelerate launch)")
+    if main:
+        log.info("data: %d processes, each with its own images (checked on the first batch)", len(everyone))
+
+
 def check_writable(folder: Path) -> None:
     """Fail before any training when the run folder cannot be created or written."""
     try:
@@ -256,6 +266,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
     stopped_early, interrupted, skipped, bad_in_row, micro_loss = False, False, 0, 0, zeros()
     interrupt = Interrupt(enabled=True)
+    start_step = step
     batches = iter(loader)
     model.train()
     last_step = min(t.max_steps, until_step or t.max_steps)
@@ -263,6 +274,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     try:
         while step < last_step and not stopped_early:
             batch = next(batches)
+            if world > 1 and step == start_step:
+                check_sharding(accelerator, batch["rows"], main)
             with accelerator.accumulate(model):
                 x0 = batch["images"].to(accelerator.device)
                 ts = torch.randint(0, cfg.diffusion.timesteps, (len(x0),)).to(accelerator.device)
