@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import tiny_overrides
@@ -165,7 +166,16 @@ def test_damaged_or_mismatched_weights_give_one_line_errors(tmp_path, tiny_run):
     bad_yaml = tmp_path / "bad"
     shutil.copytree(tiny_run / "export", bad_yaml)
     (bad_yaml / "config.yaml").write_text("model: [unclosed\n")
-    for folder, words in ((broken, "safetensors"), (other, "does not match"), (bad_yaml, "not valid YAML")):
+    foreign = tmp_path / "foreign"                                 # a file of another format under the name
+    shutil.copytree(tiny_run / "export", foreign)
+    torch.save({"weights": torch.zeros(3)}, foreign / "model.safetensors")
+    moved = tmp_path / "moved"                                    # same tensor shapes, another resolution
+    shutil.copytree(tiny_run / "export", moved)
+    (moved / "config.yaml").write_text((moved / "config.yaml").read_text().replace("resolution: 16",
+                                                                                   "resolution: 32"))
+    cases = ((broken, "safetensors"), (other, "another model config"), (bad_yaml, "not valid YAML"),
+             (foreign, "safetensors"), (moved, "differs in resolution"))
+    for folder, words in cases:
         out = run_cli("sample", "--checkpoint", str(folder), "--num", "1", "--steps", "2",
                       "--out", str(tmp_path / "x.png"))
         lines = out.stderr.strip().splitlines()

@@ -189,3 +189,17 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, face_folder, 
     assert [p.name for p in list_checkpoints(tmp_path / "runs" / "tiny")] == ["step-2"]
     assert not list(ckpts.glob("*.tmp"))
     assert load_file(ckpts / "step-2" / "model.safetensors")
+
+
+def test_damaged_checkpoint_is_a_one_line_error_and_the_one_before_still_resumes(tmp_path, face_folder):
+    cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_steps": 4}))
+    train(cfg, progress=False)
+    run = tmp_path / "runs" / "tiny"
+    newest = list_checkpoints(run)[-1]
+    (newest / "model.safetensors").write_bytes(b"\x00" * 100)
+    more = load_config(run, ["train.max_steps=6"])
+    with pytest.raises(UserError, match="step-4 cannot be read.*delete that folder"):
+        train(more, resume=True, progress=False)
+    import shutil
+    shutil.rmtree(newest)
+    assert train(more, resume=True, progress=False).step == 6

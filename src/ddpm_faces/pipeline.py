@@ -7,6 +7,7 @@ An export is a folder with `model.safetensors` (EMA weights) and `config.yaml` (
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -84,7 +86,8 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
     with atomic_folder(out_dir) as tmp:
-        save_file(state_tensors(model, dtype), tmp / "model.safetensors", metadata={"format": "ddpm-faces"})
+        save_file(state_tensors(model, dtype), tmp / "model.safetensors",
+                  metadata={"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True)})
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir
 
@@ -123,9 +126,15 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     net = build_model(cfg)
     try:
         state = {k: v.float() for k, v in load_file(weights).items()}
+        with safe_open(weights, "pt") as f:
+            trained_as = (f.metadata() or {}).get("model")
     except Exception as err:                     # safetensors raises its own error types for bad files
         raise UserError(f"{weights} is not a readable safetensors file ({type(err).__name__}): "
                         "export the run again or check the download") from None
+    if trained_as is not None and json.loads(trained_as) != cfg.to_dict()["model"]:
+        differ = sorted(k for k, v in json.loads(trained_as).items() if cfg.to_dict()["model"].get(k) != v)
+        raise UserError(f"{weights} was exported with another model config than {config_file} "
+                        f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with the weights")
     expected = net.state_dict()
     wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     if wrong or set(state) - set(expected):

@@ -199,8 +199,12 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
     stopper = EarlyStopping(t.patience, t.min_delta)
     step = 0
     if resume_from is not None:
-        state, rng = load_checkpoint(resume_from, model=model, ema=ema, optimizer=optimizer,
-                                     scheduler=scheduler, scaler=accelerator.scaler)
+        try:
+            state, rng = load_checkpoint(resume_from, model=model, ema=ema, optimizer=optimizer,
+                                         scheduler=scheduler, scaler=accelerator.scaler)
+        except Exception as err:                 # safetensors, torch.load and json raise many types
+            raise UserError(f"checkpoint {resume_from} cannot be read ({type(err).__name__}): it is damaged or "
+                            "from another version; delete that folder to resume from the one before it") from None
         step = state["step"]
         restore_rng(rng, rank, world, seed=t.seed + 1_000_003 * rank + step)
         loader.load_state_dict(state["data"])

@@ -1,0 +1,135 @@
+"""End to end in headless Chromium (Debian's chromium and chromium-driver, driven by selenium): open the page,
+click Generate, watch the live preview, check the faces appear, save a screenshot.
+
+The test writes its screenshot to pytest's tmp_path. The README's picture comes from the same code:
+
+    python tests/test_app_browser.py docs/app.png
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+DRIVER = "/usr/bin/chromedriver"
+
+
+def missing() -> str | None:
+    """Why the browser test cannot run here, or None."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[test]')"
+    if not Path(CHROMIUM).is_file():
+        return f"{CHROMIUM} is missing (Debian: apt-get install chromium chromium-driver)"
+    if not Path(DRIVER).is_file() and not shutil.which("chromedriver"):
+        return f"{DRIVER} is missing (Debian: apt-get install chromium-driver)"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(threads: int = 1):
+    """The bundled model's page on a free localhost port: (app, demo)."""
+    from ddpm_faces.app import FaceApp, launch
+    from ddpm_faces.pipeline import DEFAULT_MODEL, WEIGHTS_DIR
+
+    app = FaceApp.from_paths([str(WEIGHTS_DIR / DEFAULT_MODEL)], threads=threads)
+    demo = app.blocks()
+    launch(demo, port=free_port(), block=False, quiet=True)
+    return app, demo
+
+
+def open_browser(width: int = 1400, height: int = 1100):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--disable-extensions", f"--window-size={width},{height}"):
+        options.add_argument(arg)
+    driver_path = DRIVER if Path(DRIVER).is_file() else shutil.which("chromedriver")
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def click_generate_and_capture(url: str, screenshot: Path, timeout: float = 120.0) -> dict:
+    """Open the page, click Generate, wait for the faces; returns what was seen and writes a full-page PNG."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = open_browser()
+    try:
+        driver.get(url)
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        previews, end = set(), time.monotonic() + timeout
+        status = ""
+        while time.monotonic() < end:
+            status = driver.find_element(By.CSS_SELECTOR, "#status").text
+            if status.startswith("Denoising"):
+                previews.add(status)
+            if " faces in " in status:
+                break
+            time.sleep(0.1)
+        captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#faces img")]
+        loaded = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#faces img')).filter(i => i.naturalWidth > 0).length")
+        time.sleep(0.5)                                      # let the strip and the file box settle
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1400, "height": int(height), "deviceScaleFactor": 1, "mobile": False})
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+        return {"status": status, "previews": sorted(previews), "captions": captions, "loaded": loaded}
+    finally:
+        driver.quit()
+
+
+@pytest.mark.skipif(missing() is not None, reason=f"no headless browser: {missing()}")
+def test_clicking_generate_shows_faces(tmp_path):
+    from PIL import Image
+
+    app, demo = start_server()
+    try:
+        seen = click_generate_and_capture(demo.local_url, tmp_path / "app.png")
+    finally:
+        demo.close()
+    assert " faces in " in seen["status"], seen
+    assert seen["captions"] == [f"seed 0 · image {i}" for i in range(4)]
+    assert seen["loaded"] == 4                                 # the images really arrived in the page
+    assert seen["previews"], "no live preview was shown while it denoised"
+    shot = Image.open(tmp_path / "app.png")
+    assert shot.width == 1400 and shot.height > 600
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Start the app with the bundled model, click Generate in "
+                                                 "headless Chromium and save a screenshot.")
+    parser.add_argument("out", nargs="?", default="docs/app.png", help="PNG to write (default docs/app.png)")
+    args = parser.parse_args(argv)
+    reason = missing()
+    if reason:
+        print(f"error: {reason}", file=sys.stderr)
+        return 2
+    app, demo = start_server()
+    try:
+        seen = click_generate_and_capture(demo.local_url, Path(args.out))
+    finally:
+        demo.close()
+    print(f"{seen['status']}; wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
