@@ -104,7 +104,7 @@ def test_conditional_controls_show_only_for_conditional_models(app, conditional_
 # handlers
 # ---------------------------------------------------------------------------------------------------
 def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
-    yields = outputs(app.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "any", "any"))
+    yields = outputs(app.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "fp32", "any", "any"))
     previews, final = yields[:-1], yields[-1]
     assert previews and all("step" in p[4] and len(p[0]) == 3 for p in previews)
     gallery, grid_path, seeds, strip, status = final
@@ -123,14 +123,20 @@ def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)
 
 
-def test_generate_with_attributes_and_guidance(app, conditional_export):
-    *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 3.0, "20-29", "any"))
+def test_generate_with_attributes_guidance_and_bf16(app, conditional_export, tmp_path):
+    *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 3.0, "bf16", "20-29", "any"))
     gallery, grid_path, seeds, strip, status = final
-    assert len(gallery) == 2 and "age 20-29" in status and "guidance 3" in status
-    assert f"--checkpoint {conditional_export}" in seeds and "--age '20-29' --guidance 3" in seeds
+    assert len(gallery) == 2 and "age 20-29" in status and "guidance 3" in status and "bf16" in status
+    command = seeds.split("This grid again: `")[1].split("`")[0]
+    assert f"--checkpoint {conditional_export}" in command
+    assert "--age '20-29' --guidance 3 --precision bf16" in command
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "again.png")
+    assert main(args + ["--no-progress"]) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(grid_path)))
 
 
-GOOD = (BUNDLED, "ddpm", 10, 2, 0, 1.0, "any", "any")
+GOOD = (BUNDLED, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any")
 
 
 @pytest.mark.parametrize("position, value, message", [
@@ -148,7 +154,8 @@ GOOD = (BUNDLED, "ddpm", 10, 2, 0, 1.0, "any", "any")
     (5, 21, "guidance scale must be a number from 0 to 20"),
     (5, math.nan, "guidance scale must be a number from 0 to 20"),
     (5, "lots", "guidance scale must be a number from 0 to 20"),
-    (6, "20-29", "is not conditioned on age"),
+    (6, "fp16", "unknown precision 'fp16': choose one of fp32, bf16"),
+    (7, "20-29", "is not conditioned on age"),
 ])
 def test_generate_rejects_bad_input_with_a_clear_message(app, position, value, message):
     args = list(GOOD)
@@ -161,7 +168,7 @@ def test_model_specific_limits(app, conditional_export):
     with pytest.raises(gr.Error, match="steps must be from 1 to 100, got 101"):
         next(app.generate(conditional_export, "ddpm", 101, 1, 0, 1.0))
     with pytest.raises(gr.Error, match="unknown age '99': choose one of any, 0-2, 20-29"):
-        next(app.generate(conditional_export, "ddpm", 5, 1, 0, 1.0, "99", "any"))
+        next(app.generate(conditional_export, "ddpm", 5, 1, 0, 1.0, "fp32", "99", "any"))
     with pytest.raises(gr.Error, match="number of faces must be from 2 to 16, got 1"):
         next(app.interpolate(BUNDLED, "ddim", 5, 1, 0, 1, 1.0))
 
@@ -218,13 +225,13 @@ def test_server_listens_on_localhost_with_a_limited_queue_and_no_share_link(serv
 
 def test_server_generates_faces_for_gradio_client(server, conditional_export):
     _, client = server
-    gallery, grid_path, seeds, strip, status = client.predict(BUNDLED, "ddpm", 6, 2, 7, 1.0, "any", "any",
-                                                              api_name="/generate")
+    gallery, grid_path, seeds, strip, status = client.predict(BUNDLED, "ddpm", 6, 2, 7, 1.0, "fp32", "any",
+                                                              "any", api_name="/generate")
     assert [item["caption"] for item in gallery] == ["seed 7 · image 0", "seed 7 · image 1"]
     assert Image.open(gallery[0]["image"]).size == (128, 128)
     assert Image.open(grid_path).format == "PNG" and "--seed 7 --num 2" in seeds
     assert status.startswith("2 faces in")
-    row, status = client.predict(conditional_export, "ddim", 3, 3, 1, 2, 2.0, "any", "Male",
+    row, status = client.predict(conditional_export, "ddim", 3, 3, 1, 2, 2.0, "fp32", "any", "Male",
                                  api_name="/interpolate")
     assert Image.open(row).size == ((3 * 18 + 2) * 8, 20 * 8) and "from seed 1 to seed 2" in status
     card = client.predict(conditional_export, api_name="/model_changed")[0]
@@ -238,7 +245,8 @@ def test_server_generates_faces_for_gradio_client(server, conditional_export):
     (1, "euler", "unknown sampler 'euler'"),
     (4, -5, "seed must be from 0 to"),
     (5, 50, "guidance scale must be a number from 0 to 20"),
-    (6, "200-300", "is not conditioned on age"),
+    (6, "int8", "unknown precision 'int8'"),
+    (7, "200-300", "is not conditioned on age"),
     (0, "../../etc", "unknown model '../../etc'"),
 ])
 def test_server_rejects_out_of_range_requests(server, position, value, message):
@@ -252,11 +260,13 @@ def test_server_rejects_out_of_range_requests(server, position, value, message):
 def test_server_cancel_stops_a_running_generation(server, app):
     _, client = server
     done = len(app.runs)
-    job = client.submit(BUNDLED, "ddpm", 1000, MAX_IMAGES, 1, 1.0, "any", "any", api_name="/generate")
+    job = client.submit(BUNDLED, "ddpm", 1000, MAX_IMAGES, 1, 1.0, "fp32", "any", "any", api_name="/generate")
     end = time.monotonic() + 30
-    while not job.outputs() and time.monotonic() < end:       # wait for the first streamed preview
+    def previewed():
+        return any(isinstance(out[-1], str) and out[-1].startswith("Denoising") for out in job.outputs())
+    while not previewed() and time.monotonic() < end:         # wait for the first streamed preview
         time.sleep(0.05)
-    assert job.outputs(), "no preview was streamed"
+    assert previewed(), "no preview was streamed"
     job.cancel()
     wait_idle(app)
     assert len(app.runs) == done + 1

@@ -1,5 +1,6 @@
 """End to end in headless Chromium (Debian's chromium and chromium-driver, driven by selenium): open the page,
-click Generate, watch the live preview, check the faces appear, save a screenshot.
+click Generate, watch the live preview, check the faces appear, save a screenshot; then start a long
+generation and check that Cancel stops the sampling loop.
 
 The test writes its screenshot to pytest's tmp_path. The README's picture comes from the same code:
 
@@ -11,6 +12,7 @@ import argparse
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +42,12 @@ def free_port() -> int:
 
 
 def start_server(threads: int = 1):
-    """The bundled model's page on a free localhost port: (app, demo)."""
+    """The page of `ddpm-faces serve` with the bundled model only (no runs/), on a free localhost port:
+    (app, demo)."""
     from ddpm_faces.app import FaceApp, launch
-    from ddpm_faces.pipeline import DEFAULT_MODEL, WEIGHTS_DIR
 
-    app = FaceApp.from_paths([str(WEIGHTS_DIR / DEFAULT_MODEL)], threads=threads)
+    with tempfile.TemporaryDirectory() as no_runs:
+        app = FaceApp.from_paths(None, runs_dir=no_runs, threads=threads)
     demo = app.blocks()
     launch(demo, port=free_port(), block=False, quiet=True)
     return app, demo
@@ -63,54 +66,79 @@ def open_browser(width: int = 1400, height: int = 1100):
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
-def click_generate_and_capture(url: str, screenshot: Path, timeout: float = 120.0) -> dict:
+def click_generate_and_capture(driver, url: str, screenshot: Path, timeout: float = 120.0) -> dict:
     """Open the page, click Generate, wait for the faces; returns what was seen and writes a full-page PNG."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = open_browser()
-    try:
-        driver.get(url)
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
-        driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        previews, end = set(), time.monotonic() + timeout
-        status = ""
-        while time.monotonic() < end:
-            status = driver.find_element(By.CSS_SELECTOR, "#status").text
-            if status.startswith("Denoising"):
-                previews.add(status)
-            if " faces in " in status:
-                break
-            time.sleep(0.1)
-        captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#faces img")]
-        loaded = driver.execute_script(
-            "return Array.from(document.querySelectorAll('#faces img')).filter(i => i.naturalWidth > 0).length")
-        time.sleep(0.5)                                      # let the strip and the file box settle
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": 1400, "height": int(height), "deviceScaleFactor": 1, "mobile": False})
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        driver.save_screenshot(str(screenshot))
-        return {"status": status, "previews": sorted(previews), "captions": captions, "loaded": loaded}
-    finally:
-        driver.quit()
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    previews, end = set(), time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < end:
+        status = driver.find_element(By.CSS_SELECTOR, "#status").text
+        if status.startswith("Denoising"):
+            previews.add(status)
+        if " faces in " in status:
+            break
+        time.sleep(0.1)
+    captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#faces img")]
+    loaded = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#faces img')).filter(i => i.naturalWidth > 0).length")
+    time.sleep(0.5)                                          # let the strip and the file box settle
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": 1400, "height": int(height), "deviceScaleFactor": 1, "mobile": False})
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(screenshot))
+    driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return {"status": status, "previews": sorted(previews), "captions": captions, "loaded": loaded}
+
+
+def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> str:
+    """Ask for 1000 steps, click Cancel once it is denoising; returns the status line shown after."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    steps = driver.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
+    steps.send_keys(Keys.CONTROL, "a")
+    steps.send_keys("1000", Keys.TAB)
+    time.sleep(0.3)
+    done = len(app.runs)
+    driver.find_element(By.CSS_SELECTOR, "#generate").click()
+    end = time.monotonic() + timeout
+    while not driver.find_element(By.CSS_SELECTOR, "#status").text.startswith("Denoising"):
+        assert time.monotonic() < end, "the long generation did not start"
+        time.sleep(0.05)
+    driver.find_element(By.CSS_SELECTOR, "#cancel").click()
+    while app.active or len(app.runs) == done:
+        assert time.monotonic() < end, "Cancel did not stop the sampling loop"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return driver.find_element(By.CSS_SELECTOR, "#status").text
 
 
 @pytest.mark.skipif(missing() is not None, reason=f"no headless browser: {missing()}")
-def test_clicking_generate_shows_faces(tmp_path):
+def test_clicking_generate_shows_faces_and_cancel_stops(tmp_path):
     from PIL import Image
 
     app, demo = start_server()
+    driver = open_browser()
     try:
-        seen = click_generate_and_capture(demo.local_url, tmp_path / "app.png")
+        seen = click_generate_and_capture(driver, demo.local_url, tmp_path / "app.png")
+        assert " faces in " in seen["status"], seen
+        assert seen["captions"] == [f"seed 0 · image {i}" for i in range(4)]
+        assert seen["loaded"] == 4                             # the images really arrived in the page
+        assert seen["previews"], "no live preview was shown while it denoised"
+        shot = Image.open(tmp_path / "app.png")
+        assert shot.width == 1400 and shot.height > 600
+        status = start_long_generation_and_cancel(driver, app)
+        assert app.runs[-1].outcome == "cancelled" and app.runs[-1].steps_done < 1000
+        assert status == "Stopped."
     finally:
+        driver.quit()
         demo.close()
-    assert " faces in " in seen["status"], seen
-    assert seen["captions"] == [f"seed 0 · image {i}" for i in range(4)]
-    assert seen["loaded"] == 4                                 # the images really arrived in the page
-    assert seen["previews"], "no live preview was shown while it denoised"
-    shot = Image.open(tmp_path / "app.png")
-    assert shot.width == 1400 and shot.height > 600
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {reason}", file=sys.stderr)
         return 2
     app, demo = start_server()
+    driver = open_browser()
     try:
-        seen = click_generate_and_capture(demo.local_url, Path(args.out))
+        seen = click_generate_and_capture(driver, demo.local_url, Path(args.out))
     finally:
+        driver.quit()
         demo.close()
     print(f"{seen['status']}; wrote {args.out}")
     return 0
