@@ -8,9 +8,11 @@ medians of several runs:
 
     python benchmarks/app_latency.py                 # 5 runs each, the app's default threads
     python benchmarks/app_latency.py --runs 9 --threads 2
+    python benchmarks/app_latency.py --precision bf16     # the network under bf16 autocast
 
-Writes benchmarks/results/app-latency.json. Other jobs on the machine (a training run, say) share its cores:
-the load average before and after is printed and saved with the numbers.
+Writes benchmarks/results/app-latency.json (app-latency-bf16.json with --precision bf16). Other jobs on the
+machine (a training run, say) share its cores: the processes busy before and after and the load averages are
+printed and saved with the numbers.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ddpm_faces.app import FaceApp, default_threads
-from ddpm_faces.pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, WEIGHTS_DIR, generate
+from ddpm_faces.pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, WEIGHTS_DIR, generate
 
 OUT = Path(__file__).resolve().parent / "results" / "app-latency.json"
 
@@ -133,15 +135,19 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=4)
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch threads (default: the app's, all cores but one)")
-    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="fp32 (default) or bf16 (the network under bf16 autocast)")
+    parser.add_argument("--out", help=f"JSON to write (default {OUT.name} in benchmarks/results/, "
+                                      "app-latency-bf16.json for bf16)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    sampler, steps, num = DEFAULT_SAMPLER, DEFAULT_STEPS, args.num
+    sampler, steps, num, precision = DEFAULT_SAMPLER, DEFAULT_STEPS, args.num, args.precision
+    out = Path(args.out or (OUT if precision == "fp32" else OUT.with_name(f"app-latency-{precision}.json")))
     others = busy_processes()
     load_before = os.getloadavg()
-    print(f"{num} faces, {sampler} {steps} steps, bundled {DEFAULT_MODEL}; {args.threads} torch thread(s) of "
-          f"{os.cpu_count()} cores; load average {load_before[0]:.2f}")
+    print(f"{num} faces, {sampler} {steps} steps, {precision}, bundled {DEFAULT_MODEL}; {args.threads} torch "
+          f"thread(s) of {os.cpu_count()} cores; load average {load_before[0]:.2f}")
     if others:
         print("note: other jobs are using the CPU during this benchmark: " + "; ".join(others))
     else:
@@ -150,10 +156,11 @@ def main() -> None:
     app = FaceApp.from_paths([str(WEIGHTS_DIR / DEFAULT_MODEL)], threads=args.threads)
     label = app.default
     pipe = app.pipeline(app.models[label])
-    generate(pipe, num, seed=0, sampler=sampler, steps=2, progress=False)                    # warm-up
+    generate(pipe, num, seed=0, sampler=sampler, steps=2, progress=False, precision=precision)     # warm-up
 
-    bare = timed(lambda i: generate(pipe, num, seed=i, sampler=sampler, steps=steps, progress=False), args.runs)
-    handler = timed(lambda i: list(app.generate(label, sampler, steps, num, i, 1.0)), args.runs)
+    bare = timed(lambda i: generate(pipe, num, seed=i, sampler=sampler, steps=steps, progress=False,
+                                    precision=precision), args.runs)
+    handler = timed(lambda i: list(app.generate(label, sampler, steps, num, i, 1.0, precision)), args.runs)
 
     server = start_server(args.threads)
     try:
@@ -161,12 +168,12 @@ def main() -> None:
 
         client = Client(server.url, verbose=False)
         served = f"{DEFAULT_MODEL} (bundled)"                  # what the server's model picker calls it
-        client.predict(served, sampler, 2, num, 0, 1.0, api_name="/generate")                 # warm-up
+        client.predict(served, sampler, 2, num, 0, 1.0, precision, api_name="/generate")      # warm-up
         first_preview: list[float] = []
 
         def request(i):
             start, preview = time.perf_counter(), None
-            job = client.submit(served, sampler, steps, num, i, 1.0, api_name="/generate")
+            job = client.submit(served, sampler, steps, num, i, 1.0, precision, api_name="/generate")
             while preview is None and not job.done():          # poll only until the first preview
                 if any(is_preview(out) for out in job.outputs()):
                     preview = time.perf_counter() - start
@@ -174,7 +181,7 @@ def main() -> None:
             if preview is not None:
                 first_preview.append(preview)
             result = job.result()                               # then wait without polling
-            assert len(result[0]) == num, result
+            assert len(result[1]) == num, result          # (preview, faces, grid, seeds, strip, status)
         over_http = timed(request, args.runs)
     finally:
         server.stop()
@@ -185,7 +192,7 @@ def main() -> None:
         return round(statistics.median(xs), 3) if xs else None
 
     result = {
-        "what": f"{num} faces, {sampler} {steps} steps, bundled {DEFAULT_MODEL} "
+        "what": f"{num} faces, {sampler} {steps} steps, {precision}, bundled {DEFAULT_MODEL} "
                 f"({app.models[label].cfg.model.resolution} px)",
         "threads": args.threads, "cores": os.cpu_count(), "runs": args.runs,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
@@ -205,9 +212,9 @@ def main() -> None:
           f"{result['first_preview_median_s']:.2f} s")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           "(another job may be using a core: compare with sampler only)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

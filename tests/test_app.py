@@ -106,8 +106,11 @@ def test_conditional_controls_show_only_for_conditional_models(app, conditional_
 def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
     yields = outputs(app.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "fp32", "any", "any"))
     previews, final = yields[:-1], yields[-1]
-    assert previews and all("step" in p[4] and len(p[0]) == 3 for p in previews)
-    gallery, grid_path, seeds, strip, status = final
+    assert previews and all(p[-1].startswith("Denoising: step") for p in previews)
+    picture = previews[0][0]                                                # the 3 estimates as one picture
+    assert picture.shape == ((2 * 34 + 2) * 4, (2 * 34 + 2) * 4, 3) and previews[0][1] is None
+    preview, gallery, grid_path, seeds, strip, status = final
+    assert preview == grid_path
     assert [caption for _, caption in gallery] == ["seed 5 · image 0", "seed 5 · image 1", "seed 5 · image 2"]
     assert gallery[0][0].shape == (128, 128, 3)                              # 32 px shown 4x, nearest
     assert strip.shape == ((32 + 4) * 4, (8 * 34 + 2) * 4, 3)                # one face, 8 columns
@@ -125,7 +128,7 @@ def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
 
 def test_generate_with_attributes_guidance_and_bf16(app, conditional_export, tmp_path):
     *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 3.0, "bf16", "20-29", "any"))
-    gallery, grid_path, seeds, strip, status = final
+    preview, gallery, grid_path, seeds, strip, status = final
     assert len(gallery) == 2 and "age 20-29" in status and "guidance 3" in status and "bf16" in status
     command = seeds.split("This grid again: `")[1].split("`")[0]
     assert f"--checkpoint {conditional_export}" in command
@@ -175,7 +178,7 @@ def test_model_specific_limits(app, conditional_export):
 
 def test_closing_the_handler_stops_the_sampling_loop(app):
     stream = app.generate(BUNDLED, "ddpm", 1000, MAX_IMAGES, 0, 1.0)
-    while "step" not in next(stream)[4]:               # wait for the first preview
+    while "step" not in str(next(stream)[-1]):          # wait for the first preview
         pass
     stream.close()                                      # what a cancel does
     wait_idle(app)
@@ -225,8 +228,9 @@ def test_server_listens_on_localhost_with_a_limited_queue_and_no_share_link(serv
 
 def test_server_generates_faces_for_gradio_client(server, conditional_export):
     _, client = server
-    gallery, grid_path, seeds, strip, status = client.predict(BUNDLED, "ddpm", 6, 2, 7, 1.0, "fp32", "any",
-                                                              "any", api_name="/generate")
+    preview, gallery, grid_path, seeds, strip, status = client.predict(BUNDLED, "ddpm", 6, 2, 7, 1.0, "fp32",
+                                                                       "any", "any", api_name="/generate")
+    assert Image.open(preview).size == Image.open(grid_path).size
     assert [item["caption"] for item in gallery] == ["seed 7 · image 0", "seed 7 · image 1"]
     assert Image.open(gallery[0]["image"]).size == (128, 128)
     assert Image.open(grid_path).format == "PNG" and "--seed 7 --num 2" in seeds

@@ -78,8 +78,8 @@ def click_generate_and_capture(driver, url: str, screenshot: Path, timeout: floa
     status = ""
     while time.monotonic() < end:
         status = driver.find_element(By.CSS_SELECTOR, "#status").text
-        if status.startswith("Denoising"):
-            previews.add(status)
+        if status.startswith("Denoising") and driver.find_elements(By.CSS_SELECTOR, "#preview img"):
+            previews.add(status)                             # a live picture of the estimates is on the page
         if " faces in " in status:
             break
         time.sleep(0.1)

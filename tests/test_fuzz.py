@@ -145,3 +145,57 @@ def test_help_exits_zero(flag):
     with pytest.raises(SystemExit) as exit_, contextlib.redirect_stdout(io.StringIO()):
         cli.main([flag])
     assert exit_.value.code == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_app(tmp_path_factory):
+    """The web app over a tiny 16 px conditional model with 100 timesteps (fast enough to fuzz)."""
+    import torch
+
+    from ddpm_faces.app import FaceApp
+    from ddpm_faces.models import UNet, UNetConfig
+    from ddpm_faces.pipeline import export_model
+
+    torch.manual_seed(0)
+    unet = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1, attn_resolutions=[8],
+                      head_channels=8, dropout=0.0, groups=4, attributes=["age", "gender"],
+                      vocab={"age": ["0-2", "20-29"], "gender": ["Female", "Male"]})
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
+    cfg.model = unet
+    folder = export_model(UNet(unet), cfg, tmp_path_factory.mktemp("fuzz-app") / "export")
+    app = FaceApp.from_paths([str(folder)], threads=1)
+    yield app
+    app.stop_all()
+
+
+anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 120), st.integers(-2**70, 2**70),
+                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
+
+
+VALID = {"sampler": st.sampled_from(["ddpm", "ddim", "dpmpp-2m", "heun"]), "steps": st.integers(1, 12),
+         "num": st.integers(1, 3), "seed": st.integers(0, 2**31), "guidance": st.floats(0, 20),
+         "precision": st.sampled_from(["fp32", "bf16"]),
+         "attributes": st.tuples(st.sampled_from(["any", "0-2", "20-29"]), st.sampled_from(["any", "Female", "Male"]))}
+
+
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None,
+          derandomize=not os.environ.get("FUZZ_RANDOM"),
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_web_app_requests_give_faces_or_a_clear_error(tiny_app, data):
+    """Valid requests with at most one input (or the attribute list) replaced by anything."""
+    import gradio as gr
+
+    broken = data.draw(st.sampled_from([None, *VALID]))
+    args = {k: data.draw(anything if k == broken else strategy, label=k) for k, strategy in VALID.items()}
+    if broken == "attributes":
+        args["attributes"] = data.draw(st.lists(anything, max_size=4), label="attributes")
+    model = next(iter(tiny_app.models))
+    try:
+        outputs = list(tiny_app.generate(model, args["sampler"], args["steps"], args["num"], args["seed"],
+                                         args["guidance"], args["precision"], *args["attributes"]))
+    except gr.Error as err:
+        assert broken is not None, f"a valid request was refused: {err.message}"
+        assert err.message and "\n" not in err.message.strip()
+        return
+    assert len(outputs[-1][1]) == int(float(args["num"]))            # the gallery holds every face asked for

@@ -37,7 +37,7 @@ from .errors import UserError
 from .images import DenoisingStrip, make_grid, save_image, to_uint8
 from .models import count_parameters
 from .pipeline import (DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, WEIGHTS_DIR, Pipeline, _resolve,
-                       build_schedule, generate, interpolate, load_pipeline)
+                       build_schedule, generate, interpolate, load_pipeline, trained_steps)
 
 MAX_IMAGES = 16
 MAX_STEPS = 1000
@@ -45,6 +45,7 @@ MAX_GUIDANCE = 20.0
 MAX_SEED = 2**31 - 1             # a seed the browser's numbers hold exactly
 ANY = "any"                      # an attribute left to the model
 DEFAULT_NUM = 4
+GALLERY_COLUMNS = 4
 INTERPOLATION_SAMPLER = "ddim"   # deterministic: the row changes smoothly from one face to the other
 PREVIEWS = 10                    # live previews per generation (every steps / PREVIEWS steps)
 TICK = 0.25                      # seconds: the longest a handler waits on the sampler before it yields
@@ -171,8 +172,11 @@ def model_card(entry: ModelEntry, pipe: Pipeline) -> str:
     m, d, t = entry.cfg.model, entry.cfg.diffusion, entry.cfg.train
     params = count_parameters(pipe.net)
     trained = f"{t.max_steps:,} configured (train.max_steps)"
+    done = trained_steps(entry.folder)
     latest = _latest_checkpoint_step(entry.folder)
-    if latest is not None:
+    if done is not None:
+        trained = f"{done:,} (of {t.max_steps:,} configured)"
+    elif latest is not None:
         trained += f"; the run's newest checkpoint: step {latest:,}"
     if m.attributes:
         attributes = "; ".join(f"{a}: {', '.join(m.vocab[a])}" for a in m.attributes)
@@ -333,6 +337,8 @@ class FaceApp:
         self._lock = threading.Lock()
         self.runs: collections.deque[RunRecord] = collections.deque(maxlen=1000)   # the newest last
         self.active = 0                                      # sampling threads still running
+        self._running: dict[threading.Thread, threading.Event] = {}
+        atexit.register(self.stop_all)
         self.out_dir = Path(tempfile.mkdtemp(prefix="ddpm-faces-app-"))
         atexit.register(shutil.rmtree, self.out_dir, True)
 
@@ -415,10 +421,12 @@ class FaceApp:
                 with self._lock:
                     self.runs.append(record)
                     self.active -= 1
+                    self._running.pop(threading.current_thread(), None)
 
+        thread = threading.Thread(target=target, name=f"ddpm-faces-{kind}", daemon=True)
         with self._lock:
             self.active += 1
-        thread = threading.Thread(target=target, name=f"ddpm-faces-{kind}", daemon=True)
+            self._running[thread] = stop
         thread.start()
         try:
             while True:
@@ -446,9 +454,10 @@ class FaceApp:
     # -- handlers ----------------------------------------------------------------------------------------
     def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="fp32",
                  *attributes) -> Iterator[tuple]:
-        """Yields (gallery, grid PNG path, seeds markdown, denoising strip, status): previews of the current
-        clean-image estimate every few steps, then the faces. `attributes`: one value per name in
-        `attribute_names` ('any' or left out: not asked for)."""
+        """Yields (preview, gallery, grid PNG path, seeds markdown, denoising strip, status): every few steps
+        the preview shows the current clean-image estimates as one picture (one file per step for the page to
+        fetch, not one per face); at the end it shows the grid, and the gallery the faces with their seeds.
+        `attributes`: one value per name in `attribute_names` ('any' or left out: not asked for)."""
         entry = self.entry(model)
         sampler = check_choice(sampler, SAMPLERS, "sampler")
         steps = check_steps(entry, sampler, steps)
@@ -471,16 +480,20 @@ class FaceApp:
                             callback=both, attributes=wanted or None, guidance=guidance, precision=precision)
 
         start = time.perf_counter()
-        images = None
+        images, cleared = None, False
         with contextlib.closing(self._stream("generate", steps, work)) as stream:
             for what, payload in stream:
                 if what == "tick":
-                    yield (gr.skip(),) * 5
+                    yield (gr.skip(),) * 6
                 elif what == "preview":
                     step, x0 = payload
-                    gallery = [(enlarge(img, scale), f"step {step} of {steps}") for img in x0]
                     status = f"Denoising: step {step} of {steps} (the current estimate of each face)"
-                    yield gallery, None, "", None, status
+                    picture = enlarge(make_grid(x0), scale)
+                    if cleared:             # the last run's outputs were cleared at the first preview
+                        yield picture, gr.skip(), gr.skip(), gr.skip(), gr.skip(), status
+                    else:
+                        yield picture, None, None, "", None, status
+                        cleared = True
                 else:
                     images = payload
         seconds = time.perf_counter() - start
@@ -498,7 +511,7 @@ class FaceApp:
         status = (f"{num} face{'s' if num > 1 else ''} in {seconds:.2f} s ({sampler}, {steps} steps"
                   + (f", {asked}" if asked else "") + (f", guidance {guidance:g}" if pipe.conditional else "")
                   + (f", {precision}" if precision != "fp32" else "") + ")")
-        yield gallery, str(grid), seeds, enlarge(strip.picture(), scale), status
+        yield str(grid), gallery, str(grid), seeds, enlarge(strip.picture(), scale), status
 
     def interpolate(self, model, sampler, steps, num, seed_a, seed_b, guidance=1.0, precision="fp32",
                     *attributes) -> Iterator[tuple]:
@@ -537,6 +550,16 @@ class FaceApp:
         status = (f"{num} faces from seed {seed_a} to seed {seed_b} in {seconds:.2f} s ({sampler}, {steps} steps; "
                   f"spherical interpolation of the starting noise of image 0 of each seed)")
         yield enlarge(make_grid(images, nrow=num), scale), status
+
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Stop every sampling thread and wait for them (at exit: a thread inside torch must not outlive
+        the interpreter)."""
+        with self._lock:
+            running = list(self._running.items())
+        for _, stop in running:
+            stop.set()
+        for thread, _ in running:
+            thread.join(timeout)
 
     @staticmethod
     def cancelled() -> str:
@@ -583,8 +606,11 @@ class FaceApp:
                             run = gr.Button("Generate", variant="primary", elem_id="generate")
                             cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
                         status = gr.Markdown(elem_id="status")
-                        gallery = gr.Gallery(label="Faces (live: the current estimate while it denoises)", columns=4,
-                                             height="auto", format="png", object_fit="contain", elem_id="faces")
+                        with gr.Row():
+                            preview = gr.Image(label="Live preview", format="png",
+                                               interactive=False, scale=1, elem_id="preview")
+                            gallery = gr.Gallery(label="Faces", columns=GALLERY_COLUMNS, height="auto", format="png",
+                                                 object_fit="contain", scale=3, elem_id="faces")
                         strip = gr.Image(label="Denoising strip: face 0 from noise to image", format="png",
                                          interactive=False, height=150, elem_id="strip")
                         with gr.Row():
@@ -613,7 +639,8 @@ class FaceApp:
             randomize.click(self.random_seed, None, seed, api_name="random_seed", queue=False)
             i_randomize.click(self.random_seeds, None, [seed_a, seed_b], api_name="random_seeds", queue=False)
             generating = run.click(self.generate, [model, sampler, steps, num, seed, guidance, precision, *attributes],
-                                   [gallery, grid_file, seeds, strip, status], api_name="generate", **sampling)
+                                   [preview, gallery, grid_file, seeds, strip, status], api_name="generate",
+                                   **sampling)
             interpolating = i_run.click(self.interpolate,
                                         [model, i_sampler, i_steps, i_num, seed_a, seed_b, guidance, precision,
                                          *attributes],

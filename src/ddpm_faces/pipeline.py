@@ -77,7 +77,8 @@ class Pipeline:
 EXPORT_FILES = {"model.safetensors", "config.yaml"}
 
 
-def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32) -> Path:
+def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32,
+                 step: int | None = None) -> Path:
     """Write model.safetensors + config.yaml into out_dir atomically. An existing out_dir is replaced only
     if it holds nothing but an earlier export, so no other files are ever deleted."""
     from .training.checkpoint import state_tensors
@@ -87,7 +88,8 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
     with atomic_folder(out_dir) as tmp:
         save_file(state_tensors(model, dtype), tmp / "model.safetensors",
-                  metadata={"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True)})
+                  metadata={"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True),
+                            **({"step": str(step)} if step is not None else {})})
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir
 
@@ -226,6 +228,16 @@ def _autocast(net, precision: str):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             return net(*args)
     return run
+
+
+def trained_steps(weights_folder: Path) -> int | None:
+    """The training step an export was written at (recorded since exports carry metadata), or None."""
+    try:
+        with safe_open(Path(weights_folder) / "model.safetensors", "pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+    except Exception:
+        return None
 
 
 def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:

@@ -242,7 +242,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
                 save_checkpoint(run_dir, step, model=raw_model, ema=ema, optimizer=optimizer.optimizer,
                                 scheduler=scheduler, state=state, rng=rng, scaler=accelerator.scaler,
                                 keep=t.keep_checkpoints)
-                export_model(ema.model, cfg, run_dir / "export")
+                export_model(ema.model, cfg, run_dir / "export", step=step)
             except OSError as err:
                 done = list_checkpoints(run_dir)
                 kept = f"the last complete one, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
@@ -259,7 +259,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
             bar.write(f"step {step}: {label} {value:.5f} (best {stopper.best:.5f}"
                       f"{', new best' if improved else f', {stopper.bad}/{t.patience} without improvement'})")
             if improved:
-                export_model(ema.model, cfg, run_dir / "best")
+                export_model(ema.model, cfg, run_dir / "best", step=step)
         return stopper.should_stop
 
     images_per_step = t.batch_size * world * t.grad_accum
