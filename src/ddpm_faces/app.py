@@ -452,23 +452,29 @@ class FaceApp:
             stop.set()                 # closed early (cancel, client gone): the sampler stops at its next step
 
     # -- handlers ----------------------------------------------------------------------------------------
-    def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="fp32",
-                 *attributes) -> Iterator[tuple]:
-        """Yields (preview, gallery, grid PNG path, seeds markdown, denoising strip, status): every few steps
-        the preview shows the current clean-image estimates as one picture (one file per step for the page to
-        fetch, not one per face); at the end it shows the grid, and the gallery the faces with their seeds.
-        `attributes`: one value per name in `attribute_names` ('any' or left out: not asked for)."""
+    def _common(self, model, sampler, steps, guidance, precision, attributes) -> tuple:
+        """The inputs both tabs share, checked; then the model's pipeline (loaded once)."""
         entry = self.entry(model)
         sampler = check_choice(sampler, SAMPLERS, "sampler")
         steps = check_steps(entry, sampler, steps)
-        num = check_int(num, "number of images", 1, MAX_IMAGES)
-        seed = check_int(seed, "seed", 0, MAX_SEED)
         guidance = check_guidance(guidance)
         precision = check_choice(precision, PRECISIONS, "precision")
         wanted = check_attributes(entry, self.attribute_names, attributes)
         pipe = self.pipeline(entry)
         if not pipe.conditional:
             guidance = 1.0                       # the hidden slider's value means nothing to this model
+        return entry, sampler, steps, guidance, precision, wanted, pipe
+
+    def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="fp32",
+                 *attributes) -> Iterator[tuple]:
+        """Yields (preview, gallery, grid PNG path, seeds markdown, denoising strip, status): every few steps
+        the preview shows the current clean-image estimates as one picture (one file per step for the page to
+        fetch, not one per face); at the end it shows the grid, and the gallery the faces with their seeds.
+        `attributes`: one value per name in `attribute_names` ('any' or left out: not asked for)."""
+        entry, sampler, steps, guidance, precision, wanted, pipe = self._common(model, sampler, steps, guidance,
+                                                                                precision, attributes)
+        num = check_int(num, "number of images", 1, MAX_IMAGES)
+        seed = check_int(seed, "seed", 0, MAX_SEED)
         scale = display_scale(entry.cfg.model.resolution)
         strip = DenoisingStrip(steps, 1)
 
@@ -516,18 +522,11 @@ class FaceApp:
     def interpolate(self, model, sampler, steps, num, seed_a, seed_b, guidance=1.0, precision="fp32",
                     *attributes) -> Iterator[tuple]:
         """Yields (row picture, status): faces along the spherical path between the starting noise of two seeds."""
-        entry = self.entry(model)
-        sampler = check_choice(sampler, SAMPLERS, "sampler")
-        steps = check_steps(entry, sampler, steps)
+        entry, sampler, steps, guidance, precision, wanted, pipe = self._common(model, sampler, steps, guidance,
+                                                                                precision, attributes)
         num = check_int(num, "number of faces", 2, MAX_IMAGES)
         seed_a = check_int(seed_a, "seed A", 0, MAX_SEED)
         seed_b = check_int(seed_b, "seed B", 0, MAX_SEED)
-        guidance = check_guidance(guidance)
-        precision = check_choice(precision, PRECISIONS, "precision")
-        wanted = check_attributes(entry, self.attribute_names, attributes)
-        pipe = self.pipeline(entry)
-        if not pipe.conditional:
-            guidance = 1.0
         scale = display_scale(entry.cfg.model.resolution)
 
         def work(callback):
