@@ -50,3 +50,19 @@ def tiny_overrides(tmp_path: Path, data: Path, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="session")
+def unconditional_model(tmp_path_factory) -> Path:
+    """A tiny 16 px unconditional export (the bundled model is conditional)."""
+    import torch
+
+    from ddpm_faces.config import load_config
+    from ddpm_faces.models import UNet
+    from ddpm_faces.pipeline import export_model
+
+    torch.manual_seed(0)
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
+                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
+                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4"])
+    return export_model(UNet(cfg.model), cfg, tmp_path_factory.mktemp("unconditional") / "export")

@@ -45,8 +45,19 @@ def conditional_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(conditional_export):
-    return FaceApp.from_paths([BUNDLED, conditional_export], threads=1)
+def unconditional_export(tmp_path_factory):
+    """A tiny 16 px unconditional model."""
+    torch.manual_seed(1)
+    unet_cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
+                          attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4)
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
+    cfg.model = unet_cfg
+    return str(export_model(UNet(unet_cfg), cfg, tmp_path_factory.mktemp("unconditional") / "export"))
+
+
+@pytest.fixture(scope="module")
+def app(conditional_export, unconditional_export):
+    return FaceApp.from_paths([BUNDLED, conditional_export, unconditional_export], threads=1)
 
 
 def outputs(handler_output) -> list[tuple]:
@@ -85,17 +96,20 @@ def test_model_card_shows_parameters_resolution_training_and_metrics(app, condit
     assert "fid**: 123.5" in card and "face_rate**: 0.5" in card
     assert "age: 0-2, 20-29" in card
     bundled = app.card(BUNDLED)
-    assert "3.91 M" in bundled and "32 × 32 px" in bundled and "no metrics.json" in bundled
+    assert "3.92 M" in bundled and "32 × 32 px" in bundled and "9,000 (of 9,000 configured)" in bundled
+    assert "metric: fid" in bundled and "race: Asian" in bundled
 
 
-def test_conditional_controls_show_only_for_conditional_models(app, conditional_export):
-    assert app.attribute_names == ["age", "gender"]
-    card, guidance, age, gender, steps, i_steps = app.model_changed(conditional_export)
-    assert guidance["visible"] and age["visible"] and gender["visible"]
+def test_conditional_controls_show_only_for_conditional_models(app, conditional_export, unconditional_export):
+    assert app.attribute_names == ["age", "gender", "race"]
+    card, guidance, age, gender, race, steps, i_steps = app.model_changed(conditional_export)
+    assert guidance["visible"] and age["visible"] and gender["visible"] and not race["visible"]
     assert age["choices"] == ["any", "0-2", "20-29"] and gender["value"] == "any"
     assert steps["maximum"] == 100                                          # the model's timesteps
-    card, guidance, age, gender, steps, i_steps = app.model_changed(BUNDLED)
-    assert not guidance["visible"] and not age["visible"] and not gender["visible"]
+    card, guidance, age, gender, race, steps, i_steps = app.model_changed(unconditional_export)
+    assert not guidance["visible"] and not age["visible"] and not gender["visible"] and not race["visible"]
+    card, guidance, age, gender, race, steps, i_steps = app.model_changed(BUNDLED)
+    assert guidance["visible"] and race["visible"] and "Black" in race["choices"]
     assert steps["maximum"] == 1000
     assert 0 <= app.random_seed() < 2**31
 
@@ -158,13 +172,18 @@ GOOD = (BUNDLED, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any")
     (5, math.nan, "guidance scale must be a number from 0 to 20"),
     (5, "lots", "guidance scale must be a number from 0 to 20"),
     (6, "fp16", "unknown precision 'fp16': choose one of fp32, bf16"),
-    (7, "20-29", "is not conditioned on age"),
+    (7, "200-300", "unknown age '200-300': choose one of any, 0-2, 3-9"),
 ])
 def test_generate_rejects_bad_input_with_a_clear_message(app, position, value, message):
     args = list(GOOD)
     args[position] = value
     with pytest.raises(gr.Error, match=message.replace("(", r"\(")):
         next(app.generate(*args))
+
+
+def test_attributes_for_an_unconditional_model_are_refused(app, unconditional_export):
+    with pytest.raises(gr.Error, match="is not conditioned on age"):
+        next(app.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "20-29", "any"))
 
 
 def test_model_specific_limits(app, conditional_export):
@@ -250,7 +269,7 @@ def test_server_generates_faces_for_gradio_client(server, conditional_export):
     (4, -5, "seed must be from 0 to"),
     (5, 50, "guidance scale must be a number from 0 to 20"),
     (6, "int8", "unknown precision 'int8'"),
-    (7, "200-300", "is not conditioned on age"),
+    (7, "200-300", "unknown age '200-300'"),
     (0, "../../etc", "unknown model '../../etc'"),
 ])
 def test_server_rejects_out_of_range_requests(server, position, value, message):

@@ -94,9 +94,10 @@ def test_target_labels_are_labelled_val_combinations(coloured):
     assert np.array_equal(labels, target_labels(coloured, ["gender", "age"], 50, seed=0))
 
 
-def test_eval_attributes_on_an_unconditional_model_is_a_one_line_error(tmp_path):
+def test_eval_attributes_on_an_unconditional_model_is_a_one_line_error(tmp_path, unconditional_model):
     save_classifier(AttributeClassifier({"gender": ["Female", "Male"]}, 16, 8), tmp_path / "c")
     out = subprocess.run([sys.executable, "-m", "ddpm_faces", "eval", "--attributes", "--classifier",
-                          str(tmp_path / "c"), "--num", "2"], capture_output=True, text=True)
+                          str(tmp_path / "c"), "--num", "2", "--checkpoint", str(unconditional_model)],
+                         capture_output=True, text=True)
     assert out.returncode == 2 and "conditional model" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr

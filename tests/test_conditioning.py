@@ -145,12 +145,16 @@ def test_training_a_conditional_model_fills_the_vocabulary_from_the_data(tmp_pat
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--age", "30-39"], ["unconditional", "age"]),
-    (["--grid-by", "race"], ["unconditional"]),
+    (["--age", "30-39", "UNCONDITIONAL"], ["unconditional", "age"]),
+    (["--grid-by", "race", "UNCONDITIONAL"], ["unconditional"]),
+    (["--age", "35"], ["unknown age '35'", "'30-39'"]),                      # the bundled model is conditional
+    (["--grid-by", "age", "--age", "30-39"], ["do not also pass --age"]),
     (["--guidance", "nan"], ["guidance"]),
     (["--guidance-interval", "500", "100"], ["guidance-interval"]),
 ])
-def test_sample_cli_errors_are_one_line(flags, words, tmp_path):
+def test_sample_cli_errors_are_one_line(flags, words, tmp_path, unconditional_model):
+    if "UNCONDITIONAL" in flags:
+        flags = [f for f in flags if f != "UNCONDITIONAL"] + ["--checkpoint", str(unconditional_model)]
     out = subprocess.run([sys.executable, "-m", "ddpm_faces", "sample", "--steps", "2", "--num", "1",
                           "--out", str(tmp_path / "x.png"), *flags], capture_output=True, text=True)
     assert out.returncode == 2, out.stderr

@@ -29,7 +29,7 @@ from .models.conditioning import encode_attributes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_MODEL = "faces32"
-DEFAULT_SAMPLER, DEFAULT_STEPS = "ddpm", 50     # best measured on the bundled model (README, Results)
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp-2m", 20  # measured on the bundled model: FID within 3% of DDPM-50 (README)
 
 
 def build_model(cfg: Config) -> UNet:
