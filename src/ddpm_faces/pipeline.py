@@ -133,8 +133,10 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     except Exception as err:                     # safetensors raises its own error types for bad files
         raise UserError(f"{weights} is not a readable safetensors file ({type(err).__name__}): "
                         "export the run again or check the download") from None
-    if trained_as is not None and json.loads(trained_as) != cfg.to_dict()["model"]:
-        differ = sorted(k for k, v in json.loads(trained_as).items() if cfg.to_dict()["model"].get(k) != v)
+    model_cfg = cfg.to_dict()["model"]
+    trained_as = json.loads(trained_as) if trained_as is not None else model_cfg
+    if trained_as != model_cfg:
+        differ = sorted(k for k, v in trained_as.items() if model_cfg.get(k) != v)
         raise UserError(f"{weights} was exported with another model config than {config_file} "
                         f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with the weights")
     expected = net.state_dict()

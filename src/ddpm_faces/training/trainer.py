@@ -45,9 +45,9 @@ class TrainResult:
     step: int
     best: float | None                           # the best value of train.best_metric
     stopped_early: bool
-    is_main: bool = True
+    is_main: bool = True                         # False on the other ranks of a multi-process run
     interrupted: bool = False                    # stopped by Ctrl-C after saving a checkpoint
-    skipped_steps: int = 0                       # optimizer steps skipped for a non-finite loss or gradient                         # False on the other ranks of a multi-process run
+    skipped_steps: int = 0                       # optimizer steps skipped for a non-finite loss or gradient
 
 
 def gather_rng(accelerator) -> dict:
@@ -119,10 +119,10 @@ def check_writable(folder: Path) -> None:
 class Interrupt:
     """Ctrl-C once: finish the step, save a checkpoint and stop cleanly. Ctrl-C twice: stop at once."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self):
         self.requested = False
         self.previous = None
-        if enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
@@ -269,7 +269,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, until_ste
         return torch.zeros((), device=accelerator.device)
     loss_sum, norm_sum, n_logged, tick = zeros(), zeros(), 0, time.perf_counter()
     stopped_early, interrupted, skipped, bad_in_row, micro_loss = False, False, 0, 0, zeros()
-    interrupt = Interrupt(enabled=True)
+    interrupt = Interrupt()
     start_step = step
     batches = iter(loader)
     model.train()
