@@ -67,14 +67,17 @@ def test_trace_sqrt_product_matches_eigenvalues_of_the_product():
     assert metrics.trace_sqrt_product(sigma2, sigma1) == pytest.approx(expected)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="scipy not installed")
-def test_scipy_and_eigen_routes_agree():
+@pytest.mark.parametrize("n1, n2", [(50, 80), (30, 200)])  # full rank; rank-deficient (N < D), as in FID
+def test_fid_agrees_with_the_scipy_sqrtm_formula(n1, n2):
+    """The formula of pytorch-fid and clean-fid: trace of scipy.linalg.sqrtm(sigma1 @ sigma2)."""
+    linalg = pytest.importorskip("scipy.linalg")
     rng = np.random.default_rng(2)
-    x, y = gaussian(rng, 50, 10), gaussian(rng, 50, 10, 0.3, 1.5)
+    x, y = gaussian(rng, n1, 40), gaussian(rng, n2, 40, 0.3, 1.5)
+    mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    assert metrics._trace_sqrt_product_scipy(s1, s2, 1e-6) == pytest.approx(
-        metrics.trace_sqrt_product(s1, s2), rel=1e-6
-    )
+    covmean = linalg.sqrtm(s1 @ s2).real
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_fid_is_zero_for_identical_statistics_and_symmetric():

@@ -179,7 +179,7 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
         raise UserError(f"--num must be at least 1, got {num}")
     if not math.isfinite(guidance) or guidance < 0:
         raise UserError(f"--guidance must be a number >= 0 (1 = no guidance), got {guidance}")
-    pipe.labels(attributes, 1)                         # checks names and values before any work
+    shared = pipe.labels(attributes, min(num, batch_size))  # checks names and values before any work
     if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
         raise UserError(f"labels must be ({num}, {len(pipe.cfg.model.attributes)}) for this model, "
                         f"got {tuple(labels.shape)}")
@@ -210,7 +210,7 @@ def generate(pipe: Pipeline, num: int = 16, *, seed: int = 0, sampler: str = DEF
                     callback(i, t, x_i, x0)
 
             cond = (labels[start - first_index:start - first_index + n].to(pipe.device) if labels is not None
-                    else pipe.labels(attributes, n))
+                    else None if shared is None else shared[:n])
             x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond,
                           callback=step_callback, **extra)
             out.append(to_uint8(x))
