@@ -55,9 +55,31 @@ def run(args) -> list[dict]:
     return rows
 
 
+def reference_fid(rows: list[dict]) -> float | None:
+    """FID of 1000-step DDPM (the reference the fast samplers are held to), if measured."""
+    return next((r["fid"] for r in rows if r["sampler"] == "ddpm" and r["nfe"] == 1000), None)
+
+
+def goal_lines(rows: list[dict], nfe: int = 20, within: float = 0.10) -> list[str]:
+    """For each sampler, its FID at about `nfe` network calls against 1000-step DDPM's (the goal: within 10%)."""
+    ref = reference_fid(rows)
+    if ref is None:
+        return []
+    lines = []
+    for sampler in SAMPLERS:
+        near = [r for r in rows if r["sampler"] == sampler and r["nfe_budget"] == nfe]
+        for r in near:
+            gap = r["fid"] / ref - 1
+            verdict = "within" if gap <= within else "outside"
+            lines.append(f"{sampler} at {r['nfe']} NFE: FID {r['fid']:.1f} vs DDPM-1000 {ref:.1f} "
+                         f"({gap:+.1%}, {verdict} {within:.0%})")
+    return lines
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.ticker
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
@@ -66,11 +88,18 @@ def plot(rows: list[dict], path: str) -> None:
         if mine:
             for ax, key in zip(axes, ("fid", "face_rate")):
                 ax.plot([r["nfe"] for r in mine], [r[key] for r in mine], marker="o", label=sampler)
+    ref = reference_fid(rows)
+    if ref is not None:
+        axes[0].axhspan(ref, ref * 1.1, color="grey", alpha=0.2, label="DDPM-1000 FID + 10%")
     for ax, label in zip(axes, ("FID (lower is better)", "face rate (higher is better)")):
         ax.set_xscale("log")
         ax.set_xlabel("network evaluations")
         ax.set_title(label)
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")  # Heun's few-step FIDs are several times the others'
+    axes[0].set_yticks([40, 50, 60, 80, 100, 150, 200, 300])
+    axes[0].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[0].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path)
@@ -94,6 +123,8 @@ def main() -> None:
     args = p.parse_args()
     rows = run(args)
     print(format_table(sorted(rows, key=lambda r: (r["nfe"], r["sampler"]))))
+    for line in goal_lines(rows):
+        print(line)
     if args.plot:
         plot(rows, args.plot)
 
