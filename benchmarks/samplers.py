@@ -76,6 +76,26 @@ def goal_lines(rows: list[dict], nfe: int = 20, within: float = 0.10) -> list[st
     return lines
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """NFE budgets down, samplers across; each cell "FID (face rate)", the best FID of a row in bold."""
+    samplers = [s for s in SAMPLERS if any(r["sampler"] == s for r in rows)]
+    lines = ["| NFE | " + " | ".join(samplers) + " |", "|---" * (len(samplers) + 1) + "|"]
+    for nfe in sorted({r["nfe_budget"] for r in rows}):
+        cells = {r["sampler"]: r for r in rows if r["nfe_budget"] == nfe}
+        best = min(r["fid"] for r in cells.values())
+        row = []
+        for sampler in samplers:
+            r = cells.get(sampler)
+            if r is None:
+                row.append("–")
+                continue
+            fid = f"**{r['fid']:.1f}**" if r["fid"] == best and len(cells) > 1 else f"{r['fid']:.1f}"
+            calls = f" [{r['nfe']}]" if r["nfe"] != nfe else ""
+            row.append(f"{fid} ({r['face_rate']:.2f}){calls}")
+        lines.append(f"| {nfe} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -120,11 +140,14 @@ def main() -> None:
                    help="only DDPM runs above this NFE (its 1000-step FID is the reference point)")
     p.add_argument("--out", default="benchmarks/results/samplers.json")
     p.add_argument("--plot", help="also draw FID and face rate against NFE into this PNG")
+    p.add_argument("--markdown", action="store_true", help="also print the table in Markdown (for the README)")
     args = p.parse_args()
     rows = run(args)
     print(format_table(sorted(rows, key=lambda r: (r["nfe"], r["sampler"]))))
     for line in goal_lines(rows):
         print(line)
+    if args.markdown:
+        print(markdown_table(rows))
     if args.plot:
         plot(rows, args.plot)
 
