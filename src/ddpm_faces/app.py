@@ -37,7 +37,7 @@ from .errors import UserError
 from .images import DenoisingStrip, make_grid, save_image, to_uint8
 from .models import count_parameters
 from .pipeline import (DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, WEIGHTS_DIR, Pipeline, _resolve,
-                       build_schedule, generate, interpolate, load_pipeline, trained_steps)
+                       build_schedule, generate, interpolate, load_pipeline)
 
 MAX_IMAGES = 16
 MAX_STEPS = 1000
@@ -145,16 +145,11 @@ def _format_value(value) -> str:
 
 
 def _latest_checkpoint_step(folder: Path) -> int | None:
-    from .training.checkpoint import list_checkpoints
+    from .training.checkpoint import checkpoint_step, list_checkpoints
 
     run = folder.parent if folder.name == "export" else None
     ckpts = list_checkpoints(run) if run is not None else []
-    if not ckpts:
-        return None
-    try:
-        return int(ckpts[-1].name.split("-")[-1])
-    except ValueError:
-        return None
+    return checkpoint_step(ckpts[-1]) if ckpts else None
 
 
 def _where(folder: Path) -> str:
@@ -171,13 +166,13 @@ def model_card(entry: ModelEntry, pipe: Pipeline) -> str:
     """Markdown: what the model is, how it was trained and how well it does (when measured)."""
     m, d, t = entry.cfg.model, entry.cfg.diffusion, entry.cfg.train
     params = count_parameters(pipe.net)
-    trained = f"{t.max_steps:,} configured (train.max_steps)"
-    done = trained_steps(entry.folder)
-    latest = _latest_checkpoint_step(entry.folder)
-    if done is not None:
-        trained = f"{done:,} (of {t.max_steps:,} configured)"
-    elif latest is not None:
-        trained += f"; the run's newest checkpoint: step {latest:,}"
+    if pipe.step is not None:
+        trained = f"{pipe.step:,} (of {t.max_steps:,} configured)"
+    else:
+        trained = f"{t.max_steps:,} configured (train.max_steps)"
+        latest = _latest_checkpoint_step(entry.folder)
+        if latest is not None:
+            trained += f"; the run's newest checkpoint: step {latest:,}"
     if m.attributes:
         attributes = "; ".join(f"{a}: {', '.join(m.vocab[a])}" for a in m.attributes)
     else:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -195,11 +194,11 @@ def _classifier(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from .pipeline import export_model, load_pipeline, trained_steps
+    from .pipeline import export_model, load_pipeline
 
     pipe = load_pipeline(args.checkpoint)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype, step=trained_steps(pipe.source))
+    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype, step=pipe.step)
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"exported {pipe.source} to {out} ({args.dtype}, {size:.1f} MiB)")
 

@@ -46,6 +46,7 @@ class Pipeline:
     net: UNet
     cfg: Config
     source: Path
+    step: int | None = None     # the training step of the weights, where recorded
 
     @property
     def denoiser(self) -> Denoiser:
@@ -129,12 +130,12 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     try:
         state = {k: v.float() for k, v in load_file(weights).items()}
         with safe_open(weights, "pt") as f:
-            trained_as = (f.metadata() or {}).get("model")
+            metadata = f.metadata() or {}
     except Exception as err:                     # safetensors raises its own error types for bad files
         raise UserError(f"{weights} is not a readable safetensors file ({type(err).__name__}): "
                         "export the run again or check the download") from None
     model_cfg = cfg.to_dict()["model"]
-    trained_as = json.loads(trained_as) if trained_as is not None else model_cfg
+    trained_as = json.loads(metadata["model"]) if "model" in metadata else model_cfg
     if trained_as != model_cfg:
         differ = sorted(k for k, v in trained_as.items() if model_cfg.get(k) != v)
         raise UserError(f"{weights} was exported with another model config than {config_file} "
@@ -145,7 +146,10 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
         raise UserError(f"{weights} does not match its config.yaml ({len(wrong)} missing or differently shaped, "
                         f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
     net.load_state_dict(state)
-    return Pipeline(net.to(check_device(device)).eval(), cfg, weights.parent)
+    from .training.checkpoint import checkpoint_step
+    recorded = metadata.get("step", "")                # exports record it; a checkpoint's folder is named by it
+    step = int(recorded) if recorded.isdigit() else checkpoint_step(weights.parent)
+    return Pipeline(net.to(check_device(device)).eval(), cfg, weights.parent, step)
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -230,16 +234,6 @@ def _autocast(net, precision: str):
         with torch.autocast(device_type, dtype=torch.bfloat16):
             return net(*args)
     return run
-
-
-def trained_steps(weights_folder: Path) -> int | None:
-    """The training step an export was written at (recorded since exports carry metadata), or None."""
-    try:
-        with safe_open(Path(weights_folder) / "model.safetensors", "pt") as f:
-            step = (f.metadata() or {}).get("step")
-        return int(step) if step is not None else None
-    except Exception:
-        return None
 
 
 def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:

@@ -44,12 +44,18 @@ def save_checkpoint(run_dir: Path, step: int, *, model, ema, optimizer, schedule
     return final
 
 
+def checkpoint_step(folder: Path) -> int | None:
+    """The N of a checkpoint folder named step-N, else None."""
+    m = STEP_DIR.match(Path(folder).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name))
+    found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None
              and (p / "state.json").is_file()]
     return [p for _, p in sorted(found)]
 
