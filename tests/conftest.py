@@ -59,7 +59,7 @@ def unconditional_model(tmp_path_factory) -> Path:
 
     from ddpm_faces.config import load_config
     from ddpm_faces.models import UNet
-    from ddpm_faces.pipeline import export_model
+    from ddpm_faces.runs import export_model
 
     torch.manual_seed(0)
     cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",

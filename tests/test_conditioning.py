@@ -16,7 +16,8 @@ from ddpm_faces.diffusion.schedules import cosine_betas
 from ddpm_faces.errors import UserError
 from ddpm_faces.models import UNet, UNetConfig
 from ddpm_faces.models.conditioning import UNSPECIFIED, AttributeEmbedding, drop_labels, encode_attributes
-from ddpm_faces.pipeline import Pipeline, export_model, generate, load_pipeline
+from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate, load_pipeline
+from ddpm_faces.runs import export_model
 from ddpm_faces.training import train
 
 VOCAB = {"age": ["0-2", "20-29", "30-39"], "gender": ["Female", "Male"]}
@@ -114,13 +115,13 @@ def test_vocabularies_survive_export_and_load_and_sampling_follows_them(tmp_path
     assert pipe.cfg.model.vocab == VOCAB and pipe.cfg.model.attributes == ["age", "gender"]
     for key, value in net.state_dict().items():
         assert torch.equal(pipe.net.state_dict()[key], value)
-    kw = dict(steps=4, sampler="ddim", progress=False)
-    female = generate(pipe, 2, attributes={"gender": "Female"}, guidance=3.0, **kw)
-    again = generate(pipe, 2, attributes={"gender": "Female"}, guidance=3.0, **kw)
-    male = generate(pipe, 2, attributes={"gender": "Male"}, guidance=3.0, **kw)
+    asked = SamplingRequest(num=2, steps=4, sampler="ddim", guidance=3.0)
+    female = generate(pipe, asked.replace(attributes={"gender": "Female"}), progress=False)
+    again = generate(pipe, asked.replace(attributes={"gender": "Female"}), progress=False)
+    male = generate(pipe, asked.replace(attributes={"gender": "Male"}), progress=False)
     assert (female == again).all() and (female != male).any()
     with pytest.raises(UserError, match="choose one of 'Female', 'Male'"):
-        generate(pipe, 1, attributes={"gender": "robot"}, **kw)
+        generate(pipe, asked.replace(attributes={"gender": "robot"}), progress=False)
 
 
 def test_unconditional_model_refuses_attributes():
@@ -150,7 +151,7 @@ def test_training_a_conditional_model_fills_the_vocabulary_from_the_data(tmp_pat
     (["--age", "35"], ["unknown age '35'", "'30-39'"]),                      # the bundled model is conditional
     (["--grid-by", "age", "--age", "30-39"], ["do not also pass --age"]),
     (["--guidance", "nan"], ["guidance"]),
-    (["--guidance-interval", "500", "100"], ["guidance-interval"]),
+    (["--guidance-interval", "500", "100"], ["guidance interval"]),
 ])
 def test_sample_cli_errors_are_one_line(flags, words, tmp_path, unconditional_model):
     if "UNCONDITIONAL" in flags:
@@ -173,10 +174,10 @@ def test_interpolation_ends_are_the_seeds_own_faces_and_slerp_keeps_the_norm():
     cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16"])
     cfg.model = net.cfg
     pipe = Pipeline(net, cfg, source="test")
-    row = interpolate(pipe, 3, 7, num=4, steps=3, progress=False)
-    kw = dict(sampler="ddim", steps=3, progress=False)
-    assert np.array_equal(row[0], generate(pipe, 1, seed=3, **kw)[0])
-    assert np.array_equal(row[-1], generate(pipe, 1, seed=7, **kw)[0])
+    request = SamplingRequest(num=4, seed=3, sampler="ddim", steps=3)
+    row = interpolate(pipe, 7, request, progress=False)
+    assert np.array_equal(row[0], generate(pipe, request.replace(num=1), progress=False)[0])
+    assert np.array_equal(row[-1], generate(pipe, request.replace(num=1, seed=7), progress=False)[0])
 
 
 def test_bf16_sampling_stays_close_to_fp32():
@@ -184,9 +185,9 @@ def test_bf16_sampling_stays_close_to_fp32():
     cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16"])
     cfg.model = net.cfg
     pipe = Pipeline(net, cfg, source="test")
-    kw = dict(num=4, sampler="ddim", steps=5, progress=False, attributes={"gender": "Male"}, guidance=2.0)
-    full, half = generate(pipe, **kw), generate(pipe, precision="bf16", **kw)
+    request = SamplingRequest(num=4, sampler="ddim", steps=5, attributes={"gender": "Male"}, guidance=2.0)
+    full, half = generate(pipe, request, progress=False), generate(pipe, request.replace(precision="bf16"), progress=False)
     diff = np.abs(full.astype(int) - half.astype(int))
     assert diff.mean() < 3 and (full != half).any()         # a little rounding, not another image
     with pytest.raises(UserError, match="precision"):
-        generate(pipe, precision="fp8", **kw)
+        generate(pipe, request.replace(precision="fp8"), progress=False)

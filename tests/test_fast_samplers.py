@@ -105,5 +105,5 @@ def test_quadratic_spacing_is_dense_near_the_data():
 
 @pytest.mark.parametrize("spacing", ["karras", "quadratic"])
 def test_bad_steps_for_fractional_spacings(spacing):
-    with pytest.raises(UserError, match="--steps"):
+    with pytest.raises(ValueError, match="steps must be"):
         sampling_timesteps(NoiseSchedule.from_config("linear"), 0, spacing)

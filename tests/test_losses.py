@@ -123,10 +123,10 @@ def test_denoiser_passes_cond_and_rejects_unknown_target(linear):
 
     Denoiser(net, linear).predict(torch.zeros(2, 1, 2, 2), 10, cond="labels")
     assert seen["cond"] == "labels"
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         Denoiser(net, linear, "score")
     for fn in (training_target, to_eps_x0):
-        with pytest.raises(UserError):
+        with pytest.raises(ValueError):
             fn("score", linear, torch.zeros(1, 1, 1, 1), torch.tensor([1]), torch.zeros(1, 1, 1, 1))
 
 

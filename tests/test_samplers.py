@@ -320,9 +320,9 @@ def test_callback_sees_every_step_and_clip_bounds_x0():
 
 
 def test_sampler_errors():
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         get_sampler("euler")
     den = Denoiser(fake_net(), NoiseSchedule.from_config("linear", T))
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         sample_ddpm(den, torch.randn(SHAPE), [999, 0], variance="large")
     assert get_sampler("ddpm") is sample_ddpm and get_sampler("ddim") is sample_ddim

@@ -85,7 +85,7 @@ def test_alpha_bar_at_snr_and_sigmas(schedule):
 
 
 def test_unknown_schedule_is_a_user_error():
-    with pytest.raises(UserError, match="quadratic"):
+    with pytest.raises(ValueError, match="quadratic"):
         NoiseSchedule.from_config("quadratic")
 
 
@@ -146,5 +146,5 @@ def test_spaced_timesteps_valid_for_every_step_count(spacing, T):
 @pytest.mark.parametrize("steps,spacing", [(0, "trailing"), (-1, "leading"), (T + 1, "trailing"),
                                            (T + 1, "linspace"), (10, "uniform"), (10, "")])
 def test_spaced_timesteps_errors(steps, spacing):
-    with pytest.raises(UserError):
+    with pytest.raises(ValueError):
         spaced_timesteps(T, steps, spacing)

@@ -1,7 +1,12 @@
-"""The `ddpm-faces` command: train, sample, data. Thin over the library; bad input -> one line, exit 2."""
+"""The `ddpm-faces` command: train, sample, eval, classifier, export, serve, data.
+
+Thin over the library: parse the flags, build a config or a SamplingRequest, call the library, print. Every
+UserError becomes one line `error: ...` and exit status 2, here in `main` and nowhere else.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -35,9 +40,12 @@ def _train(args) -> None:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    """--threads, or all cores but one: sampling with every core collapses when another process holds one."""
+    import torch
+
+    from .pipeline import default_threads
+
+    torch.set_num_threads(threads or default_threads())
 
 
 def check_image_path(path: str) -> None:
@@ -71,17 +79,58 @@ def positive_int(text: str) -> int:
 ATTRIBUTE_FLAGS = ("age", "gender", "race")
 
 
-def _attributes(args) -> dict[str, str]:
-    return {name: getattr(args, name) for name in ATTRIBUTE_FLAGS if getattr(args, name) is not None}
+def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False):
+    """The flags of a SamplingRequest, declared once for every command that samples."""
+    from .diffusion import SAMPLERS, SPACINGS
+    from .pipeline import SAMPLING_PRECISIONS, SamplingRequest
+
+    default = SamplingRequest()
+    p.add_argument("--num", type=positive_int, default=num, help=f"number of faces (default {num})")
+    p.add_argument("--seed", type=int, default=default.seed, help="image i of a seed is the same whatever --num")
+    p.add_argument("--sampler", default=default.sampler, choices=SAMPLERS,
+                   help=f"ddpm, ddim, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step); "
+                        f"default {default.sampler}")
+    p.add_argument("--steps", type=positive_int, default=default.steps,
+                   help=f"denoising steps (default {default.steps})")
+    p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
+                                                      "karras for dpmpp-2m/heun")
+    p.add_argument("--eta", type=float, default=default.eta, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size,
+                   help=f"images per network batch (default {batch_size}; the images do not depend on it)")
+    p.add_argument("--precision", default=default.precision, choices=SAMPLING_PRECISIONS,
+                   help="bf16: the network under bf16 autocast (about 2x faster on CPUs with bf16 units)")
+    for name in ATTRIBUTE_FLAGS:
+        p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
+    if guidance_scales:
+        p.add_argument("--guidance", type=float, nargs="+",
+                       help="classifier-free guidance scale w (1 = none); with --attributes, several scales "
+                            "(default 1 2 3 5)")
+    else:
+        p.add_argument("--guidance", type=float, default=default.guidance,
+                       help="classifier-free guidance scale w (1 = plain conditional, larger = stronger attributes)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO <= t <= HI (default: every step)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--threads", type=positive_int,
+                   help="CPU threads for torch (default: all cores but one, so that a busy machine does not "
+                        "slow sampling down several times)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _guidance_interval(args):
-    if args.guidance_interval is None:
-        return None
-    lo, hi = args.guidance_interval
-    if lo > hi:
-        raise UserError(f"--guidance-interval {lo:g} {hi:g}: the first timestep must not exceed the second")
-    return lo, hi
+def request_from_args(args, **changes):
+    """The SamplingRequest that the shared sampling flags describe (checked later, against the model)."""
+    from .pipeline import SamplingRequest
+
+    guidance = args.guidance if args.guidance is not None else 1.0
+    if isinstance(guidance, list):
+        guidance = guidance[0]
+    interval = tuple(args.guidance_interval) if args.guidance_interval is not None else None
+    request = SamplingRequest(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                              spacing=args.spacing, eta=args.eta, guidance=guidance, guidance_interval=interval,
+                              precision=args.precision, batch_size=args.batch_size,
+                              attributes={name: getattr(args, name) for name in ATTRIBUTE_FLAGS
+                                          if getattr(args, name) is not None})
+    return request.replace(**changes)
 
 
 def _sample(args) -> None:
@@ -95,22 +144,19 @@ def _sample(args) -> None:
     if args.strip:
         check_image_path(args.strip)
     pipe = load_pipeline(args.checkpoint, device=args.device)
-    attributes, interval = _attributes(args), _guidance_interval(args)
-    pipe.labels(attributes, 1)                               # unknown names or values: one line, before work
-    options = dict(seed=args.seed, sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing,
-                   batch_size=args.batch_size, progress=not args.no_progress, guidance=args.guidance,
-                   guidance_interval=interval, precision=args.precision)
+    request = request_from_args(args).validate(pipe)           # every bad option: one line, before any work
+    progress = not args.no_progress
     if args.grid_by:
-        rows = grid_rows(pipe, args.grid_by, attributes)
+        rows = grid_rows(pipe, args.grid_by, request.attributes)
         # the same seeds in every row: the attribute is the only thing that changes
-        images = [generate(pipe, args.num, attributes={**attributes, args.grid_by: value}, **options)
-                  for value in rows]
+        images = [generate(pipe, request.replace(attributes={**request.attributes, args.grid_by: value}),
+                           progress=progress) for value in rows]
         grid = make_grid(np.concatenate(images), nrow=args.num)
         out = save_image(grid, args.out, upscale=args.upscale)
         print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
         return
-    strip = DenoisingStrip(args.steps, args.num) if args.strip else None
-    images = generate(pipe, args.num, attributes=attributes, callback=strip, **options)
+    strip = DenoisingStrip(request.steps, request.num) if args.strip else None
+    images = generate(pipe, request, callback=strip, progress=progress)
     out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale)
     print(f"wrote {len(images)} faces to {out}")
     if strip is not None:
@@ -134,9 +180,14 @@ def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:
     return list(m.vocab[attribute])
 
 
-def _eval(args) -> None:
-    import json
+def _write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
 
+
+def _eval(args) -> None:
     from .evaluation.model_eval import evaluate_model, format_table
     from .pipeline import load_pipeline
 
@@ -144,37 +195,26 @@ def _eval(args) -> None:
     pipe = load_pipeline(args.checkpoint, device=args.device)
     if args.attributes:
         return _eval_attributes(args, pipe)
-    result = evaluate_model(pipe, reference=args.reference, split=args.split, num=args.num,
-                            reference_num=args.reference_num, sampler=args.sampler, steps=args.steps,
-                            spacing=args.spacing, seed=args.seed, batch_size=args.batch_size,
-                            cache_dir=args.cache_dir, with_face_rate=not args.no_face_rate,
-                            progress=not args.no_progress)
+    if args.guidance is not None and len(args.guidance) > 1:
+        raise UserError(f"--guidance takes several scales only with --attributes, got {args.guidance}")
+    result = evaluate_model(pipe, request_from_args(args), reference=args.reference, split=args.split,
+                            reference_num=args.reference_num, cache_dir=args.cache_dir,
+                            with_face_rate=not args.no_face_rate, progress=not args.no_progress)
     print(format_table([result]))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
 
 
 def _eval_attributes(args, pipe) -> None:
-    import json
-
     from .evaluation.attributes import load_classifier
     from .evaluation.model_eval import attribute_agreement, format_agreement
 
     classifier = load_classifier(args.classifier)
     scales = args.guidance or [1.0, 2.0, 3.0, 5.0]
-    if any(not (w >= 0) or w != w or w == float("inf") for w in scales):
-        raise UserError(f"--guidance scales must be numbers >= 0, got {scales}")
-    result = attribute_agreement(pipe, classifier, reference=args.reference, guidance=scales, num=args.num,
-                                 split=args.split, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                 batch_size=args.batch_size, cache_dir=args.cache_dir, with_fid=not args.no_fid,
-                                 progress=not args.no_progress)
+    result = attribute_agreement(pipe, classifier, request_from_args(args), reference=args.reference,
+                                 guidance=scales, split=args.split, cache_dir=args.cache_dir,
+                                 with_fid=not args.no_fid, progress=not args.no_progress)
     print(format_agreement(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    _write_json(args.json, result)
 
 
 def _classifier(args) -> None:
@@ -194,7 +234,8 @@ def _classifier(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from .pipeline import export_model, load_pipeline
+    from .pipeline import load_pipeline
+    from .runs import export_model
 
     pipe = load_pipeline(args.checkpoint)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
@@ -240,8 +281,6 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .diffusion import SAMPLERS, SPACINGS
-    from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS
 
     parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
     parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
@@ -260,59 +299,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="generate a grid of faces (default: the bundled model)")
     p.add_argument("--checkpoint", help="runs/<name>, its export/ or a checkpoints/step-N folder; "
                                         "default: the bundled model")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                   help=f"ddpm, ddim, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step); "
-                        f"default {DEFAULT_SAMPLER}")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
-                                                      "karras for dpmpp-2m/heun")
-    p.add_argument("--num", type=positive_int, default=16, help="number of faces (default 16)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=16)
+    add_sampling_flags(p, num=16, batch_size=16)
     p.add_argument("--out", default="faces.png", help="grid image to write (default faces.png)")
     p.add_argument("--nrow", type=positive_int, help="images per grid row (default: a square)")
     p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved images by this factor (nearest)")
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
     p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
                                                  "per face (a denoising strip)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: the network under bf16 autocast (about 2x faster on CPUs with bf16 units)")
-    for name in ATTRIBUTE_FLAGS:
-        p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
-    p.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale w (1 = plain conditional, larger = stronger attributes)")
-    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
-                   help="guide only at timesteps LO <= t <= HI (default: every step)")
     p.add_argument("--grid-by", choices=ATTRIBUTE_FLAGS,
                    help="one row per value of this attribute, with the same seeds in every row")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_sample)
 
     p = sub.add_parser("eval", help="FID, KID, precision/recall and face rate of generated samples vs real faces")
     p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
+    add_sampling_flags(p, num=2000, batch_size=64, guidance_scales=True)
     p.add_argument("--reference", default="../shared/data/faces", help="real faces, any --data form "
                                                                        "(default ../shared/data/faces)")
     p.add_argument("--split", default="val", choices=["train", "val", "all"])
-    p.add_argument("--reference-num", type=positive_int, help="use the first N images of the split (default: all)")
-    p.add_argument("--num", type=positive_int, default=2000, help="samples to generate (default 2000)")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--spacing", choices=SPACINGS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--reference-num", type=positive_int,
+                   help="use N images spread evenly over the split (default: all of it)")
     p.add_argument("--cache-dir", help="where prepared data and reference statistics are cached")
     p.add_argument("--no-face-rate", action="store_true", help="skip the face detector")
     p.add_argument("--json", help="also write the results to this JSON file")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=positive_int)
-    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--attributes", action="store_true",
                    help="conditional models: how often an attribute classifier reads what was asked for, per "
                         "guidance scale, with FID (uses --num samples per scale)")
-    p.add_argument("--guidance", type=float, nargs="+", help="guidance scales for --attributes (default 1 2 3 5)")
     p.add_argument("--classifier", help="attribute classifier folder (default: the bundled one)")
     p.add_argument("--no-fid", action="store_true", help="--attributes without FID (faster)")
     p.set_defaults(func=_eval)

@@ -18,7 +18,7 @@ from .diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 from .errors import UserError
 from .models import UNetConfig
 
-PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")     # train.mixed_precision (sampling: pipeline.SAMPLING_PRECISIONS)
 FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -103,7 +103,7 @@ CHOICES = {
     "data.hf_config": ("0.25", "1.25"),
     "diffusion.schedule": SCHEDULES,
     "diffusion.prediction": PREDICTIONS,
-    "train.mixed_precision": PRECISIONS,
+    "train.mixed_precision": MIXED_PRECISIONS,
     "train.fid_sampler": SAMPLERS,
     "train.sample_sampler": SAMPLERS,
     "train.best_metric": ("val_loss", "fid"),

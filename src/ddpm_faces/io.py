@@ -1,22 +1,43 @@
-"""Writing folders so that a crash never leaves a half-written one under the final name."""
+"""Atomic writes: a crash never leaves a half-written file or folder under its final name.
+
+    with atomic_folder(Path("runs/x/export")) as tmp:    # fill tmp; renamed to export/ when complete
+        ...
+    with atomic_file(Path("stats.npz")) as tmp:          # write tmp; renamed to stats.npz when complete
+        ...
+
+Both flush to disk before the rename, and both leave what they write readable as the user's umask allows
+(some writers, safetensors among them, create files with mode 0600).
+"""
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _finish_tree(folder: Path, mode: int) -> None:
+    """Flush every file and the folder itself; give every file `mode`."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
+            _fsync(path)
+    _fsync(folder)
 
 
 @contextmanager
@@ -29,7 +50,7 @@ def atomic_folder(final: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp, 0o666 & ~current_umask())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -41,3 +62,19 @@ def atomic_folder(final: Path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(final: Path):
+    """Yield a temporary path beside `final` (same suffix) to write; renamed over `final` when the block
+    succeeds, removed when it fails."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{final.suffix}")
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        _fsync(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)

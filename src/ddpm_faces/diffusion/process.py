@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import UserError
 from .schedules import NoiseSchedule
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -19,7 +18,7 @@ PREDICTIONS = ("eps", "v", "x0")
 
 def check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
-        raise UserError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
+        raise ValueError(f"unknown prediction target {prediction!r}: choose one of {', '.join(PREDICTIONS)}")
     return prediction
 
 

@@ -9,22 +9,20 @@ Gaussian noise of stochastic steps (see `PerImageNoise`); `callback(i, t, x, x0)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import UserError
 from .process import Denoiser
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "heun")
-DEFAULT_SPACING = {"ddpm": "trailing", "ddim": "trailing", "dpmpp-2m": "karras", "heun": "karras"}
 
 
 def image_seed(seed: int, index: int) -> int:
     """The seed of image `index` of a run seeded `seed`, mixed so that seeds s and s + 1 share no image."""
     if seed < 0 or index < 0:
-        raise UserError(f"seeds must be 0 or more, got {seed}")
+        raise ValueError(f"seeds must be 0 or more, got {seed}")
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
@@ -59,13 +57,13 @@ def _abar(denoiser: Denoiser, t: float) -> float:
 # DDPM ancestral sampling (Ho et al. 2020, alg. 2) on a respaced schedule (Nichol & Dhariwal 2021,
 # sec. 4): from t to s, beta = 1 - abar_t / abar_s, and the posterior q(x_s | x_t, x0) (eq. 6-7):
 #   mean = sqrt(abar_s) beta / (1 - abar_t) x0 + sqrt(1 - beta) (1 - abar_s) / (1 - abar_t) x_t
-#   var  = beta_tilde = (1 - abar_s) / (1 - abar_t) beta    or    beta ("large")
+#   var  = beta_tilde = (1 - abar_s) / (1 - abar_t) beta   (variance="beta_tilde")   or   beta   (variance="beta")
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, noise: Callable | None = None,
                 cond=None, clip_x0: bool = True, variance: str = "beta_tilde", callback: Callable | None = None):
     if variance not in ("beta_tilde", "beta"):
-        raise UserError(f"unknown DDPM variance {variance!r}: choose beta_tilde or beta")
+        raise ValueError(f"unknown DDPM variance {variance!r}: choose beta_tilde or beta")
     noise = noise or torch.randn_like
     for i, (t, s) in enumerate(_pairs(timesteps)):
         eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
@@ -168,13 +166,42 @@ def _ve_sigma(denoiser: Denoiser, t: float) -> float:
     return sig / a
 
 
+# ---------------------------------------------------------------------------------------------
+# The registry: one row per sampler. A new sampler is one function above plus one row here.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str
+    fn: Callable                          # sample_x(denoiser, x, timesteps, *, noise, cond, clip_x0, callback, ...)
+    spacing: str                          # default timestep spacing (see schedules.sampling_timesteps)
+    calls_per_step: int = 1               # network calls per step; every sampler's last step makes one
+    options: tuple[str, ...] = ()         # its own keyword options, e.g. DDIM's eta
+    deterministic: bool = True            # no fresh noise after the start (eta = 0 for DDIM)
+
+    def network_evaluations(self, steps: int) -> int:
+        return self.calls_per_step * steps - (self.calls_per_step - 1)
+
+
+REGISTRY: dict[str, SamplerSpec] = {spec.name: spec for spec in (
+    SamplerSpec("ddpm", sample_ddpm, "trailing", deterministic=False),
+    SamplerSpec("ddim", sample_ddim, "trailing", options=("eta",)),
+    SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "karras"),
+    SamplerSpec("heun", sample_heun, "karras", calls_per_step=2),
+)}
+SAMPLERS = tuple(REGISTRY)
+
+
+def sampler_spec(name: str) -> SamplerSpec:
+    try:
+        return REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}") from None
+
+
 def network_evaluations(sampler: str, steps: int) -> int:
     """How many times a sampler calls the network for `steps` timesteps."""
-    return 2 * steps - 1 if sampler == "heun" else steps
+    return sampler_spec(sampler).network_evaluations(steps)
 
 
 def get_sampler(name: str) -> Callable:
-    try:
-        return {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp-2m": sample_dpmpp_2m, "heun": sample_heun}[name]
-    except KeyError:
-        raise UserError(f"unknown sampler {name!r}: choose one of {', '.join(SAMPLERS)}") from None
+    return sampler_spec(name).fn

@@ -9,8 +9,6 @@ import math
 
 import torch
 
-from ..errors import UserError
-
 SCHEDULES = ("linear", "cosine", "sigmoid")
 
 
@@ -67,7 +65,7 @@ class NoiseSchedule:
             return cls(cosine_betas(timesteps))
         if schedule == "sigmoid":
             return cls(sigmoid_betas(timesteps))
-        raise UserError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        raise ValueError(f"unknown noise schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
 
     def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
         """abar_t; t = -1 means 'no noise' (abar = 1), the end of every sampler. A fractional t in [0, T-1]
@@ -102,7 +100,7 @@ def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor
 
 def _check_steps(steps: int, T: int) -> None:
     if not 1 <= steps <= T:
-        raise UserError(f"--steps must be between 1 and {T} (the model's number of timesteps), got {steps}")
+        raise ValueError(f"steps must be between 1 and {T} (the model's number of timesteps), got {steps}")
 
 
 def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -119,7 +117,7 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     elif spacing == "linspace":
         ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().flip(0)
     else:
-        raise UserError(f"unknown timestep spacing {spacing!r}: choose trailing, leading or linspace")
+        raise ValueError(f"unknown timestep spacing {spacing!r}: choose trailing, leading or linspace")
     return [int(t) for t in ts]
 
 
@@ -147,4 +145,4 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trai
         lo, hi = sigmas[0] ** (1 / rho), min(float(sigmas[-1]), sigma_max) ** (1 / rho)
         ramp = i / max(steps - 1, 1)
         return schedule.t_from_sigma((hi + ramp * (lo - hi)) ** rho).tolist()
-    raise UserError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")
+    raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")

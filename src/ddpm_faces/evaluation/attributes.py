@@ -25,13 +25,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..data import BatchLoader
 from ..errors import UserError
 from ..io import atomic_folder
+from ..runs import DEFAULT_CLASSIFIER, bundled
 
 log = logging.getLogger("ddpm_faces.evaluation")
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_CLASSIFIER = "attributes32"
 
 
 class AttributeClassifier(nn.Module):
@@ -99,8 +99,6 @@ class ClassifierTraining:
 def train_classifier(data, attributes: list[str] | None = None, settings: ClassifierTraining = ClassifierTraining(),
                      progress: bool = True) -> tuple[AttributeClassifier, dict]:
     """Train on the prepared dataset's train split; returns the model and its accuracy on the val split."""
-    from ..data import BatchLoader
-
     attributes = attributes or list(data.attributes)
     missing = [a for a in attributes if a not in data.attributes]
     if missing:
@@ -150,7 +148,7 @@ def save_classifier(clf: AttributeClassifier, out_dir: str | Path, accuracy: dic
 
 def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
     """The classifier at `path` (a folder with model.safetensors + config.yaml), or the bundled one."""
-    folder = Path(path) if path else WEIGHTS_DIR / DEFAULT_CLASSIFIER
+    folder = Path(path) if path else bundled(DEFAULT_CLASSIFIER)
     if not (folder / "model.safetensors").is_file() or not (folder / "config.yaml").is_file():
         raise UserError(f"no attribute classifier in {folder}: expected model.safetensors and config.yaml "
                         "(train one with `ddpm-faces classifier`)")

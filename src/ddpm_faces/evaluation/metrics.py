@@ -7,8 +7,6 @@ All functions take features (one row per image, e.g. the 2048-d Inception pool f
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..io import atomic_file
 
 # =========================================================================== feature statistics
 
@@ -64,12 +63,8 @@ class FeatureStats:
         }
         if self.feats is not None:
             arrays["feats"] = np.asarray(self.feats, dtype=np.float32)
-        partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.npz")
-        try:
+        with atomic_file(path) as partial:
             np.savez(partial, **arrays)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -1,58 +1,54 @@
 """Score a model: generate N seeded samples with any sampler and compare them with real faces.
 
     pipe = load_pipeline("runs/faces64")
-    metrics = evaluate_model(pipe, reference="../shared/data/faces", split="val", num=2000,
-                             sampler="dpmpp-2m", steps=20)
+    metrics = evaluate_model(pipe, SamplingRequest(num=2000), reference="../shared/data/faces", split="val")
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..diffusion import network_evaluations
-from ..pipeline import Pipeline, generate
+import numpy as np
+import torch
+
+from ..data import prepare_dataset
+from ..errors import UserError
+from ..pipeline import Pipeline, SamplingRequest, generate
+from .attributes import agreement, classifier_accuracy, target_labels
 from .features import InceptionFeatures
 from .reference import evaluate_images, reference_stats
 
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "precision", "recall", "face_rate")
 
 
-def evaluate_model(pipe: Pipeline, *, reference: str, split: str = "val", num: int = 2000,
-                   reference_num: int | None = None, sampler: str = "ddpm", steps: int = 50,
-                   spacing: str | None = None, seed: int = 0, batch_size: int = 64,
-                   cache_dir: str | Path | None = None, extractor=None, with_face_rate: bool = True,
-                   progress: bool = True) -> dict:
-    """Metrics of `num` samples (seeds seed..seed+num-1) against a split of a real face set."""
+def evaluate_model(pipe: Pipeline, request: SamplingRequest, *, reference: str, split: str = "val",
+                   reference_num: int | None = None, cache_dir: str | Path | None = None, extractor=None,
+                   with_face_rate: bool = True, progress: bool = True) -> dict:
+    """Metrics of `request.num` samples (images 0..num-1 of request.seed) against a split of a real face set."""
+    request = request.validate(pipe)
     extractor = extractor or InceptionFeatures(pipe.device, progress=progress)
     d = pipe.cfg.data                              # prepare the reference as the model's data were prepared
-    real = reference_stats(reference, split, pipe.cfg.model.resolution, num=reference_num, cache_dir=cache_dir,
+    real = reference_stats(reference, split, pipe.codec.image_size, num=reference_num, cache_dir=cache_dir,
                            crop=d.crop, hf_config=d.hf_config, extractor=extractor, progress=progress)
-    images = generate(pipe, num, seed=seed, sampler=sampler, steps=steps, spacing=spacing,
-                      batch_size=batch_size, progress=progress)
+    images = generate(pipe, request, progress=progress)
     metrics = evaluate_images(images, real, extractor=extractor, with_face_rate=with_face_rate,
                               progress=progress)
-    return {**metrics, "sampler": sampler, "steps": steps, "nfe": network_evaluations(sampler, steps),
-            "seed": seed, "reference": reference, "split": split, "model": str(pipe.source)}
+    return {**metrics, "sampler": request.sampler, "steps": request.steps, "nfe": request.nfe,
+            "seed": request.seed, "reference": reference, "split": split, "model": str(pipe.source)}
 
 
-def attribute_agreement(pipe: Pipeline, classifier, *, reference: str, guidance: list[float], num: int = 300,
-                        split: str = "val", sampler: str = "ddpm", steps: int = 50, seed: int = 0,
-                        batch_size: int = 64, cache_dir: str | Path | None = None, extractor=None,
-                        with_fid: bool = True, progress: bool = True) -> dict:
-    """For each guidance scale: how often `classifier` reads the attributes asked for in `num` conditional
-    samples (attribute combinations drawn from the reference's val labels), with FID at the same scale;
-    plus the classifier's own accuracy on the real val faces, the ceiling to compare with."""
-    import numpy as np
-    import torch
-
-    from ..data import prepare_dataset
-    from ..errors import UserError
-    from .attributes import agreement, classifier_accuracy, target_labels
-
+def attribute_agreement(pipe: Pipeline, classifier, request: SamplingRequest, *, reference: str,
+                        guidance: list[float], split: str = "val", cache_dir: str | Path | None = None,
+                        extractor=None, with_fid: bool = True, progress: bool = True) -> dict:
+    """For each guidance scale: how often `classifier` reads the attributes asked for in `request.num`
+    conditional samples (attribute combinations drawn from the reference's val labels), with FID at the same
+    scale; plus the classifier's own accuracy on the real val faces, the ceiling to compare with."""
+    requests = [request.replace(guidance=w).validate(pipe) for w in guidance]
+    num, seed = request.num, request.seed
     m = pipe.cfg.model
     if not m.attributes:
         raise UserError(f"--attributes needs a conditional model; {pipe.source} is unconditional")
     d = pipe.cfg.data
-    data = prepare_dataset(reference, m.resolution, crop=d.crop, cache_dir=cache_dir, hf_config=d.hf_config,
+    data = prepare_dataset(reference, pipe.codec.image_size, crop=d.crop, cache_dir=cache_dir, hf_config=d.hf_config,
                            progress=progress)
     missing = [a for a in m.attributes if a not in data.attributes]
     if missing:
@@ -69,17 +65,17 @@ def attribute_agreement(pipe: Pipeline, classifier, *, reference: str, guidance:
     real = None
     if with_fid:
         extractor = extractor or InceptionFeatures(pipe.device, progress=progress)
-        real = reference_stats(reference, split, m.resolution, cache_dir=cache_dir, crop=d.crop,
+        real = reference_stats(reference, split, pipe.codec.image_size, cache_dir=cache_dir, crop=d.crop,
                                hf_config=d.hf_config, extractor=extractor, progress=progress)
     rows = []
-    for w in guidance:
-        images = generate(pipe, num, seed=seed, sampler=sampler, steps=steps, batch_size=batch_size,
-                          guidance=w, labels=torch.from_numpy(asked), progress=progress)
-        row = {"guidance": w, "agreement": agreement(classifier, images, asked, m.attributes, m.vocab)}
+    for scaled in requests:
+        images = generate(pipe, scaled, labels=torch.from_numpy(asked), progress=progress)
+        row = {"guidance": scaled.guidance, "agreement": agreement(classifier, images, asked, m.attributes, m.vocab)}
         if real is not None:
             row.update(evaluate_images(images, real, extractor=extractor, with_face_rate=False, progress=progress))
         rows.append(row)
-    return {"classifier_accuracy_real": real_acc, "rows": rows, "num": num, "sampler": sampler, "steps": steps,
+    return {"classifier_accuracy_real": real_acc, "rows": rows, "num": num, "sampler": request.sampler,
+            "steps": request.steps,
             "model": str(pipe.source), "reference": reference, "split": split}
 
 

@@ -1,0 +1,16 @@
+"""From a trained model to pictures: load a Pipeline (codec, denoiser, schedule), build a SamplingRequest,
+generate.
+
+    pipe = load_pipeline(None)                                  # the bundled model
+    images = generate(pipe, SamplingRequest(num=16, seed=0))    # (16, H, W, 3) uint8
+"""
+from .generate import autocast_net, generate, interpolate, slerp, starting_noise
+from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
+                    load_pipeline)
+from .request import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, SAMPLING_PRECISIONS, SamplingRequest
+
+__all__ = [
+    "autocast_net", "generate", "interpolate", "slerp", "starting_noise",
+    "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_pipeline",
+    "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "SAMPLING_PRECISIONS", "SamplingRequest",
+]

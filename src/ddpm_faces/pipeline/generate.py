@@ -1,0 +1,103 @@
+"""Noise to faces: run a SamplingRequest through a Pipeline.
+
+    images = generate(pipe, SamplingRequest(num=16, seed=0))     # (16, H, W, 3) uint8
+
+Image i depends only on (seed, first_index + i), the attributes and the sampler settings, never on the
+batch size or on how many images were asked for.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..diffusion import Denoiser, PerImageNoise, sampling_timesteps
+from ..errors import UserError
+from ..images import to_uint8
+from .model import Pipeline
+from .request import SamplingRequest
+
+
+def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
+             callback=None, labels: torch.Tensor | None = None,
+             initial_noise: torch.Tensor | None = None) -> np.ndarray:
+    """`request.num` images as (num, H, W, 3) uint8.
+
+    `labels` (num, n_attributes) class indices give each image its own attributes (instead of
+    `request.attributes`, the same for all); `initial_noise` (num, *codec.shape) replaces the seeded
+    starting noise (e.g. interpolated noise). `callback(i, t, x, x0)` sees every step, with x0 the current
+    estimate of the images, decoded."""
+    request = request.validate(pipe)
+    num, codec = request.num, pipe.codec
+    if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
+        raise UserError(f"labels must be ({num}, {len(pipe.cfg.model.attributes)}) for this model, "
+                        f"got {tuple(labels.shape)}")
+    if initial_noise is not None and tuple(initial_noise.shape) != (num, *codec.shape):
+        raise UserError(f"initial noise must be {(num, *codec.shape)}, got {tuple(initial_noise.shape)}")
+    shared = pipe.labels(request.attributes, min(num, request.batch_size))
+    denoiser = Denoiser(autocast_net(pipe.net, request.precision), pipe.schedule, pipe.cfg.diffusion.prediction,
+                        request.guidance, request.guidance_interval)
+    timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
+    sample_fn, options = request.spec.fn, request.sampler_options()
+    bar = tqdm(total=num * request.steps, desc=f"sampling ({request.sampler}, {request.steps} steps)", unit="step",
+               disable=not progress, leave=False)
+    out = []
+    with torch.inference_mode():
+        for start in range(first_index, first_index + num, request.batch_size):
+            n = min(request.batch_size, first_index + num - start)
+            rows = slice(start - first_index, start - first_index + n)
+            noise = PerImageNoise(request.seed, start, n)
+            x = noise(torch.empty(n, *codec.shape, device=pipe.device))
+            if initial_noise is not None:
+                x = initial_noise[rows].to(pipe.device, torch.float32)
+
+            def step_callback(i, t, x_i, x0, n=n):
+                bar.update(n)
+                if callback is not None:
+                    callback(i, t, x_i, codec.decode(x0))
+
+            cond = labels[rows].to(pipe.device) if labels is not None else None if shared is None else shared[:n]
+            x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond, callback=step_callback, **options)
+            out.append(to_uint8(codec.decode(x)))
+    bar.close()
+    return np.concatenate(out)
+
+
+def autocast_net(net, precision: str):
+    """The network, under bf16 autocast for precision "bf16" (the sampler's arithmetic stays in fp32)."""
+    if precision == "fp32":
+        return net
+    device_type = next(net.parameters()).device.type
+
+    def run(*args):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return net(*args)
+    return run
+
+
+def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:
+    """(1, *codec.shape): the pure noise that image `index` of seed `seed` starts from in `generate`."""
+    return PerImageNoise(seed, index, 1)(torch.empty(1, *pipe.codec.shape))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation between two Gaussian noise tensors (keeps their norm, so the result still looks
+    like Gaussian noise to the model; Shoemake 1985)."""
+    fa, fb = a.flatten().double(), b.flatten().double()
+    cos = torch.clamp(fa @ fb / (fa.norm() * fb.norm()), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if float(omega) < 1e-6:
+        return (1 - weight) * a + weight * b
+    out = (torch.sin((1 - weight) * omega) * fa + torch.sin(weight * omega) * fb) / torch.sin(omega)
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def interpolate(pipe: Pipeline, seed_b: int, request: SamplingRequest, **kwargs) -> np.ndarray:
+    """`request.num` faces along the spherical path between the starting noise of image 0 of `request.seed`
+    and of `seed_b`; a deterministic sampler (ddim, dpmpp-2m, heun) makes the row change smoothly."""
+    if request.num < 2:
+        raise UserError(f"interpolation needs at least 2 images, got {request.num}")
+    request = request.validate(pipe)
+    a, b = starting_noise(pipe, request.seed), starting_noise(pipe, seed_b)
+    noise = torch.cat([slerp(a, b, i / (request.num - 1)) for i in range(request.num)])
+    return generate(pipe, request, initial_noise=noise, **kwargs)

@@ -1,0 +1,118 @@
+"""A trained model ready to sample: (codec, denoising network, noise schedule) with its config.
+
+    pipe = load_pipeline("runs/faces64")        # a run, its export/, a checkpoint, or None: the bundled model
+
+Where weights live and how they are checked is runs/weights.py; this module builds the pieces.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import Config, config_from_dict, read_yaml
+from ..diffusion import Denoiser, NoiseSchedule
+from ..errors import UserError
+from ..models import Codec, PixelCodec, UNet
+from ..models.conditioning import encode_attributes
+from ..runs import find_model, read_weights
+
+
+def build_model(cfg: Config) -> UNet:
+    return UNet(cfg.model)
+
+
+def build_schedule(cfg: Config) -> NoiseSchedule:
+    d = cfg.diffusion
+    return NoiseSchedule.from_config(d.schedule, d.timesteps, d.beta_start, d.beta_end)
+
+
+def build_codec(cfg: Config) -> Codec:
+    """Pixels today: the denoiser sees (model.in_channels, model.resolution, model.resolution) images."""
+    return PixelCodec(cfg.model.in_channels, cfg.model.resolution)
+
+
+@dataclass
+class Pipeline:
+    net: torch.nn.Module                        # the denoising network f(x_t, t, labels)
+    cfg: Config
+    source: Path                                # where the weights came from
+    step: int | None = None                     # the training step of the weights, where recorded
+    codec: Codec = field(default=None)          # default: build_codec(cfg)
+
+    def __post_init__(self):
+        self.codec = self.codec if self.codec is not None else build_codec(self.cfg)
+        self.schedule = build_schedule(self.cfg)
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.net, self.schedule, self.cfg.diffusion.prediction)
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.cfg.model.attributes)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def labels(self, attributes: dict[str, str | None] | None, batch: int) -> torch.Tensor | None:
+        """(batch, n_attributes) labels for attribute values given by name, or None for none given."""
+        wanted = {k: v for k, v in (attributes or {}).items() if v not in (None, "", "any")}
+        if not wanted:
+            return None
+        m = self.cfg.model
+        if not m.attributes:
+            raise UserError(f"this model ({self.source}) is unconditional: it cannot be asked for "
+                            f"{', '.join(wanted)}; leave out the attribute options or use a conditional model")
+        try:
+            return encode_attributes(m.vocab, m.attributes, wanted, batch).to(self.device)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """The model at `path` (any form runs.find_model takes) in eval mode on `device`."""
+    files = find_model(path)
+    if not files.config.is_file():
+        raise UserError(f"{files.config} is missing: the model's config must sit beside its weights")
+    cfg = config_from_dict(read_yaml(files.config))
+    net = build_model(cfg)
+    state, step = read_weights(files, cfg)
+    expected = net.state_dict()
+    wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
+    if wrong or set(state) - set(expected):
+        raise UserError(f"{files.weights} does not match its config.yaml ({len(wrong)} missing or differently shaped, "
+                        f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
+    net.load_state_dict(state)
+    dev = check_device(device)
+    pipe = Pipeline(net.to(dev).eval(), cfg, files.folder, step)
+    pipe.codec.to(dev).eval()
+    return pipe
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here, or a UserError naming what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but this PyTorch has no CUDA GPU: use --device cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
+    return dev
+
+
+def default_threads() -> int:
+    """Torch threads when none are asked for: all cores but one (at least one). With every core, sampling slows
+    down several times as soon as another process holds a core (the threads wait on each other)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)

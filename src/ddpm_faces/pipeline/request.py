@@ -1,0 +1,121 @@
+"""One sampling request: every option of a generation, its one set of defaults, and its one check.
+
+    request = SamplingRequest(num=16, seed=0, sampler="dpmpp-2m", steps=20, attributes={"gender": "Female"},
+                              guidance=3.0).validate(pipe)
+
+`ddpm-faces sample`, `eval`, `eval --attributes`, the in-training samples and FID, and the web app all
+build one of these; `validate` raises UserError with a message that names the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from ..diffusion import SAMPLERS, SPACINGS, SamplerSpec, sampler_spec, sampling_timesteps
+from ..errors import UserError
+
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp-2m", 20   # measured on the bundled model: FID within 0.1% of DDPM-1000
+SAMPLING_PRECISIONS = ("fp32", "bf16")           # bf16: the network under bf16 autocast, the sampler in fp32
+MAX_SEED = 2**63 - 1
+ANY = ("", "any", None)                          # attribute values that mean "not asked for"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class SamplingRequest:
+    num: int = 16                                # images; image i depends only on (seed, i)
+    seed: int = 0
+    sampler: str = DEFAULT_SAMPLER               # a name in diffusion.SAMPLERS
+    steps: int = DEFAULT_STEPS                   # timesteps visited (network calls: see `nfe`)
+    spacing: str | None = None                   # where the steps fall; None = the sampler's default
+    eta: float = 0.0                             # DDIM only: 0 deterministic, 1 like DDPM
+    guidance: float = 1.0                        # classifier-free guidance scale w; 1 = plain conditional
+    guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
+    precision: str = "fp32"                      # fp32 | bf16
+    attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
+    batch_size: int = 16                         # images per network batch (does not change the images)
+
+    @property
+    def spec(self) -> SamplerSpec:
+        return sampler_spec(self.sampler)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image (twice that for guided steps, in one batched call each)."""
+        return self.spec.network_evaluations(self.steps)
+
+    @property
+    def timestep_spacing(self) -> str:
+        return self.spacing or self.spec.spacing
+
+    def sampler_options(self) -> dict:
+        """The keyword options this sampler takes (e.g. DDIM's eta)."""
+        return {name: getattr(self, name) for name in self.spec.options}
+
+    def replace(self, **changes) -> SamplingRequest:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self, pipe) -> SamplingRequest:
+        """Check every field against the model `pipe` (a Pipeline); returns the request with the attributes
+        left to the model ('any', '' or None) dropped. Raises UserError naming the field."""
+        self._check_counts()
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise UserError(f"unknown spacing {self.spacing!r}: choose one of {', '.join(SPACINGS)}")
+        T = pipe.schedule.T
+        if not _is_int(self.steps) or not 1 <= self.steps <= T:
+            raise UserError(f"steps must be a whole number from 1 to {T} (the model's timesteps), got {self.steps!r}")
+        try:
+            sampling_timesteps(pipe.schedule, self.steps, self.timestep_spacing)
+        except ValueError as err:
+            raise UserError(f"{self.steps} steps do not work with the {self.sampler} sampler on this model: {err}"
+                            ) from None
+        self._check_guidance()
+        if self.precision not in SAMPLING_PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}: use {' or '.join(SAMPLING_PRECISIONS)}")
+        wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
+        pipe.labels(wanted, 1)                   # unknown names or values, or an unconditional model
+        return self.replace(attributes=wanted)
+
+    def _check_counts(self) -> None:
+        if not _is_int(self.num) or self.num < 1:
+            raise UserError(f"num must be a whole number of at least 1, got {self.num!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be a whole number from 0 to {MAX_SEED}, got {str(self.seed)[:40]}")
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            raise UserError(f"batch size must be a whole number of at least 1, got {self.batch_size!r}")
+
+    def _check_guidance(self) -> None:
+        if not _is_number(self.eta) or self.eta < 0:
+            raise UserError(f"eta must be a number >= 0, got {self.eta!r}")
+        if self.eta and "eta" not in self.spec.options:
+            raise UserError(f"eta is an option of the ddim sampler only, not of {self.sampler}: leave it at 0")
+        if not _is_number(self.guidance) or self.guidance < 0:
+            raise UserError(f"guidance must be a number >= 0 (1 = no guidance), got {self.guidance!r}")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not (_is_number(lo) and _is_number(hi)) or lo > hi:
+                raise UserError(f"guidance interval {lo!r} {hi!r}: two timesteps LO <= HI")
+
+    def cli_flags(self, *, attributes: bool = True) -> str:
+        """The `ddpm-faces sample` flags that ask for this request (defaults left out)."""
+        default = SamplingRequest()
+        parts = [f"--seed {self.seed} --num {self.num} --sampler {self.sampler} --steps {self.steps}"]
+        for name in ("spacing", "eta", "guidance", "precision"):
+            value = getattr(self, name)
+            if value != getattr(default, name):
+                parts.append(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}")
+        if self.guidance_interval is not None:
+            parts.append("--guidance-interval {:g} {:g}".format(*self.guidance_interval))
+        if attributes:
+            parts += [f"--{k} '{v}'" for k, v in self.attributes.items()]
+        return " ".join(parts)

@@ -1,0 +1,108 @@
+"""Weights for sampling: exports, the bundled models, and finding the weights a path names.
+
+An export is a folder with `model.safetensors` (EMA weights; metadata: the model config and the training
+step) and `config.yaml` (the run's resolved config). Loading never executes code: safetensors only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..config import Config
+from ..errors import UserError
+from ..io import atomic_folder
+from .checkpoints import state_tensors
+from .layout import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"    # weights shipped inside the package
+DEFAULT_MODEL = "faces32"
+DEFAULT_CLASSIFIER = "attributes32"
+EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    weights: Path
+    config: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.weights.parent
+
+
+def bundled(name: str) -> Path:
+    return BUNDLED_DIR / name
+
+
+def bundled_folders() -> list[Path]:
+    """Folders under the package's weights/ holding model.safetensors + config.yaml, the default first."""
+    found = [f for f in sorted(BUNDLED_DIR.iterdir()) if (f / WEIGHTS_FILE).is_file() and (f / CONFIG_FILE).is_file()
+             ] if BUNDLED_DIR.is_dir() else []
+    return sorted(found, key=lambda f: f.name != DEFAULT_MODEL)
+
+
+def find_model(path: str | Path | None) -> ModelFiles:
+    """The weights and config that `path` names: a bundled model's name (or None for the default), an export,
+    a run folder (its export/, else its newest checkpoint), or one checkpoints/step-N folder."""
+    if path is None or (not Path(path).exists() and bundled(str(path)).is_dir()):
+        folder = bundled(str(path) if path else DEFAULT_MODEL)
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise UserError(f"bundled model {folder.name!r} is missing from {BUNDLED_DIR}: reinstall ddpm-faces "
+                            "or pass --checkpoint runs/<name>")
+        return ModelFiles(folder / WEIGHTS_FILE, folder / CONFIG_FILE)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist: pass a run folder (runs/<name>), its export/ folder, "
+                        "a checkpoints/step-N folder, or leave --checkpoint out for the bundled model")
+    run = RunFolder(p)
+    if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file():
+        return ModelFiles(p / WEIGHTS_FILE, p / CONFIG_FILE)                            # an export
+    if (run.export / WEIGHTS_FILE).is_file():
+        return ModelFiles(run.export / WEIGHTS_FILE, run.export / CONFIG_FILE)          # a run with an export
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        return ModelFiles(latest / EMA_FILE, run.config)                                # a run without one yet
+    if (p / EMA_FILE).is_file():
+        return ModelFiles(p / EMA_FILE, RunFolder(p.parent.parent).config)              # one checkpoint
+    raise UserError(f"no model found in {p}: expected model.safetensors + config.yaml, export/, or checkpoints/")
+
+
+def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32,
+                 step: int | None = None) -> Path:
+    """Write model.safetensors + config.yaml into out_dir atomically. An existing out_dir is replaced only
+    if it holds nothing but an earlier export, so no other files are ever deleted."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
+        raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
+    with atomic_folder(out_dir) as tmp:
+        save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE,
+                  metadata={"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True),
+                            **({"step": str(step)} if step is not None else {})})
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out_dir
+
+
+def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor], int | None]:
+    """(float32 state dict, training step or None) of the weights, checked against the config's model section
+    (which the weights' metadata records)."""
+    try:
+        state = {k: v.float() for k, v in load_file(files.weights).items()}
+        with safe_open(files.weights, "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:                     # safetensors raises its own error types for bad files
+        raise UserError(f"{files.weights} is not a readable safetensors file ({type(err).__name__}): "
+                        "export the run again or check the download") from None
+    model_cfg = cfg.to_dict()["model"]
+    trained_as = json.loads(metadata["model"]) if "model" in metadata else model_cfg
+    if trained_as != model_cfg:
+        differ = sorted(k for k, v in trained_as.items() if model_cfg.get(k) != v)
+        raise UserError(f"{files.weights} was exported with another model config than {files.config} "
+                        f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with the weights")
+    recorded = metadata.get("step", "")                # exports record it; a checkpoint's folder is named by it
+    return state, int(recorded) if recorded.isdigit() else checkpoint_step(files.folder)

@@ -1,0 +1,108 @@
+"""The pipeline seam: one sampling request, the codec, and the bundled model's images pinned."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from ddpm_faces.errors import UserError
+from ddpm_faces.models import PixelCodec
+from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
+
+# sha256 (first 16 hex digits) of generate(bundled model, SamplingRequest(num=3, **case)).tobytes(), taken
+# before the seams were reshaped: the same seed, sampler, steps and precision must keep giving these bytes.
+PINNED = {
+    "a898caf941f124fa": dict(sampler="dpmpp-2m", steps=20),
+    "177fd8acb121e1ea": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0),
+    "2ee5a4ac411cfafe": dict(sampler="ddim", steps=10, eta=0.5, seed=7),
+    "556c9037ab7d2aac": dict(sampler="heun", steps=6, attributes={"age": "60-69"}, guidance=2.0,
+                             guidance_interval=(100.0, 900.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_pipeline(None)
+
+
+@pytest.mark.parametrize("digest", list(PINNED))
+def test_bundled_model_images_are_unchanged(bundled, digest):
+    images = generate(bundled, SamplingRequest(num=3, **PINNED[digest]), progress=False)
+    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == digest
+
+
+def test_batch_size_does_not_change_the_images(bundled):
+    request = SamplingRequest(num=3, sampler="ddim", steps=4, eta=1.0, seed=5)
+    whole = generate(bundled, request, progress=False)
+    split = generate(bundled, request.replace(batch_size=2), progress=False)
+    assert (whole == split).all()
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(num=0), "num"), (dict(seed=-1), "seed"), (dict(seed=10**400), "seed"), (dict(seed=1.5), "seed"),
+    (dict(sampler="euler"), "sampler"), (dict(steps=0), "steps"), (dict(steps=1001), "steps"),
+    (dict(steps=True), "steps"), (dict(spacing="cubic"), "spacing"), (dict(eta=-1.0), "eta"),
+    (dict(eta=0.5), "eta"), (dict(guidance=float("nan")), "guidance"), (dict(guidance=-1.0), "guidance"),
+    (dict(guidance_interval=(900.0, 100.0)), "guidance interval"), (dict(precision="fp16"), "precision"),
+    (dict(attributes={"mood": "happy"}), "mood"), (dict(attributes={"age": "200"}), "age"),
+    (dict(batch_size=0), "batch size"),
+])
+def test_every_bad_field_is_one_line_naming_it(bundled, change, field):
+    with pytest.raises(UserError) as err:
+        SamplingRequest(**change).validate(bundled)
+    message = str(err.value)
+    assert field in message and "\n" not in message and len(message) < 300
+
+
+def test_validate_drops_attributes_left_to_the_model(bundled):
+    request = SamplingRequest(attributes={"age": "any", "gender": "Female", "race": None}).validate(bundled)
+    assert request.attributes == {"gender": "Female"}
+
+
+def test_one_default_for_every_entry_point():
+    """The library, the CLI and evaluation share SamplingRequest's defaults (DPM-Solver++, 20 steps)."""
+    from ddpm_faces.cli import build_parser, request_from_args
+
+    default = SamplingRequest()
+    for command in (["sample"], ["eval"], ["eval", "--attributes"]):
+        request = request_from_args(build_parser().parse_args(command))
+        assert request.replace(num=default.num, batch_size=default.batch_size) == default
+    assert default.nfe == 20 and SamplingRequest(sampler="heun", steps=10).nfe == 19
+
+
+def test_cli_flags_reproduce_the_request():
+    from ddpm_faces.cli import build_parser, request_from_args
+
+    request = SamplingRequest(num=4, seed=9, sampler="ddim", steps=30, eta=0.5, guidance=2.5, precision="bf16",
+                              guidance_interval=(10.0, 500.0), attributes={"gender": "Female"})
+    args = build_parser().parse_args(["sample", *request.cli_flags().replace("'", "").split()])
+    assert request_from_args(args, batch_size=request.batch_size) == request
+
+
+def test_pixel_codec_is_the_identity_and_knows_its_shape():
+    codec = PixelCodec(3, 16)
+    x = torch.randn(2, 3, 16, 16)
+    assert codec.shape == (3, 16, 16) and codec.image_size == 16
+    assert torch.equal(codec.decode(codec.encode(x)), x)
+
+
+def test_generate_follows_the_codec_shape(unconditional_model):
+    """A codec with another shape (4 channels at half size, decoded by a fixed linear map) changes what the
+    sampler works on; generate takes its noise from codec.shape and returns decoded images."""
+    pipe = load_pipeline(unconditional_model)
+
+    class HalfSize(PixelCodec):
+        def __init__(self):
+            super().__init__(3, 16)
+            self.shape = (4, 8, 8)
+
+        def decode(self, x):
+            return torch.nn.functional.interpolate(x[:, :3], scale_factor=2).clamp(-1, 1)
+
+    seen = []
+    pipe.codec = HalfSize()
+    pipe.net = lambda x, t, *cond: (seen.append(tuple(x.shape)), torch.zeros_like(x))[1]
+    pipe.net.parameters = lambda: iter([torch.zeros(1)])
+    images = generate(pipe, SamplingRequest(num=2, steps=3, sampler="ddim"), progress=False)
+    assert seen == [(2, 4, 8, 8)] * 3 and images.shape == (2, 16, 16, 3)
