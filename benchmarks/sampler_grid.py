@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ddpm_faces.images import make_grid
-from ddpm_faces.pipeline import generate, load_pipeline
+from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 
 LABEL_WIDTH = 150
 
@@ -38,7 +38,8 @@ def main() -> None:
     for spec in args.row:
         checkpoint, sampler = spec.rsplit(":", 1)
         pipe = load_pipeline(checkpoint)
-        images = generate(pipe, args.num, seed=args.seed, sampler=sampler, steps=args.steps, progress=False)
+        images = generate(pipe, SamplingRequest(num=args.num, seed=args.seed, sampler=sampler, steps=args.steps),
+                          progress=False)
         label = f"{pipe.cfg.diffusion.prediction}-prediction\n{sampler}, {args.steps} steps"
         rows.append(labelled_row(images, label, args.scale))
     out = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")

@@ -18,7 +18,7 @@ import torch
 from ddpm_faces.diffusion import SAMPLERS, network_evaluations
 from ddpm_faces.evaluation import InceptionFeatures, evaluate_images, reference_stats
 from ddpm_faces.evaluation.model_eval import format_table
-from ddpm_faces.pipeline import generate, load_pipeline
+from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 
 NFES = (5, 10, 20, 50, 100, 1000)
 
@@ -34,15 +34,16 @@ def run(args) -> list[dict]:
     done = {(r["sampler"], r["nfe_budget"], r["num_fake"]) for r in rows}
     pipe = load_pipeline(args.checkpoint)
     extractor = InceptionFeatures()
-    real = reference_stats(args.reference, "val", pipe.cfg.model.resolution, extractor=extractor,
+    real = reference_stats(args.reference, "val", pipe.codec.image_size, extractor=extractor,
                            cache_dir=args.cache_dir)
     for nfe in args.nfe:
         for sampler in args.samplers:
             if (sampler, nfe, args.num) in done or (nfe > args.max_nfe_except_ddpm and sampler != "ddpm"):
                 continue
             start = time.perf_counter()
-            images = generate(pipe, args.num, seed=args.seed, sampler=sampler, steps=steps_for(sampler, nfe),
-                              batch_size=args.batch_size, progress=True)
+            request = SamplingRequest(num=args.num, seed=args.seed, sampler=sampler, steps=steps_for(sampler, nfe),
+                                      batch_size=args.batch_size)
+            images = generate(pipe, request, progress=True)
             seconds = time.perf_counter() - start
             metrics = evaluate_images(images, real, extractor=extractor)
             steps = steps_for(sampler, nfe)

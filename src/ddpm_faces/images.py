@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UserError
+
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
@@ -28,8 +30,6 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, fill: i
 
 
 def save_image(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
-    from .errors import UserError
-
     path = Path(path)
     img = Image.fromarray(array)
     if upscale > 1:

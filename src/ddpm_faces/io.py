@@ -6,7 +6,8 @@
         ...
 
 Both flush to disk before the rename, and both leave what they write readable as the user's umask allows
-(some writers, safetensors among them, create files with mode 0600).
+(some writers, safetensors among them, create files with mode 0600). Replacing a folder takes two renames
+(final -> final.old, final.tmp -> final); `recover_folder` repairs a crash between them.
 """
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def atomic_folder(final: Path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def recover_folder(final: Path) -> bool:
+    """Finish an `atomic_folder` replacement that a crash interrupted; True when something was repaired.
+
+    `final.old` exists only once `final.tmp` was complete and flushed, so with `final` missing the new
+    folder is `final.tmp`; with `final` present, `final.old` is a leftover."""
+    final = Path(final)
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    if not old.is_dir():
+        return False
+    if not final.exists() and tmp.is_dir():
+        os.replace(tmp, final)
+    elif not final.exists():
+        os.replace(old, final)              # the new folder is gone too: the old one is the last complete one
+        return True
+    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 @contextmanager

@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..io import recover_folder
+
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"           # an export's (EMA) weights
 EMA_FILE = "ema.safetensors"                 # a checkpoint's EMA weights
@@ -49,6 +51,8 @@ class RunFolder:
         root = self.checkpoints_dir
         if not root.is_dir():
             return []
+        for left in root.glob("step-*.old"):                 # a save interrupted between its two renames
+            recover_folder(left.with_name(left.name[:-len(".old")]))
         found = [(step, p) for p in root.iterdir() if (step := checkpoint_step(p)) is not None
                  and (p / "state.json").is_file()]
         return [p for _, p in sorted(found)]

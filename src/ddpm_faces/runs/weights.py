@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config
 from ..errors import UserError
-from ..io import atomic_folder
+from ..io import atomic_folder, recover_folder
 from .checkpoints import state_tensors
 from .layout import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
 
@@ -24,6 +24,7 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"    # weights sh
 DEFAULT_MODEL = "faces32"
 DEFAULT_CLASSIFIER = "attributes32"
 EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
+SAMPLING_KEYS = ("schedule", "timesteps", "beta_start", "beta_end", "prediction")   # diffusion settings sampling needs
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ def find_model(path: str | Path | None) -> ModelFiles:
                             "or pass --checkpoint runs/<name>")
         return ModelFiles(folder / WEIGHTS_FILE, folder / CONFIG_FILE)
     p = Path(path)
+    for folder in (p, RunFolder(p).export):
+        recover_folder(folder)                                  # an export interrupted between its renames
     if not p.exists():
         raise UserError(f"checkpoint {p} does not exist: pass a run folder (runs/<name>), its export/ folder, "
                         "a checkpoints/step-N folder, or leave --checkpoint out for the bundled model")
@@ -81,11 +84,39 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
     with atomic_folder(out_dir) as tmp:
-        save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE,
-                  metadata={"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True),
-                            **({"step": str(step)} if step is not None else {})})
+        save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=weights_metadata(cfg, step))
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir
+
+
+def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
+    """What an export records beside its tensors: the model config and the diffusion settings it was trained
+    with (a config that differs in either samples noise), and the training step."""
+    diffusion = {k: cfg.to_dict()["diffusion"][k] for k in SAMPLING_KEYS}
+    return {"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True),
+            "diffusion": json.dumps(diffusion, sort_keys=True), **({"step": str(step)} if step is not None else {})}
+
+
+def check_recorded(files: ModelFiles, cfg: Config, metadata: dict[str, str]) -> None:
+    """The config beside the weights must match what the weights recorded of their training."""
+    for section in ("model", "diffusion"):
+        if section not in metadata:                    # exports older than the record of that section
+            continue
+        recorded, current = json.loads(metadata[section]), cfg.to_dict()[section]
+        differ = sorted(k for k, v in recorded.items() if current.get(k) != v)
+        if differ or (section == "model" and recorded != current):
+            raise UserError(f"{files.weights} was exported with another {section} config than {files.config} "
+                            f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with "
+                            "the weights")
+
+
+def check_finite(files: ModelFiles, state: dict[str, torch.Tensor]) -> None:
+    """One NaN or inf in the weights makes every image black: refuse them, naming the tensor."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise UserError(f"{files.weights} holds {bad} non-finite value(s) in {name}: the weights are damaged "
+                            "(a diverged run or a broken file); export an earlier checkpoint")
 
 
 def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor], int | None]:
@@ -98,11 +129,7 @@ def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor
     except Exception as err:                     # safetensors raises its own error types for bad files
         raise UserError(f"{files.weights} is not a readable safetensors file ({type(err).__name__}): "
                         "export the run again or check the download") from None
-    model_cfg = cfg.to_dict()["model"]
-    trained_as = json.loads(metadata["model"]) if "model" in metadata else model_cfg
-    if trained_as != model_cfg:
-        differ = sorted(k for k, v in trained_as.items() if model_cfg.get(k) != v)
-        raise UserError(f"{files.weights} was exported with another model config than {files.config} "
-                        f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with the weights")
+    check_recorded(files, cfg, metadata)
+    check_finite(files, state)
     recorded = metadata.get("step", "")                # exports record it; a checkpoint's folder is named by it
     return state, int(recorded) if recorded.isdigit() else checkpoint_step(files.folder)
