@@ -2,7 +2,7 @@
 local ``.parquet`` files with the hub's columns (``image`` and class-id ``age``/``gender``/``race``, read
 with pyarrow batch by batch).
 
-Both give a :class:`~ddpm_faces.data.sources.Source` whose records hold the undecoded image bytes (or a
+Both give a :class:`~ddpm_faces.data.records.Source` whose records hold the undecoded image bytes (or a
 cached path); class names come from the ClassLabel features that ``datasets`` stores, with FairFace's
 names as the fallback. :func:`ddpm_faces.data.sources.resolve_source` picks these for ``hf:`` strings
 and parquet paths.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .sources import (
+from .records import (
     ATTRIBUTES,
     FAIRFACE_CLASSES,
     HF_INSTALL_HINT,
@@ -25,8 +25,8 @@ from .sources import (
     HUB_SPLITS,
     Record,
     Source,
-    _clean_value,
-    _find_parquet_files,
+    clean_value,
+    find_parquet_files,
 )
 
 
@@ -74,7 +74,7 @@ def _label_name(value: Any, names: list[str]) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return _clean_value(value)
+        return clean_value(value)
     index = int(value)
     return names[index] if 0 <= index < len(names) else None
 
@@ -123,7 +123,7 @@ def parquet_source(location: Path, hf_config: str, identity: str) -> Source:
         files = [location]
     else:
         base = location
-        files = _select_config(_find_parquet_files(location), location, hf_config)
+        files = _select_config(find_parquet_files(location), location, hf_config)
 
     plan: list[tuple[Path, str, int]] = []
     columns_seen: set[str] = set()

@@ -8,27 +8,34 @@ A prepared dataset is a folder::
         labels.npy   (N, n_attributes) int16, class index into the vocabulary, -1 = unknown
         meta.json    source, resolution, crop, attributes, vocab, counts, format version
 
-The folder is built under a temporary name beside it and renamed into place when complete, so a
-folder with the final name is always whole. A second call with the same source, resolution and
-crop reuses it without decoding anything.
+The folder is built under a hidden name beside it (``.<name>.building-<pid>-<host>-<token>``) and
+renamed into place when complete, so a folder with the final name is always whole; half-built folders
+whose builder has died are removed by the next preparation. A second call with the same source,
+resolution and crop reuses the folder without decoding anything, after checking its files against
+meta.json (a damaged folder is prepared again). The free disk space is checked, and the images' blocks
+reserved, before anything is decoded, so a full disk is a one-line error rather than a crash.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import math
 import numbers
 import os
 import re
 import shutil
+import socket
+import struct
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,6 +53,21 @@ CACHE_ENV = "DDPM_FACES_CACHE"
 CHUNK_SIZE = 256
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 """What Pillow raises for unreadable, corrupt, truncated or non-image files."""
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Pillow modes of 16-bit (and 32-bit integer) greyscale images, scaled to 8 bits by value / 257."""
+SPACE_MARGIN = 1 << 20
+"""Free bytes kept beyond the arrays' own size (meta.json, file-system overhead)."""
+WORK_FOLDER = re.compile(
+    r"^\.(?P<name>.+)\.(?:building|outdated)-(?P<pid>\d+)(?:-(?P<host>[A-Za-z0-9._]+))?-[0-9a-f]{8}$"
+)
+"""Hidden folders a preparation works in: ``.<name>.building-<pid>-<host>-<token>`` (and
+``.outdated-`` for a replaced folder being deleted)."""
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class CacheDamage(Exception):
+    """A prepared dataset folder whose files do not match its meta.json (the message says how)."""
 
 
 @dataclass
@@ -63,24 +85,19 @@ class PreparedData:
 
     @classmethod
     def load(cls, root: str | Path) -> PreparedData:
-        """Open a prepared dataset folder (images stay on disk, memory-mapped)."""
+        """Open a prepared dataset folder (images stay on disk, memory-mapped).
+
+        Its files are checked against its meta.json first; a folder that does not match is a
+        :class:`UserError` that says what is wrong.
+        """
         root = Path(root)
-        meta = read_meta(root)
-        if meta is None:
+        try:
+            return open_prepared(root)
+        except CacheDamage as damage:
             raise UserError(
-                f"{root}: not a prepared dataset of format {FORMAT_VERSION} (meta.json missing or "
-                "different); delete the folder and prepare the data again"
-            )
-        return cls(
-            root=root,
-            images=np.load(root / "images.npy", mmap_mode="r"),
-            split=np.load(root / "split.npy"),
-            labels=np.load(root / "labels.npy"),
-            attributes=list(meta["attributes"]),
-            vocab={name: list(values) for name, values in meta["vocab"].items()},
-            meta=meta,
-            resolution=int(meta["resolution"]),
-        )
+                f"{root}: not a usable prepared dataset of format {FORMAT_VERSION} ({damage}); "
+                "delete the folder and prepare the data again"
+            ) from None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -116,18 +133,17 @@ def prepare_dataset(
     resolution, source = int(resolution), str(source)
     identity = source_identity(source, hf_config)
     final = Path(cache_root(cache_dir)) / cache_name(identity, resolution, crop)
-    if read_meta(final) is not None:
-        data = PreparedData.load(final)
-        logger.info("using prepared data %s (%s images)", final, f"{len(data):,}")
+    data = _reuse(final, {"source_identity": identity, "resolution": resolution, "crop": crop})
+    if data is not None:
         return data
 
     resolved = resolve_source(source, hf_config=hf_config)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    building = final.with_name(f".{final.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    building.mkdir()
+    building = _start_building(final)
     try:
         _build(resolved, source, resolution, crop, building, progress)
         _move_into_place(building, final)
+    except OSError as error:
+        _raise_for_cache(final.parent, error)
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
@@ -148,21 +164,17 @@ def cache_name(identity: str, resolution: int, crop: str) -> str:
     """``<readable name>-<short hash of the identity>-r<resolution>-<crop>``."""
     base = re.sub(r"[@#][^/]*$", "", identity).rstrip("/")
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", base.rsplit("/", 1)[-1]).strip("._") or "data"
-    digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:10]
+    # surrogateescape: a source path whose bytes are not UTF-8 still hashes to the same name
+    digest = hashlib.sha1(identity.encode("utf-8", "surrogateescape")).hexdigest()[:10]
     return f"{readable[:40]}-{digest}-r{resolution}-{crop}"
 
 
 def read_meta(root: Path) -> dict[str, Any] | None:
-    """The folder's meta.json when it is a complete prepared dataset of this format, else None."""
+    """The folder's meta.json when it is a whole prepared dataset of this format, else None."""
     try:
-        meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return open_prepared(root).meta
+    except CacheDamage:
         return None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        return None
-    if not all((root / name).is_file() for name in ("images.npy", "split.npy", "labels.npy")):
-        return None
-    return meta
 
 
 def _check_options(resolution: int, crop: str) -> None:
@@ -170,6 +182,141 @@ def _check_options(resolution: int, crop: str) -> None:
         raise UserError(f"unknown crop {crop!r}; use one of {', '.join(CROPS)}")
     if isinstance(resolution, bool) or not isinstance(resolution, numbers.Integral) or resolution < 1:
         raise UserError(f"resolution must be a positive whole number of pixels, not {resolution!r}")
+
+
+def _reuse(final: Path, expected: dict[str, Any]) -> PreparedData | None:
+    """The prepared folder when it is whole and matches ``expected``; None when it must be built.
+
+    A folder that exists but cannot be used is reported in one log line (it is replaced later).
+    """
+    if not final.exists():
+        return None
+    try:
+        data = open_prepared(final, expected)
+    except CacheDamage as damage:
+        logger.warning("prepared data %s cannot be used (%s); preparing it again", final, damage)
+        return None
+    logger.info("using prepared data %s (%s images)", final, f"{len(data):,}")
+    return data
+
+
+# --------------------------------------------------------------------------- checking a folder
+
+
+def open_prepared(root: Path, expected: dict[str, Any] | None = None) -> PreparedData:
+    """Open a prepared folder after checking its files; :class:`CacheDamage` when they do not match.
+
+    meta.json must be of this format (with the ``expected`` values, when given); images.npy must
+    have a valid header for uint8 (count, resolution, resolution, 3) and exactly the bytes that
+    needs; split.npy and labels.npy must have the shapes, types and value ranges meta.json implies.
+    Nothing is ever unpickled.
+    """
+    meta = _read_meta_file(root / "meta.json")
+    _check_meta(meta, expected or {})
+    count, size = meta["counts"]["n_images"], meta["resolution"]
+    images = _open_images(root / "images.npy", (count, size, size, 3))
+    split = _load_small(root / "split.npy", (count,), np.uint8)
+    if not np.isin(split, list(SPLIT_CODES.values())).all():
+        raise CacheDamage("split.npy holds codes other than 0 (train) and 1 (val)")
+    labels = _load_small(root / "labels.npy", (count, len(meta["attributes"])), np.int16)
+    _check_labels(labels, [len(meta["vocab"][name]) for name in meta["attributes"]])
+    return PreparedData(
+        root=root,
+        images=images,
+        split=split,
+        labels=labels,
+        attributes=list(meta["attributes"]),
+        vocab={name: list(values) for name, values in meta["vocab"].items()},
+        meta=meta,
+        resolution=int(size),
+    )
+
+
+def _read_meta_file(path: Path) -> dict[str, Any]:
+    """meta.json as a dict of this format version."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheDamage("meta.json is missing") from None
+    except (OSError, ValueError) as error:
+        raise CacheDamage(f"meta.json cannot be read: {error}") from None
+    if not isinstance(meta, dict):
+        raise CacheDamage("meta.json is not a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CacheDamage(f"meta.json is of format {meta.get('format_version')!r}, not {FORMAT_VERSION}")
+    return meta
+
+
+def _check_meta(meta: dict[str, Any], expected: dict[str, Any]) -> None:
+    """meta.json holds a positive count and resolution, a vocabulary per attribute, and ``expected``."""
+    count = size = None
+    try:
+        count, size = meta["counts"]["n_images"], meta["resolution"]
+        vocab_ok = isinstance(meta["vocab"], dict) and isinstance(meta["attributes"], list) and all(
+            isinstance(meta["vocab"][name], list) for name in meta["attributes"]
+        )
+    except (KeyError, TypeError):
+        vocab_ok = False
+    if not (vocab_ok and _positive_int(count) and _positive_int(size)):
+        raise CacheDamage("meta.json lacks or garbles counts.n_images, resolution, attributes or vocab")
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            raise CacheDamage(f"meta.json says {key} {meta.get(key)!r}, not {value!r}")
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _open_images(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """images.npy memory-mapped, after checking its header and its exact size on disk."""
+    found_shape, dtype, offset = _npy_header(path)
+    if found_shape != shape or dtype != np.uint8:
+        raise CacheDamage(f"{path.name} holds {dtype} {found_shape}, not uint8 {shape}")
+    expected = offset + math.prod(shape)
+    actual = path.stat().st_size
+    if actual != expected:
+        raise CacheDamage(f"{path.name} is {actual:,} bytes, not {expected:,} (truncated or overwritten)")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a .npy header; Fortran order counts as damage."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version not in readers:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = readers[version](handle)
+            offset = handle.tell()
+    except FileNotFoundError:
+        raise CacheDamage(f"{path.name} is missing") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as error:
+        raise CacheDamage(f"{path.name} has no valid .npy header ({error})") from None
+    if fortran:
+        raise CacheDamage(f"{path.name} is in Fortran order")
+    return tuple(shape), dtype, offset
+
+
+def _load_small(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    """A small .npy read whole (``allow_pickle=False``), checked for its shape and type."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheDamage(f"{path.name} is missing") from None
+    except (OSError, ValueError, EOFError) as error:
+        raise CacheDamage(f"{path.name} cannot be read ({error})") from None
+    if not isinstance(array, np.ndarray) or array.shape != shape or array.dtype != dtype:
+        found = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+        raise CacheDamage(f"{path.name} holds {found}, not {np.dtype(dtype)} {shape}")
+    return array
+
+
+def _check_labels(labels: np.ndarray, sizes: list[int]) -> None:
+    """Every label is -1 (unknown) or an index into its attribute's vocabulary."""
+    if labels.size and ((labels < -1) | (labels >= np.asarray(sizes, dtype=np.int64))).any():
+        raise CacheDamage("labels.npy holds class indices outside the vocabulary")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -182,7 +329,7 @@ def decode_image(record: Record, resolution: int, crop: str) -> np.ndarray | Non
             # Let JPEG decode directly at a reduced scale, keeping at least twice the target size.
             image.draft(None, (2 * resolution, 2 * resolution))
             ImageOps.exif_transpose(image, in_place=True)
-            rgb = image.convert("RGB")
+            rgb = to_rgb(image)
         box = _crop_box(rgb.size) if crop == "center" else None
         resized = rgb.resize(
             (resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0
@@ -190,6 +337,19 @@ def decode_image(record: Record, resolution: int, crop: str) -> np.ndarray | Non
         return np.asarray(resized, dtype=np.uint8)
     except DECODE_ERRORS:
         return None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An RGB copy of any Pillow image.
+
+    16-bit greyscale (and 32-bit integer) images are scaled to 8 bits as value / 257, rounded;
+    Pillow's own conversion would clip them at 255 and turn most of the picture white.
+    """
+    if image.mode not in WIDE_GREY_MODES:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    grey = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _crop_box(size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -233,10 +393,27 @@ def _build(
     resolved: Source, source: str, resolution: int, crop: str, folder: Path, progress: bool
 ) -> None:
     """Decode every record of ``resolved`` and write the four files into ``folder``."""
-    capacity = len(resolved)
-    images = np.lib.format.open_memmap(
-        folder / "images.npy", mode="w+", dtype=np.uint8, shape=(capacity, resolution, resolution, 3)
-    )
+    path = folder / "images.npy"
+    images = _create_images(path, len(resolved), resolution, len(resolved.attributes))
+    splits, labels, skipped = _fill_images(images, resolved, resolution, crop, progress)
+    images.flush()
+    del images
+
+    count = len(splits)
+    _report_skipped(resolved, skipped, count)
+    if count < len(resolved):
+        _shrink_images(path, count)
+    split_array = np.asarray(splits, dtype=np.uint8)
+    np.save(folder / "split.npy", split_array, allow_pickle=False)
+    label_array = np.asarray(labels, dtype=np.int16).reshape(count, len(resolved.attributes))
+    np.save(folder / "labels.npy", label_array, allow_pickle=False)
+    _write_meta(folder / "meta.json", resolved, source, resolution, crop, split_array, len(skipped))
+
+
+def _fill_images(
+    images: np.ndarray, resolved: Source, resolution: int, crop: str, progress: bool
+) -> tuple[list[int], list[list[int]], list[str]]:
+    """Decode the records into consecutive rows of ``images``: (split codes, labels, skipped names)."""
     lookup = {
         name: {value: index for index, value in enumerate(resolved.vocab[name])}
         for name in resolved.attributes
@@ -245,7 +422,7 @@ def _build(
     labels: list[list[int]] = []
     skipped: list[str] = []
     bar = tqdm(
-        total=capacity,
+        total=len(resolved),
         desc=f"preparing {resolution}px images",
         unit="img",
         disable=not progress,
@@ -260,30 +437,29 @@ def _build(
             images[len(splits)] = pixels
             splits.append(SPLIT_CODES[record.split])
             labels.append(_encode_labels(record, resolved.attributes, lookup))
-    images.flush()
-    del images
+    return splits, labels, skipped
 
-    count = len(splits)
+
+def _report_skipped(resolved: Source, skipped: list[str], count: int) -> None:
+    """One warning for the images that could not be decoded; UserError when none could."""
     if skipped:
-        examples = ", ".join(skipped[:3])
         logger.warning(
             "skipped %s unreadable or corrupt image(s) of %s, e.g. %s",
             f"{len(skipped):,}",
             resolved.description,
-            examples,
+            ", ".join(skipped[:3]),
         )
     if count == 0:
         raise UserError(
             f"{resolved.description}: no usable image ({len(skipped):,} could not be decoded); "
             "check that the files are JPEG, PNG, WebP or BMP images"
         )
-    if count < capacity:
-        _shrink_images(folder / "images.npy", count)
 
-    split_array = np.asarray(splits, dtype=np.uint8)
-    np.save(folder / "split.npy", split_array)
-    label_array = np.asarray(labels, dtype=np.int16).reshape(count, len(resolved.attributes))
-    np.save(folder / "labels.npy", label_array)
+
+def _write_meta(
+    path: Path, resolved: Source, source: str, resolution: int, crop: str, split: np.ndarray, skipped: int
+) -> None:
+    """meta.json: what was prepared, from what, and the counts the ``data`` command prints."""
     meta = {
         "format_version": FORMAT_VERSION,
         "source": source,
@@ -294,29 +470,175 @@ def _build(
         "attributes": list(resolved.attributes),
         "vocab": {name: list(values) for name, values in resolved.vocab.items()},
         "counts": {
-            "n_images": count,
-            "n_train": int((split_array == SPLIT_CODES["train"]).sum()),
-            "n_val": int((split_array == SPLIT_CODES["val"]).sum()),
-            "skipped_corrupt": len(skipped),
+            "n_images": int(split.size),
+            "n_train": int((split == SPLIT_CODES["train"]).sum()),
+            "n_val": int((split == SPLIT_CODES["val"]).sum()),
+            "skipped_corrupt": skipped,
+            "skipped_non_utf8_names": resolved.skipped_names,
             "missing_listed": resolved.missing_listed,
         },
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- disk space and images.npy
+
+
+def _create_images(path: Path, capacity: int, resolution: int, n_attributes: int) -> np.ndarray:
+    """A writable memory-mapped (capacity, resolution, resolution, 3) uint8 images.npy.
+
+    The free space is checked first and the file's blocks are reserved before the map is written:
+    writing a map past the end of a full disk kills the process with a bus error instead of
+    raising an error.
+    """
+    image_bytes = capacity * resolution * resolution * 3
+    needed = image_bytes + capacity * (1 + 2 * n_attributes) + max(SPACE_MARGIN, image_bytes // 100)
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        raise UserError(
+            f"not enough disk space for the data cache in {path.parent.parent}: preparing "
+            f"{capacity:,} images at {resolution}px needs about {_size(needed)}, {_size(free)} is free; "
+            f"free some space or point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a larger disk"
+        )
+    images = np.lib.format.open_memmap(
+        path, mode="w+", dtype=np.uint8, shape=(capacity, resolution, resolution, 3), version=(1, 0)
+    )
+    _reserve(path, path.stat().st_size)
+    return images
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Allocate the disk blocks of a sparse file now (ENOSPC here rather than a bus error later).
+
+    File systems that cannot reserve blocks (and systems without posix_fallocate) are left as they are.
+    """
+    if not hasattr(os, "posix_fallocate"):
+        return
+    handle = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(handle, 0, size)
+    except OSError as error:
+        if error.errno in FULL_DISK:
+            raise
+    finally:
+        os.close(handle)
+
+
+def _size(count: int) -> str:
+    """A byte count for people: 1.5 MiB, 12.0 GiB."""
+    value = float(count)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{count:,} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
 
 
 def _shrink_images(path: Path, count: int) -> None:
-    """Rewrite an images.npy keeping only its first ``count`` rows, copying in chunks."""
-    full = np.load(path, mmap_mode="r")
-    smaller_path = path.with_name("images.shrinking.npy")
-    smaller = np.lib.format.open_memmap(
-        smaller_path, mode="w+", dtype=np.uint8, shape=(count, *full.shape[1:])
-    )
-    for start in range(0, count, 4096):
-        stop = min(start + 4096, count)
-        smaller[start:stop] = full[start:stop]
-    smaller.flush()
-    del smaller, full
-    os.replace(smaller_path, path)
+    """Keep only the first ``count`` rows of an images.npy, in place.
+
+    The rows are contiguous, so the file is cut after row ``count`` and the header's shape is
+    rewritten with the same length (spaces pad it): no copy, so no second copy's disk space.
+    """
+    with open(path, "r+b") as handle:
+        if np.lib.format.read_magic(handle) != (1, 0):
+            raise ValueError(f"{path}: expected a version 1.0 .npy header")
+        shape, _, _ = np.lib.format.read_array_header_1_0(handle)
+        offset = handle.tell()
+        header = repr({"descr": "|u1", "fortran_order": False, "shape": (count, *shape[1:])})
+        room = offset - 10  # magic (6), version (2) and header length (2) come first
+        handle.seek(8)
+        handle.write(struct.pack("<H", room) + (header.ljust(room - 1) + "\n").encode("latin1"))
+        handle.truncate(offset + count * math.prod(shape[1:]))
+
+
+# --------------------------------------------------------------------------- the hidden work folders
+
+
+def _start_building(final: Path) -> Path:
+    """Create the hidden folder to build ``final`` in, after removing those dead builders left."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_folders(final.parent)
+        building = final.with_name(_work_name(final.name, "building"))
+        building.mkdir()
+    except OSError as error:
+        raise UserError(
+            f"cannot write the data cache in {final.parent} ({error.strerror or error}); "
+            f"point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a writable folder"
+        ) from None
+    return building
+
+
+def _work_name(name: str, kind: str) -> str:
+    """``.<name>.<kind>-<pid>-<host>-<token>``: whose process, on which machine, works in it."""
+    return f".{name}.{kind}-{os.getpid()}-{_host()}-{uuid.uuid4().hex[:8]}"
+
+
+def _host() -> str:
+    """This machine's name as it appears in work folder names (no dashes)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", socket.gethostname())[:40].strip(".") or "host"
+
+
+def remove_stale_folders(folder: Path) -> None:
+    """Delete the hidden work folders under ``folder`` whose process, on this machine, has died.
+
+    A preparation that was killed (out of memory, kill -9, a power cut) leaves its half-built
+    folder behind, which can hold most of a disk. Folders of live processes, and of other
+    machines sharing the cache, are left alone.
+    """
+    try:
+        entries = [entry for entry in os.scandir(folder) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return
+    for entry in entries:
+        pid = _dead_owner(entry.name)
+        if pid is None:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.exists(entry.path):
+            logger.info("removed %s, left by an interrupted preparation (process %d)", entry.path, pid)
+
+
+def _dead_owner(name: str) -> int | None:
+    """The pid in a work folder's name when that process of this machine is gone, else None."""
+    match = WORK_FOLDER.match(name)
+    if match is None or match["host"] not in (None, _host()):
+        return None
+    pid = int(match["pid"])
+    return None if _alive(pid) else pid
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (signal 0 only checks; Windows is always assumed alive)."""
+    if os.name == "nt" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
+def _raise_for_cache(folder: Path, error: OSError) -> NoReturn:
+    """Re-raise a failed cache write as a one-line UserError: full disk, read-only or unwritable.
+
+    Other errors (and permission errors outside the cache, e.g. reading the source) go on as they are.
+    """
+    inside = error.filename is not None and Path(os.fsdecode(error.filename)).is_relative_to(folder)
+    if error.errno in FULL_DISK:
+        raise UserError(
+            f"the disk of the data cache in {folder} is full ({_size(shutil.disk_usage(folder).free)} "
+            f"free); free some space or point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a larger disk"
+        ) from None
+    if error.errno == errno.EROFS or (error.errno in READ_ONLY and inside):
+        raise UserError(
+            f"cannot write the data cache in {folder} ({error.strerror}); "
+            f"point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a writable folder"
+        ) from None
+    raise error
 
 
 def _move_into_place(building: Path, final: Path) -> None:
@@ -325,7 +647,7 @@ def _move_into_place(building: Path, final: Path) -> None:
     When another process finished the same folder first, its copy is kept.
     """
     if final.exists() and read_meta(final) is None:
-        outdated = final.with_name(f".{final.name}.outdated-{os.getpid()}")
+        outdated = final.with_name(_work_name(final.name, "outdated"))
         os.replace(final, outdated)
         shutil.rmtree(outdated, ignore_errors=True)
     try:

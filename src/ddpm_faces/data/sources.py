@@ -10,7 +10,8 @@ A source is one of:
 * any other folder of face images, optionally with a ``labels.csv``.
 
 :func:`resolve_source` turns the string into a :class:`Source`, an iterable of :class:`Record`
-objects that each know how to open their image, plus the label vocabulary of the source.
+objects that each know how to open their image, plus the label vocabulary of the source (both defined
+in :mod:`ddpm_faces.data.records`).
 Nothing is decoded here; :mod:`ddpm_faces.data.prepare` does that once and caches the result.
 """
 
@@ -18,84 +19,40 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image
-
 from ..errors import UserError
+from .hub import huggingface_source, parquet_source
+from .records import (
+    ATTRIBUTES,
+    FAIRFACE_CLASSES,
+    FAIRFACE_CSVS,
+    FOLDER_LABELS_CSV,
+    HF_PREFIX,
+    IMAGE_SUFFIXES,
+    SPLIT_NAMES,
+    VAL_FRACTION,
+    Record,
+    Source,
+    clean_value,
+    find_parquet_files,
+)
+
+__all__ = [
+    "ATTRIBUTES",
+    "FAIRFACE_CLASSES",
+    "Record",
+    "Source",
+    "detect_source",
+    "hash_split",
+    "resolve_source",
+    "source_identity",
+]
 
 logger = logging.getLogger("ddpm_faces.data")
-
-ATTRIBUTES = ("age", "gender", "race")
-"""Label attributes a source may carry, in this order."""
-
-FAIRFACE_CLASSES: dict[str, list[str]] = {
-    "age": ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"],
-    "gender": ["Male", "Female"],
-    "race": [
-        "East Asian",
-        "Indian",
-        "Black",
-        "White",
-        "Middle Eastern",
-        "Latino_Hispanic",
-        "Southeast Asian",
-    ],
-}
-"""FairFace's class names, in the order of the hub dataset's class ids."""
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-FAIRFACE_CSVS = {"train": "fairface_label_train.csv", "val": "fairface_label_val.csv"}
-FOLDER_LABELS_CSV = "labels.csv"
-HF_PREFIX = "hf:"
-HF_INSTALL_HINT = 'pip install "ddpm-faces[hf]"'
-VAL_FRACTION = 0.05
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val"}
-HUB_SPLITS = {"train": "train", "validation": "val", "val": "val", "valid": "val"}
-
-
-@dataclass(frozen=True)
-class Record:
-    """One image of a source: where its bytes are, which split it belongs to, and its labels."""
-
-    name: str
-    split: str
-    labels: dict[str, str | None] = field(default_factory=dict)
-    path: Path | None = None
-    data: bytes | None = None
-
-    def open(self) -> Image.Image:
-        """Open the image lazily with Pillow (raises OSError for unreadable files)."""
-        if self.data is not None:
-            return Image.open(io.BytesIO(self.data))
-        if self.path is None:
-            raise OSError(f"{self.name}: record has neither bytes nor a path")
-        return Image.open(self.path)
-
-
-@dataclass
-class Source:
-    """The records of one source, with the label attributes and their vocabularies."""
-
-    kind: str
-    identity: str
-    description: str
-    attributes: list[str]
-    vocab: dict[str, list[str]]
-    num_records: int
-    make_records: Callable[[], Iterator[Record]]
-    missing_listed: int = 0
-
-    def __len__(self) -> int:
-        return self.num_records
-
-    def __iter__(self) -> Iterator[Record]:
-        return self.make_records()
 
 
 # --------------------------------------------------------------------------- detection
@@ -109,11 +66,9 @@ def resolve_source(source: str, *, hf_config: str = "0.25") -> Source:
     """
     kind, location = detect_source(source)
     identity = _identity(kind, location, hf_config)
-    if kind in ("huggingface", "parquet"):
-        from .hub import huggingface_source, parquet_source  # the hub module imports Record and Source from here
-
-        if kind == "huggingface":
-            return huggingface_source(location, hf_config, identity)
+    if kind == "huggingface":
+        return huggingface_source(location, hf_config, identity)
+    if kind == "parquet":
         return parquet_source(Path(location), hf_config, identity)
     path = Path(location)
     if kind == "fairface":
@@ -148,14 +103,9 @@ def detect_source(source: str) -> tuple[str, str]:
         )
     if any((path / name).is_file() for name in FAIRFACE_CSVS.values()):
         return "fairface", str(path)
-    if not (path / FOLDER_LABELS_CSV).is_file() and _find_parquet_files(path):
+    if not (path / FOLDER_LABELS_CSV).is_file() and find_parquet_files(path):
         return "parquet", str(path)
     return "folder", str(path)
-
-
-def _find_parquet_files(root: Path) -> list[Path]:
-    """Every .parquet file under root, sorted."""
-    return sorted(path for path in root.rglob("*.parquet") if path.is_file())
 
 
 def source_identity(source: str, hf_config: str = "0.25") -> str:
@@ -192,14 +142,6 @@ def hash_split(relative_path: str, val_fraction: float = VAL_FRACTION) -> str:
     """Deterministic split from the SHA-1 of a relative path: about ``val_fraction`` is "val"."""
     digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()
     return "val" if int(digest[:8], 16) / 2**32 < val_fraction else "train"
-
-
-def _clean_value(value: str | None) -> str | None:
-    """Strip a CSV cell; empty means unknown (None)."""
-    if value is None:
-        return None
-    value = value.strip()
-    return value or None
 
 
 def _normalise_relative(value: str) -> str:
@@ -243,6 +185,8 @@ def _walk_files(root: Path) -> list[str]:
     """All files under root as sorted forward-slash relative paths.
 
     Hidden files and folders (names starting with ".", such as macOS "._x.jpg" companions) are left out.
+    Paths whose bytes are not valid UTF-8 come back as Python does (undecodable bytes as surrogates);
+    :func:`_split_odd_names` sets them apart.
     """
     found: list[str] = []
     for folder, subfolders, files in os.walk(root):
@@ -252,6 +196,34 @@ def _walk_files(root: Path) -> list[str]:
             if not name.startswith("."):
                 found.append((relative_folder / name).as_posix())
     return sorted(found)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name read from disk was valid UTF-8 (os gives undecodable bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _split_odd_names(paths: list[str]) -> tuple[list[str], list[str]]:
+    """(paths with valid UTF-8 names, image paths whose names are not valid UTF-8)."""
+    good = [path for path in paths if _is_utf8(path)]
+    odd = [path for path in paths if not _is_utf8(path) and _is_image_name(path)]
+    return good, odd
+
+
+def _warn_odd_names(root: Path, odd: list[str]) -> None:
+    """One warning for the image files skipped because their names are not valid UTF-8."""
+    if odd:
+        shown = ", ".join(os.fsencode(name).decode("utf-8", "backslashreplace") for name in odd[:3])
+        logger.warning(
+            "%s: skipped %s image file(s) whose names are not valid UTF-8, e.g. %s; rename them to use them",
+            root,
+            f"{len(odd):,}",
+            shown,
+        )
 
 
 def _is_image_name(name: str) -> bool:
@@ -303,7 +275,7 @@ def _fairface_source(root: Path, identity: str) -> Source:
                 folder_listings[parent] = _listdir_files(root / parent)
             if name not in folder_listings[parent]:
                 continue
-            labels = {attribute: _clean_value(row[attribute]) for attribute in ATTRIBUTES}
+            labels = {attribute: clean_value(row[attribute]) for attribute in ATTRIBUTES}
             records.append(Record(name=relative, split=split, labels=labels, path=root / relative))
     if not records:
         raise UserError(
@@ -329,7 +301,7 @@ def _fairface_source(root: Path, identity: str) -> Source:
 
 def _parse_split(value: str | None, csv_path: Path, relative: str) -> str | None:
     """A ``split`` cell as "train"/"val", None when empty; UserError for anything else."""
-    value = _clean_value(value)
+    value = clean_value(value)
     if value is None:
         return None
     split = SPLIT_NAMES.get(value.lower())
@@ -347,7 +319,8 @@ def _folder_source(root: Path, identity: str) -> Source:
     Images are the image files on disk plus any other file that labels.csv lists explicitly.
     Without a split for an image, a hash of its relative path decides it.
     """
-    all_files = _walk_files(root)
+    all_files, odd_names = _split_odd_names(_walk_files(root))
+    _warn_odd_names(root, odd_names)
     on_disk = set(all_files)
     labels_by_file: dict[str, dict[str, str | None]] = {}
     split_by_file: dict[str, str | None] = {}
@@ -365,7 +338,7 @@ def _folder_source(root: Path, identity: str) -> Source:
             if relative not in on_disk:
                 missing += 1
                 continue
-            labels_by_file[relative] = {attribute: _clean_value(row[attribute]) for attribute in attributes}
+            labels_by_file[relative] = {attribute: clean_value(row[attribute]) for attribute in attributes}
             split_by_file[relative] = _parse_split(row["split"], csv_path, relative) if has_split else None
         _warn_missing(str(csv_path), missing, missing + len(labels_by_file), len(labels_by_file))
 
@@ -393,4 +366,5 @@ def _folder_source(root: Path, identity: str) -> Source:
         num_records=len(records),
         make_records=lambda: iter(records),
         missing_listed=missing,
+        skipped_names=len(odd_names),
     )

