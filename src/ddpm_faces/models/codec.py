@@ -39,3 +39,37 @@ class PixelCodec(Codec):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+
+class LatentCodec(Codec):
+    """Diffusion on an autoencoder's latents (Rombach et al. 2022, sec. 3 and 4.3.2): x = (mu(E(images)) - shift)
+    / scale, images = D(x * scale + shift). `shift` and `scale` (per channel, measured on the training
+    latents) give x roughly zero mean and unit variance, as the noise schedule assumes; they are buffers, so
+    they travel with the autoencoder's weights."""
+
+    def __init__(self, autoencoder):
+        super().__init__()
+        cfg = autoencoder.cfg
+        self.autoencoder = autoencoder
+        self.shape, self.image_size = (cfg.latent_channels, cfg.latent_size, cfg.latent_size), cfg.resolution
+        self.register_buffer("shift", torch.zeros(cfg.latent_channels))
+        self.register_buffer("scale", torch.ones(cfg.latent_channels))
+
+    def _per_channel(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, 1, 1)
+
+    def latents(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean latents, unnormalised."""
+        return self.autoencoder.encode(images).mean
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return (self.latents(images) - self._per_channel(self.shift)) / self._per_channel(self.scale)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        z = x * self._per_channel(self.scale) + self._per_channel(self.shift)
+        return self.autoencoder.decode(z.to(self.scale.dtype)).clamp(-1, 1)
+
+    def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-channel mean and standard deviation of the training latents."""
+        self.shift.copy_(mean)
+        self.scale.copy_(std.clamp_min(1e-6))

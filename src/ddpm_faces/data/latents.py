@@ -1,0 +1,110 @@
+"""Latents of a prepared dataset, encoded once and cached: what latent diffusion's epochs read.
+
+    latents = encode_latents(data, codec.encode, key=autoencoder_hash, cache_dir=...)
+    loader = LatentLoader(latents, "train", batch_size=32, seed=0)       # {"x": (B, C, h, w), "labels", "rows"}
+
+Every image is encoded twice, as it is and flipped left to right, so horizontal-flip augmentation costs
+nothing at training time. The array is float16, memory-mapped, (2, N, C, h, w); the folder is keyed by the
+prepared data folder and the codec's key (a hash of the autoencoder's weights and latent statistics), so a
+new autoencoder never reuses another one's latents.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..errors import UserError
+from ..io import atomic_folder
+from .loader import BatchLoader, to_model_range
+from .prepare import PreparedData, cache_root
+
+LATENTS_FILE, META_FILE = "latents.npy", "meta.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LatentData:
+    root: Path
+    latents: np.ndarray                 # (2, N, C, h, w) float16: [0] as prepared, [1] flipped
+    data: PreparedData                  # the images' splits and labels
+
+    def indices(self, split: str) -> np.ndarray:
+        return self.data.indices(split)
+
+
+def latent_folder(data: PreparedData, key: str, cache_dir: str | Path | None) -> Path:
+    return Path(cache_root(cache_dir)) / "latents" / f"{data.root.name}-{key[:16]}"
+
+
+def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Tensor], key: str, *,
+                   cache_dir: str | Path | None = None, batch_size: int = 64, progress: bool = True) -> LatentData:
+    """The cached latents of every image of `data` (both flips) under `encode`, built when missing."""
+    folder = latent_folder(data, key, cache_dir)
+    found = open_latents(folder, data, key)
+    if found is not None:
+        return found
+    with torch.inference_mode():
+        shape = tuple(encode(to_model_range(torch.from_numpy(np.array(data.images[:1])))).shape[1:])
+    _check_space(folder, 2 * len(data) * int(np.prod(shape)) * 2)
+    with atomic_folder(folder) as tmp:
+        out = np.lib.format.open_memmap(tmp / LATENTS_FILE, mode="w+", dtype=np.float16, shape=(2, len(data), *shape))
+        _encode_into(out, data, encode, batch_size, progress)
+        out.flush()
+        del out
+        meta = {"format": FORMAT_VERSION, "key": key, "count": len(data), "shape": list(shape),
+                "data": data.root.name}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    return open_latents(folder, data, key)
+
+
+def _encode_into(out: np.ndarray, data: PreparedData, encode, batch_size: int, progress: bool) -> None:
+    bar = tqdm(total=len(data), desc="encoding latents", unit="img", disable=not progress)
+    with bar, torch.inference_mode():
+        for start in range(0, len(data), batch_size):
+            x = to_model_range(torch.from_numpy(np.array(data.images[start:start + batch_size])))
+            for flip, images in enumerate((x, x.flip(-1))):
+                out[flip, start:start + len(x)] = encode(images).float().cpu().numpy().astype(np.float16)
+            bar.update(len(x))
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed + (1 << 20):
+        raise UserError(f"encoding the latents needs {needed / 2**20:.0f} MiB but {folder.parent} has "
+                        f"{free / 2**20:.0f} MiB free: free some space or set DDPM_FACES_CACHE elsewhere")
+
+
+def open_latents(folder: Path, data: PreparedData, key: str) -> LatentData | None:
+    """The latents in `folder` when they are complete and belong to `data` and `key`; else None (rebuilt)."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        latents = np.load(folder / LATENTS_FILE, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    expected = (2, len(data), *meta.get("shape", []))
+    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key or latents.shape != expected:
+        return None
+    return LatentData(folder, latents, data)
+
+
+class LatentLoader(BatchLoader):
+    """BatchLoader's order, sharding and resumable position over cached latents: {"x", "labels", "rows"}.
+    A flip picks the flipped copy of an image's latent instead of flipping the latent itself."""
+
+    def __init__(self, latents: LatentData, split: str, batch_size: int, **kwargs):
+        super().__init__(latents.data, split, batch_size, random_crop=False, **kwargs)
+        self.latents = latents.latents
+
+    def load(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> dict:
+        flips = (rng.random(len(rows)) < 0.5).astype(np.int64) if (rng is not None and self.hflip) else \
+            np.zeros(len(rows), dtype=np.int64)
+        x = torch.from_numpy(np.stack([self.latents[f, r] for f, r in zip(flips, rows)]).astype(np.float32))
+        return {"x": x, "labels": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
