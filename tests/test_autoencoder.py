@@ -10,8 +10,8 @@ from ddpm_faces.evaluation.reconstruction import psnr, ssim
 from ddpm_faces.models.autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from ddpm_faces.models.codec import LatentCodec
 from ddpm_faces.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from ddpm_faces.training.reconstruction import (ReconstructionConfig, adaptive_weight, fft_loss,
-                                                hinge_discriminator_loss, reconstruction_loss)
+from ddpm_faces.config import ReconstructionConfig
+from ddpm_faces.training.reconstruction import adaptive_weight, fft_loss, hinge_discriminator_loss, reconstruction_loss
 
 TINY = AutoencoderConfig(resolution=16, latent_channels=4, channels=[8, 16, 16], groups=4)
 
@@ -123,7 +123,7 @@ def test_latent_cache_holds_both_flips_is_keyed_and_rebuilt_when_damaged(tmp_pat
 
     latents = encode_latents(data, encode, "key-a", cache_dir=tmp_path, batch_size=16, progress=False)
     assert latents.latents.shape == (2, len(data), 4, 4, 4) and latents.latents.dtype == np.float16
-    images = to_model_range(torch.from_numpy(np.asarray(data.images[:3])))
+    images = to_model_range(torch.from_numpy(np.array(data.images[:3])))
     with torch.no_grad():
         plain, flipped = codec.encode(images), codec.encode(images.flip(-1))
     assert np.allclose(latents.latents[0, :3], plain.numpy(), atol=2e-3)

@@ -1,8 +1,9 @@
 """Run configuration: YAML files in configs/, `--set section.key=value` overrides, validation.
 
-A config has four sections (data, model, diffusion, train) plus a run name; every key has a default
-here, so a YAML file only lists what it changes. Unknown keys and invalid values raise UserError
-with the valid choices.
+A config has a run name, a task (diffusion, or autoencoder: the first stage of latent diffusion) and its
+sections (data, model, diffusion, train; codec for latent diffusion; autoencoder and reconstruction for an
+autoencoder); every key has a default here, so a YAML file only lists what it changes. Unknown keys and
+invalid values raise UserError with the valid choices.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 from .diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
 from .errors import UserError
 from .models import UNetConfig
+from .models.autoencoder import AutoencoderConfig
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")     # train.mixed_precision (sampling: pipeline.SAMPLING_PRECISIONS)
 FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -82,12 +84,40 @@ class TrainConfig:
 
 
 @dataclass
+class CodecConfig:
+    autoencoder: str | None = None            # an autoencoder export to diffuse in its latents; None = pixels
+
+
+@dataclass
+class ReconstructionConfig:
+    """The autoencoder's losses (training/reconstruction.py)."""
+    l1_weight: float = 1.0
+    mse_weight: float = 0.0
+    fft_weight: float = 0.0                   # L1 between amplitude spectra; 0 = off
+    kl_weight: float = 1e-6                   # KL(q(z|x) || N(0, I)); the papers use ~1e-6
+    disc_weight: float = 0.5                  # scale of VQGAN's adaptive weight; 0 = no discriminator
+    disc_start: int = 2000                    # optimizer steps before the GAN term is switched on
+    disc_lr: float = 2e-4
+    disc_channels: int = 32
+    disc_layers: int = 3
+    crop: int = 64                            # train on random crops of this side; 0 = whole images
+    eval_images: int = 256                    # val images for PSNR / SSIM / reconstruction FID
+
+
+TASKS = ("diffusion", "autoencoder")
+
+
+@dataclass
 class Config:
     name: str = "quickstart"
+    task: str = "diffusion"                   # diffusion | autoencoder
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -97,7 +127,8 @@ class Config:
         return Path(self.train.out_dir) / self.name
 
 
-SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
+            "codec": CodecConfig, "autoencoder": AutoencoderConfig, "reconstruction": ReconstructionConfig}
 CHOICES = {
     "data.crop": ("center", "none"),
     "data.hf_config": ("0.25", "1.25"),
@@ -107,12 +138,14 @@ CHOICES = {
     "train.fid_sampler": SAMPLERS,
     "train.sample_sampler": SAMPLERS,
     "train.best_metric": ("val_loss", "fid"),
+    "task": TASKS,
 }
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
             "train.log_every", "train.eval_every", "train.sample_every", "train.checkpoint_every",
             "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps",
             "train.sample_images", "train.max_bad_steps", "model.groups", "model.base_channels", "model.blocks_per_level",
-            "model.head_channels")
+            "model.head_channels", "autoencoder.resolution", "autoencoder.latent_channels",
+            "autoencoder.blocks_per_level", "reconstruction.disc_channels", "reconstruction.disc_layers")
 
 
 def _build(cls, values: dict, prefix: str):
@@ -135,6 +168,7 @@ TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 def _fields(cfg: Config):
     """(dotted key, annotation, value) for every setting."""
     yield "name", "str", cfg.name
+    yield "task", "str", cfg.task
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
@@ -164,10 +198,8 @@ def validate(cfg: Config) -> Config:
         if key in POSITIVE and value < 1:
             raise UserError(f"invalid {key} {value!r}: must be a positive integer")
     _check_ranges(cfg)
+    _check_stages(cfg)
     m = cfg.model
-    if cfg.data.resolution != m.resolution:
-        raise UserError(f"data.resolution ({cfg.data.resolution}) and model.resolution ({m.resolution}) differ: "
-                        "set both to the same value")
     if m.resolution % 2 ** (len(m.channel_mults) - 1):
         raise UserError(f"model.resolution {m.resolution} must be divisible by 2^(levels-1) = "
                         f"{2 ** (len(m.channel_mults) - 1)} for model.channel_mults {m.channel_mults}")
@@ -188,6 +220,32 @@ def validate(cfg: Config) -> Config:
             raise UserError(f"model.head_channels {m.head_channels} must divide the width of every level with attention "
                             f"(base_channels x channel_mults = {width})")
     return cfg
+
+
+def _check_stages(cfg: Config) -> None:
+    """The data, the codec and the denoiser must agree on sizes: pixels need model.resolution =
+    data.resolution and 3 channels; latents need the autoencoder's latent shape and image size."""
+    d, m, a = cfg.data, cfg.model, cfg.autoencoder
+    _int_list("autoencoder.channels", a.channels)
+    if a.resolution % a.factor:
+        raise UserError(f"autoencoder.resolution {a.resolution} must be divisible by 2^(levels-1) = {a.factor}")
+    if cfg.task == "autoencoder" or cfg.codec.autoencoder:
+        if d.resolution != a.resolution:
+            raise UserError(f"data.resolution ({d.resolution}) and autoencoder.resolution ({a.resolution}) differ: "
+                            "the autoencoder encodes images of the data's size")
+    if cfg.task == "autoencoder":
+        return
+    if cfg.codec.autoencoder:
+        if (m.in_channels, m.resolution) != (a.latent_channels, a.latent_size):
+            raise UserError(f"model.in_channels/resolution ({m.in_channels}/{m.resolution}) must be the "
+                            f"autoencoder's latent channels/size ({a.latent_channels}/{a.latent_size})")
+        return
+    if d.resolution != m.resolution:
+        raise UserError(f"data.resolution ({d.resolution}) and model.resolution ({m.resolution}) differ: "
+                        "set both to the same value")
+    if m.in_channels != 3:
+        raise UserError(f"invalid model.in_channels {m.in_channels}: a pixel model sees RGB images, so it must be 3 "
+                        "(set codec.autoencoder for latent diffusion)")
 
 
 def _check_conditioning(cfg: Config) -> None:
@@ -219,8 +277,6 @@ def _check_ranges(cfg: Config) -> None:
         raise UserError(f"invalid name {cfg.name!r}: use letters, digits, '.', '_' or '-' (it names runs/<name>)")
     _int_list("model.channel_mults", m.channel_mults)
     _int_list("model.attn_resolutions", m.attn_resolutions, allow_empty=True)
-    if m.in_channels != 3:
-        raise UserError(f"invalid model.in_channels {m.in_channels}: face images are RGB, so it must be 3")
     if not (len(t.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas)):
         raise UserError(f"invalid train.adam_betas {t.adam_betas!r}: two numbers in [0, 1), e.g. [0.9, 0.999]")
     if not 0 < d.beta_start < d.beta_end < 1:
@@ -295,7 +351,7 @@ def read_yaml(path: Path) -> dict:
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path} must be a YAML mapping of sections (data, model, diffusion, train)")
+        raise UserError(f"{path} must be a YAML mapping of sections (data, model, diffusion, train, ...)")
     return raw
 
 

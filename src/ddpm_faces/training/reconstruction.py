@@ -16,24 +16,10 @@ discriminator minimises the hinge loss 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x~)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class ReconstructionConfig:
-    l1_weight: float = 1.0
-    mse_weight: float = 0.0
-    fft_weight: float = 0.0                   # L1 between amplitude spectra; 0 = off
-    kl_weight: float = 1e-6                   # the papers use ~1e-6
-    disc_weight: float = 0.5                  # w_disc of the adaptive weight; 0 = no discriminator
-    disc_start: int = 2000                    # optimizer steps before the GAN term is switched on
-    disc_lr: float = 2e-4
-    disc_channels: int = 32
-    disc_layers: int = 3
-    crop: int = 64                            # train on random crops of this side (0 = whole images)
+from ..config import ReconstructionConfig
 
 
 def fft_loss(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
