@@ -1,10 +1,11 @@
-"""Nothing the user made is lost: kill -9 (also in the middle of writing a checkpoint), Ctrl-C, non-finite
-losses, an unwritable run folder and a full disk. Resumed runs must end with the weights of an
-uninterrupted one (CPU, deterministic)."""
+"""Nothing the user made is lost: kill -9 (also in the middle of writing a checkpoint), Ctrl-C, SIGTERM,
+non-finite losses, an unwritable run folder and a full disk (simulated, and a real small tmpfs). Resumed runs
+must end with the weights of an uninterrupted one (CPU, deterministic)."""
 from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,10 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
-from ddpm_faces.training import checkpoint as checkpoint_module
+from ddpm_faces.runs import RunFolder
+from ddpm_faces.runs import checkpoints as checkpoint_module
+from ddpm_faces.training import step as step_module
 from ddpm_faces.training import train
-from ddpm_faces.training import trainer as trainer_module
-from ddpm_faces.training.checkpoint import list_checkpoints
 
 STEPS = 24
 
@@ -31,6 +32,10 @@ def overrides(root: Path, data: Path, **extra) -> list[str]:
               "train.eval_every": 100, "train.sample_every": 100, "train.log_every": 4, "train.threads": 1}
     values.update(extra)
     return tiny_overrides(root, data, **values)
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    return RunFolder(run).checkpoints()
 
 
 def final_weights(root: Path) -> dict:
@@ -51,12 +56,12 @@ def uninterrupted(tmp_path_factory, face_folder) -> dict:
 # a training process whose checkpoint writes are slowed down, so that a kill can land inside one
 SLOW_SAVE = """
 import sys, time
-import ddpm_faces.io as io
-_fsync = io._fsync_tree
-def slow(folder):
-    time.sleep(0.4)
-    _fsync(folder)
-io._fsync_tree = slow
+import ddpm_faces.runs.checkpoints as checkpoints
+save_file = checkpoints.save_file
+def slow(*args, **kwargs):
+    time.sleep(0.2)
+    return save_file(*args, **kwargs)
+checkpoints.save_file = slow                 # two per checkpoint: 0.4 s more
 from ddpm_faces.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -124,6 +129,27 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_pat
     assert same(final_weights(tmp_path), uninterrupted)
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_path, face_folder, uninterrupted):
+    """SIGTERM is how Slurm, Kubernetes and docker stop end a job: treated like Ctrl-C."""
+    run = tmp_path / "runs" / "tiny"
+    sets = sum((["--set", o] for o in overrides(tmp_path, face_folder)), [])
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "train", "--no-progress", *sets], text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: (run / "checkpoints" / "step-4").is_dir(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err
+    assert f"Continue with: ddpm-faces train --config {run} --resume" in out
+    stopped = list_checkpoints(run)[-1]
+    assert 4 <= int(stopped.name.split("-")[1]) < STEPS
+    resumed = subprocess.run([sys.executable, "-m", "ddpm_faces", "train", "--config", str(run), "--resume",
+                              "--no-progress"], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same(final_weights(tmp_path), uninterrupted)
+
+
 def test_second_ctrl_c_quits_at_once(tmp_path, face_folder):
     proc = start(tmp_path, face_folder)
     wait_for(lambda: (tmp_path / "runs" / "tiny" / "checkpoints" / "step-2").is_dir(), proc)
@@ -136,7 +162,7 @@ def test_second_ctrl_c_quits_at_once(tmp_path, face_folder):
 
 def nan_at(steps: set[int]):
     """A diffusion_loss that returns NaN on the given calls (0-based), the true loss otherwise."""
-    real, calls = trainer_module.diffusion_loss, {"n": 0}
+    real, calls = step_module.diffusion_loss, {"n": 0}
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
@@ -146,7 +172,7 @@ def nan_at(steps: set[int]):
 
 
 def test_non_finite_losses_are_skipped_and_counted(tmp_path, face_folder, monkeypatch):
-    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_at({3, 4}))
+    monkeypatch.setattr(step_module, "diffusion_loss", nan_at({3, 4}))
     result = train(load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_steps": 8})),
                    progress=False)
     assert result.step == 8 and result.skipped_steps == 2
@@ -155,7 +181,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, face_folder, monkey
 
 
 def test_non_finite_losses_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tmp_path, face_folder, monkeypatch):
-    monkeypatch.setattr(trainer_module, "diffusion_loss", nan_at(set(range(5, 100))))
+    monkeypatch.setattr(step_module, "diffusion_loss", nan_at(set(range(5, 100))))
     cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_bad_steps": 3}))
     with pytest.raises(UserError, match="3 steps in a row had a non-finite loss.*step-4.*intact"):
         train(cfg, progress=False)
@@ -191,6 +217,54 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, face_folder, 
     assert load_file(ckpts / "step-2" / "model.safetensors")
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 16 MB tmpfs, unmounted afterwards (needs root and a working mount)."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a small tmpfs, and mounting one needs root")
+    if shutil.which("mount") is None:
+        pytest.skip("a real full disk needs a small tmpfs: no mount command here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if out.returncode:
+        pytest.skip(f"a real full disk needs a small tmpfs, which cannot be mounted here: {out.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill the file system of `disk` up to `leave` free bytes."""
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(disk).free - leave))
+
+
+@pytest.mark.parametrize("fails_in, error", [("model.safetensors", "SafetensorError"),
+                                             ("optimizer.pt", "RuntimeError")])
+def test_a_really_full_disk_is_one_line_and_keeps_the_last_checkpoint(small_disk, tmp_path, face_folder,
+                                                                      uninterrupted, fails_in, error):
+    """On a real full file system safetensors and torch.save raise their own errors, not OSError."""
+    cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.out_dir": str(small_disk / "runs")}))
+    train(cfg, progress=False, until_step=2)
+    run = small_disk / "runs" / "tiny"
+    size = {p.name: p.stat().st_size for p in (run / "checkpoints" / "step-2").iterdir()}
+    room = {"model.safetensors": size["model.safetensors"] // 2,         # model.safetensors of step 4 cannot fit
+            "optimizer.pt": size["model.safetensors"] + size["ema.safetensors"] + 2**16}[fails_in]
+    fill(small_disk, leave=room)
+    resume = [sys.executable, "-m", "ddpm_faces", "train", "--config", str(run), "--resume", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: could not write the checkpoint of step 4 in {run}: {error}"), last
+    assert f"the last complete checkpoint, {run / 'checkpoints' / 'step-2'}, is intact" in last
+    assert [p.name for p in list_checkpoints(run)] == ["step-2"] and not list(run.glob("checkpoints/*.tmp"))
+    (small_disk / "filler").unlink()                                     # space again: the run goes on from step 2
+    out = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert same(load_file(run / "checkpoints" / f"step-{STEPS}" / "model.safetensors"), uninterrupted)
+
+
 def test_damaged_checkpoint_is_a_one_line_error_and_the_one_before_still_resumes(tmp_path, face_folder):
     cfg = load_config("quickstart", overrides(tmp_path, face_folder, **{"train.max_steps": 4}))
     train(cfg, progress=False)
@@ -200,6 +274,5 @@ def test_damaged_checkpoint_is_a_one_line_error_and_the_one_before_still_resumes
     more = load_config(run, ["train.max_steps=6"])
     with pytest.raises(UserError, match="step-4 cannot be read.*delete that folder"):
         train(more, resume=True, progress=False)
-    import shutil
     shutil.rmtree(newest)
     assert train(more, resume=True, progress=False).step == 6

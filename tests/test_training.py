@@ -12,9 +12,13 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
-from ddpm_faces.pipeline import generate, load_pipeline
+from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
+from ddpm_faces.runs import RunFolder
 from ddpm_faces.training import EMA, EarlyStopping, train
-from ddpm_faces.training.checkpoint import list_checkpoints
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    return RunFolder(run).checkpoints()
 
 
 def test_end_to_end_run_writes_checkpoints_logs_export_and_samples(tmp_path, face_folder):
@@ -41,7 +45,7 @@ def test_end_to_end_run_writes_checkpoints_logs_export_and_samples(tmp_path, fac
     assert load_pipeline(run / "checkpoints" / "step-12").step == 12
     pipe = load_pipeline(run)
     assert pipe.step == 12                                   # the run's export
-    images = generate(pipe, 3, seed=1, steps=5, progress=False)
+    images = generate(pipe, SamplingRequest(num=3, seed=1, steps=5), progress=False)
     assert images.shape == (3, 16, 16, 3) and images.dtype.name == "uint8" and images.std() > 0
 
 
@@ -106,6 +110,30 @@ def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
     result = train(cfg, progress=False)
     assert result.stopped_early and result.step == 2
     assert list_checkpoints(tmp_path / "runs" / "tiny")[-1].name == "step-2"
+    with pytest.raises(UserError, match="nothing left to train: it stopped early at step-2.*train.patience=2") as err:
+        train(cfg, resume=True, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_resuming_a_run_that_does_not_exist_names_the_runs_there(tmp_path, face_folder):
+    train(load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 1})), progress=False)
+    typo = load_config("quickstart", tiny_overrides(tmp_path, face_folder, name="tiyn"))
+    with pytest.raises(UserError, match=r"no run 'tiyn' in .*the runs there: tiny\. .*leave out --resume") as err:
+        train(typo, resume=True, progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "runs" / "tiyn").exists()
+    elsewhere = load_config("quickstart", tiny_overrides(tmp_path / "empty", face_folder))
+    with pytest.raises(UserError, match="there are no runs there yet"):
+        train(elsewhere, resume=True, progress=False)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, face_folder):
+    train(load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 2})), progress=False)
+    run = tmp_path / "runs" / "tiny"
+    with pytest.raises(UserError, match=r"nothing left to train: step-2 is at train.max_steps \(2\).*"
+                                        r"--resume --set train.max_steps=4") as err:
+        train(load_config(run), resume=True, progress=False)
+    assert "\n" not in str(err.value)
+    assert train(load_config(run, ["train.max_steps=3"]), resume=True, progress=False).step == 3
 
 
 def test_sample_quality_is_logged_and_can_pick_the_best_export(tmp_path, face_folder):

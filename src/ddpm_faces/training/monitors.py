@@ -7,17 +7,23 @@ are split across the ranks and scored on the main process.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import PreparedData, load_batch
-from ..diffusion import diffusion_loss
+from ..evaluation import InceptionFeatures, evaluate_images, inception_weights_path, reference_stats
+from ..evaluation.faces import load_detector
+from ..evaluation.reference import spread
 from ..images import make_grid, save_image
-from ..pipeline import Pipeline, generate
+from ..pipeline import Pipeline, SamplingRequest, generate
+from .step import diffusion_step
 
 QUALITY_SEED = 1_000_000               # samples for FID use their own seeds, apart from the sample grids
+VALIDATION_SEED = 12345                # the fixed noise of the validation loss
+RGB = 3                                # generate() returns (N, H, W, 3) uint8 pictures, whatever the codec's x
 
 
 class EarlyStopping:
@@ -40,31 +46,27 @@ class EarlyStopping:
 
 
 class Validation:
-    """Validation loss at fixed timesteps and fixed noise, so evaluations are comparable over time."""
+    """Validation loss at fixed timesteps and fixed noise, so evaluations are comparable over time.
 
-    def __init__(self, data: PreparedData, cfg: Config, rank: int, world: int):
-        from ..evaluation.reference import spread
+    Image i of the `val_images` chosen is noised at t_i (evenly spaced over 0..T-1) with its own fixed
+    noise of shape `shape` (the codec's x); each rank scores its share (rows rank, rank + world, ...)."""
 
+    def __init__(self, data: PreparedData, cfg: Config, shape: tuple[int, ...], rank: int = 0, world: int = 1):
         rows = spread(data.indices("val"), cfg.train.val_images)        # evenly over the split, not a prefix
         self.data, self.rows, self.size = data, rows, len(rows)
         T = cfg.diffusion.timesteps
-        g = torch.Generator().manual_seed(12345)
-        res = cfg.data.resolution
+        g = torch.Generator().manual_seed(VALIDATION_SEED)
         self.t = torch.linspace(0, T - 1, max(self.size, 1)).round().long()[: self.size]
-        self.noise = torch.randn(self.size, 3, res, res, generator=g)
+        self.noise = torch.randn(self.size, *shape, generator=g)
         self.mine = torch.arange(self.size)[rank::world]
-        self.cfg = cfg
 
     @torch.no_grad()
-    def __call__(self, net, schedule, device, batch_size: int) -> torch.Tensor:
+    def __call__(self, pipe: Pipeline, batch_size: int) -> torch.Tensor:
         """Sum of per-image losses over this rank's share (reduce across ranks, divide by size)."""
-        total = torch.zeros((), device=device)
-        d = self.cfg.diffusion
+        total = torch.zeros((), device=pipe.device)
         for chunk in self.mine.split(batch_size):
-            x0 = load_batch(self.data, self.rows[chunk.numpy()])["images"].to(device)
-            losses = diffusion_loss(net, schedule, x0, self.t[chunk].to(device), self.noise[chunk].to(device),
-                                    prediction=d.prediction, min_snr_gamma=d.min_snr_gamma, reduce=False)
-            total += losses.sum()
+            images = load_batch(self.data, self.rows[chunk.numpy()])["images"]
+            total += diffusion_step(pipe, images, t=self.t[chunk], noise=self.noise[chunk], reduce=False).sum()
         return total
 
 
@@ -73,11 +75,9 @@ class SampleQuality:
 
     def __init__(self, cfg: Config, data: PreparedData, rank: int, world: int, main: bool, device):
         """On the main process, loads the Inception network and the reference statistics (cached)."""
-        self.cfg, self.rank, self.world, self.main = cfg, rank, world, main
+        self.tc, self.rank, self.world, self.main = cfg.train, rank, world, main
         self.reference = self.extractor = None
         if main:
-            from ..evaluation import InceptionFeatures, reference_stats
-
             d = cfg.data
             split = "val" if len(data.indices("val")) >= 2 else "train"
             self.extractor = InceptionFeatures(device)
@@ -88,37 +88,35 @@ class SampleQuality:
     @staticmethod
     def check_dependencies() -> None:
         """Raise UserError now if the Inception network or the face detector is missing."""
-        from ..evaluation import inception_weights_path
-        from ..evaluation.faces import _detector
-
         inception_weights_path()
-        _detector()
+        load_detector()
 
-    def __call__(self, ema_model, accelerator) -> dict | None:
-        """Metrics on the main process (None on the others); every rank generates its share."""
-        t = self.cfg.train
-        per_rank = math.ceil(t.fid_images / self.world)
+    def share(self) -> tuple[int, int, int]:
+        """(first index, count, padded count) of the samples this rank generates."""
+        per_rank = math.ceil(self.tc.fid_images / self.world)
         start = self.rank * per_rank
-        count = max(0, min(t.fid_images, start + per_rank) - start)
-        res = self.cfg.data.resolution
-        mine = np.zeros((per_rank, res, res, 3), dtype=np.uint8)
+        return start, max(0, min(self.tc.fid_images, start + per_rank) - start), per_rank
+
+    def __call__(self, pipe: Pipeline, accelerator) -> dict | None:
+        """Metrics on the main process (None on the others); every rank generates its share."""
+        tc = self.tc
+        start, count, per_rank = self.share()
+        size = pipe.codec.image_size
+        mine = np.zeros((per_rank, size, size, RGB), dtype=np.uint8)
         if count:
-            mine[:count] = generate(Pipeline(ema_model, self.cfg, self.cfg.run_dir), count, seed=QUALITY_SEED,
-                                    first_index=start, sampler=t.fid_sampler, steps=t.fid_steps,
-                                    batch_size=t.batch_size, progress=False)
+            request = SamplingRequest(num=count, seed=QUALITY_SEED, sampler=tc.fid_sampler, steps=tc.fid_steps,
+                                      batch_size=tc.batch_size)
+            mine[:count] = generate(pipe, request, first_index=start, progress=False)
         gathered = accelerator.gather(torch.from_numpy(mine).to(accelerator.device)).cpu().numpy()
         if not self.main:
             return None
-        from ..evaluation import evaluate_images
-
-        return evaluate_images(gathered[: t.fid_images], self.reference, extractor=self.extractor)
+        return evaluate_images(gathered[: tc.fid_images], self.reference, extractor=self.extractor)
 
 
-def sample_grid(ema_model, cfg: Config, step: int, writer) -> None:
-    """The fixed-seed grid of train.sample_images faces: runs/<name>/samples/step-N.png and TensorBoard."""
-    t = cfg.train
-    images = generate(Pipeline(ema_model, cfg, cfg.run_dir), t.sample_images, seed=t.seed,
-                      sampler=t.sample_sampler, steps=t.sample_steps, batch_size=t.sample_images, progress=False)
-    grid = make_grid(images)
-    save_image(grid, cfg.run_dir / "samples" / f"step-{step:07d}.png")
+def sample_grid(pipe: Pipeline, tc: TrainConfig, path: Path, writer, step: int) -> None:
+    """The fixed-seed grid of train.sample_images faces, saved to `path` and shown in TensorBoard."""
+    request = SamplingRequest(num=tc.sample_images, seed=tc.seed, sampler=tc.sample_sampler, steps=tc.sample_steps,
+                              batch_size=tc.sample_images)
+    grid = make_grid(generate(pipe, request, progress=False))
+    save_image(grid, path)
     writer.add_image("samples", grid, step, dataformats="HWC")

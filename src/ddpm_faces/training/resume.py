@@ -1,0 +1,115 @@
+"""Starting or continuing a run: which checkpoint to resume from, whether it may be, and restoring it.
+
+A resumed run continues bit for bit where it stopped (CPU, same number of processes): weights, EMA,
+optimizer, learning-rate schedule, loss scaler, data position, early-stopping state and every rank's
+random number generators all come back from the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import Config, TrainConfig, yaml_load
+from ..errors import UserError
+from ..runs import RunFolder, list_runs, load_checkpoint
+from .monitors import EarlyStopping
+
+log = logging.getLogger("ddpm_faces.train")
+RESUMED_SECTIONS = ("model", "diffusion")        # what a resumed run may not change
+
+
+def check_run_exists(cfg: Config, resume: bool) -> None:
+    """With resume, the run must exist (a checkpoint or a config.yaml): a mistyped name would otherwise
+    start a new run from scratch."""
+    folder = RunFolder(cfg.run_dir)
+    if not resume or folder.checkpoints() or folder.config.is_file():
+        return
+    runs = list_runs(cfg.train.out_dir)
+    there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there yet"
+    raise UserError(f"--resume: there is no run {cfg.name!r} in {cfg.train.out_dir} (no checkpoint, no config.yaml "
+                    f"in {folder.root}); {there}. Check the run name, or leave out --resume to start a new run")
+
+
+def check_run_folder(cfg: Config, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume, to
+    change its model or diffusion, or to resume a run that has nothing left to train."""
+    folder = RunFolder(cfg.run_dir)
+    if folder.has_trained_model() and not resume:
+        raise UserError(f"{folder.root} already holds a trained model: pass --resume to continue it, or pick another "
+                        "run name with --set name=<new>")
+    newest = folder.latest_checkpoint() if resume else None
+    if newest is None:
+        return None
+    if folder.config.is_file():
+        check_same_model(cfg, folder.config)
+    check_work_left(cfg, newest)
+    return newest
+
+
+def check_same_model(cfg: Config, saved: Path) -> None:
+    """The model and diffusion sections of a resumed run must be the ones it was trained with."""
+    old = yaml_load(saved.read_text()) or {}
+    new = cfg.to_dict()
+    old.setdefault("model", {}).pop("vocab", None)          # the vocabularies are filled in from the data later
+    new["model"].pop("vocab", None)
+    for section in RESUMED_SECTIONS:
+        if old.get(section) != new[section]:
+            raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
+                            f"resume with the run's own config (--config {saved})")
+
+
+def check_work_left(cfg: Config, checkpoint: Path) -> None:
+    """A run at train.max_steps, or stopped early, has nothing left to train: say so and how to go on."""
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        step, best, bad = int(state["step"]), state["best"], int(state["bad_evals"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return                                   # a damaged checkpoint: loading it gives the error
+    tc, again = cfg.train, f"ddpm-faces train --config {cfg.run_dir} --resume"
+    if step >= tc.max_steps:
+        raise UserError(f"run {cfg.name!r} has nothing left to train: {checkpoint.name} is at train.max_steps "
+                        f"({tc.max_steps}); to train further raise it: {again} --set train.max_steps={2 * step}")
+    if EarlyStopping(tc.patience, tc.min_delta, best, bad).should_stop:
+        raise UserError(f"run {cfg.name!r} has nothing left to train: it stopped early at {checkpoint.name}, "
+                        f"{bad} evaluations without improvement (train.patience={tc.patience}); to train further "
+                        f"raise the patience (0 = never stop): {again} --set train.patience={tc.patience + bad}")
+
+
+def gather_rng(accelerator) -> dict:
+    """Every rank's torch RNG states, gathered (a collective: all ranks call it)."""
+    def gather(state: torch.Tensor) -> torch.Tensor:
+        return accelerator.gather(state.to(accelerator.device)[None]).cpu()
+    rng = {"torch": gather(torch.get_rng_state())}
+    if torch.cuda.is_available() and accelerator.device.type == "cuda":
+        rng["cuda"] = gather(torch.cuda.get_rng_state(accelerator.device))
+    return rng
+
+
+def restore_rng(rng: dict, rank: int, world: int, seed: int) -> None:
+    """This rank's saved RNG states; a fresh seed when the run was saved with another number of processes."""
+    if rng["torch"].shape[0] != world:
+        log.warning("checkpoint saved by %d process(es), resumed by %d: fresh noise streams",
+                    rng["torch"].shape[0], world)
+        torch.manual_seed(seed)
+        return
+    torch.set_rng_state(rng["torch"][rank].clone())        # a clone: torch crashes on a view with an offset
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][rank].clone(), torch.cuda.current_device())
+
+
+def restore(path: Path, tc: TrainConfig, accelerator, *, model, ema, optimizer, scheduler,
+            loader) -> tuple[int, EarlyStopping]:
+    """Load checkpoint `path` into the training objects; returns (its step, the early-stopping state)."""
+    try:
+        state, rng = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
+                                     scaler=accelerator.scaler)
+    except Exception as err:                     # safetensors, torch.load and json raise many types
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}): it is damaged or "
+                        "from another version; delete that folder to resume from the one before it") from None
+    step, rank = state["step"], accelerator.process_index
+    restore_rng(rng, rank, accelerator.num_processes, seed=tc.seed + 1_000_003 * rank + step)
+    loader.load_state_dict(state["data"])
+    return step, EarlyStopping(tc.patience, tc.min_delta, state["best"], state["bad_evals"])
