@@ -239,7 +239,7 @@ def _export(args) -> None:
 
     pipe = load_pipeline(args.checkpoint)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype, step=pipe.step)
+    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype, step=pipe.step, codec=pipe.codec)
     size = (out / "model.safetensors").stat().st_size / 2**20
     print(f"exported {pipe.source} to {out} ({args.dtype}, {size:.1f} MiB)")
 

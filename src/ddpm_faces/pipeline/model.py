@@ -16,8 +16,10 @@ from ..config import Config, config_from_dict, read_yaml
 from ..diffusion import Denoiser, NoiseSchedule
 from ..errors import UserError
 from ..models import Codec, PixelCodec, UNet
+from ..models.autoencoder import Autoencoder
+from ..models.codec import LatentCodec
 from ..models.conditioning import encode_attributes
-from ..runs import find_model, read_weights
+from ..runs import CODEC_FILE, find_model, read_codec, read_weights, tensors_key
 
 
 def build_model(cfg: Config) -> UNet:
@@ -29,9 +31,38 @@ def build_schedule(cfg: Config) -> NoiseSchedule:
     return NoiseSchedule.from_config(d.schedule, d.timesteps, d.beta_start, d.beta_end)
 
 
-def build_codec(cfg: Config) -> Codec:
-    """Pixels today: the denoiser sees (model.in_channels, model.resolution, model.resolution) images."""
-    return PixelCodec(cfg.model.in_channels, cfg.model.resolution)
+def build_codec(cfg: Config, carried: Path | None = None) -> Codec:
+    """The codec the denoiser works through: pixels, or with codec.autoencoder a LatentCodec whose weights come
+    from `carried` (the codec file an export carries) or else from the autoencoder export the config names."""
+    if not cfg.codec.autoencoder:
+        return PixelCodec(cfg.model.in_channels, cfg.model.resolution)
+    codec = LatentCodec(Autoencoder(cfg.autoencoder))
+    if carried is not None and carried.is_file():
+        state, source = read_codec(carried), carried
+    else:
+        state, source = autoencoder_state(cfg)
+    try:
+        codec.load_state_dict(state)
+    except RuntimeError:
+        raise UserError(f"the autoencoder in {source} does not match the config's autoencoder section: use the "
+                        "config that came with it") from None
+    return codec.eval()
+
+
+def autoencoder_state(cfg: Config) -> tuple[dict, Path]:
+    """The weights of the autoencoder export that codec.autoencoder names, checked against cfg.autoencoder."""
+    files = find_model(cfg.codec.autoencoder)
+    if not files.config.is_file():
+        raise UserError(f"{files.config} is missing: the autoencoder's config must sit beside its weights")
+    ae_cfg = config_from_dict(read_yaml(files.config))
+    if ae_cfg.task != "autoencoder":
+        raise UserError(f"codec.autoencoder {cfg.codec.autoencoder} holds a {ae_cfg.task} model, not an autoencoder: "
+                        "point it at an autoencoder run or export (task: autoencoder)")
+    if ae_cfg.autoencoder != cfg.autoencoder:
+        raise UserError(f"the autoencoder section differs from the one {cfg.codec.autoencoder} was trained with: "
+                        "copy that run's autoencoder section into the config")
+    state, _, _ = read_weights(files, ae_cfg)
+    return state, files.weights
 
 
 @dataclass
@@ -80,17 +111,19 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
         raise UserError(f"{files.config} is missing: the model's config must sit beside its weights")
     cfg = config_from_dict(read_yaml(files.config))
     net = build_model(cfg)
-    state, step = read_weights(files, cfg)
+    state, step, codec_key = read_weights(files, cfg)
     expected = net.state_dict()
     wrong = [k for k in expected if k not in state or state[k].shape != expected[k].shape]
     if wrong or set(state) - set(expected):
         raise UserError(f"{files.weights} does not match its config.yaml ({len(wrong)} missing or differently shaped, "
                         f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
     net.load_state_dict(state)
+    codec = build_codec(cfg, files.folder / CODEC_FILE)
+    if codec_key is not None and tensors_key(codec) != codec_key:
+        raise UserError(f"{files.weights} was trained on another autoencoder's latents than the one it is loaded "
+                        "with: use the autoencoder.safetensors exported with it")
     dev = check_device(device)
-    pipe = Pipeline(net.to(dev).eval(), cfg, files.folder, step)
-    pipe.codec.to(dev).eval()
-    return pipe
+    return Pipeline(net.to(dev).eval(), cfg, files.folder, step, codec=codec.to(dev).eval())
 
 
 def check_device(device: str | torch.device) -> torch.device:

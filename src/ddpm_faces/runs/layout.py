@@ -18,6 +18,7 @@ from ..io import recover_folder
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"           # an export's (EMA) weights
 EMA_FILE = "ema.safetensors"                 # a checkpoint's EMA weights
+CODEC_FILE = "autoencoder.safetensors"       # a latent model's codec, carried by its export
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

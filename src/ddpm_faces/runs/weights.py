@@ -5,6 +5,7 @@ step) and `config.yaml` (the run's resolved config). Loading never executes code
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,12 @@ from ..config import Config
 from ..errors import UserError
 from ..io import atomic_folder, recover_folder
 from .checkpoints import state_tensors
-from .layout import CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
+from .layout import CODEC_FILE, CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"    # weights shipped inside the package
 DEFAULT_MODEL = "faces32"
 DEFAULT_CLASSIFIER = "attributes32"
-EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE}
+EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, CODEC_FILE}
 SAMPLING_KEYS = ("schedule", "timesteps", "beta_start", "beta_end", "prediction")   # diffusion settings sampling needs
 
 
@@ -76,33 +77,61 @@ def find_model(path: str | Path | None) -> ModelFiles:
     raise UserError(f"no model found in {p}: expected model.safetensors + config.yaml, export/, or checkpoints/")
 
 
+def tensors_key(module: torch.nn.Module) -> str:
+    """A hash of a module's tensors (names, dtypes, shapes and values): the identity of a codec."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_tensors(module, torch.float32).items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torch.dtype = torch.float32,
-                 step: int | None = None) -> Path:
-    """Write model.safetensors + config.yaml into out_dir atomically. An existing out_dir is replaced only
-    if it holds nothing but an earlier export, so no other files are ever deleted."""
+                 step: int | None = None, codec: torch.nn.Module | None = None) -> Path:
+    """Write model.safetensors + config.yaml into out_dir atomically, and the codec's weights when it has any
+    (a latent model's autoencoder), so that the folder samples on its own. An existing out_dir is replaced
+    only if it holds nothing but an earlier export, so no other files are ever deleted."""
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
+    metadata = weights_metadata(cfg, step)
+    carries_codec = codec is not None and any(True for _ in codec.parameters())
+    if carries_codec:
+        metadata["codec"] = tensors_key(codec)
     with atomic_folder(out_dir) as tmp:
-        save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=weights_metadata(cfg, step))
+        save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=metadata)
+        if carries_codec:
+            save_file(state_tensors(codec), tmp / CODEC_FILE, metadata={"format": "ddpm-faces", "task": "autoencoder"})
         (tmp / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return out_dir
 
 
+def recorded_sections(cfg: Config) -> dict[str, dict]:
+    """The config sections an export records (and a loader checks): a diffusion model's network and the
+    diffusion settings sampling needs (a config that differs in either samples noise); an autoencoder's
+    architecture."""
+    raw = cfg.to_dict()
+    if cfg.task == "autoencoder":
+        return {"autoencoder": raw["autoencoder"]}
+    return {"model": raw["model"], "diffusion": {k: raw["diffusion"][k] for k in SAMPLING_KEYS}}
+
+
 def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
-    """What an export records beside its tensors: the model config and the diffusion settings it was trained
-    with (a config that differs in either samples noise), and the training step."""
-    diffusion = {k: cfg.to_dict()["diffusion"][k] for k in SAMPLING_KEYS}
-    return {"format": "ddpm-faces", "model": json.dumps(cfg.to_dict()["model"], sort_keys=True),
-            "diffusion": json.dumps(diffusion, sort_keys=True), **({"step": str(step)} if step is not None else {})}
+    """What an export records beside its tensors: `recorded_sections` and the training step."""
+    return {"format": "ddpm-faces", "task": cfg.task, **{k: json.dumps(v, sort_keys=True) for k, v in
+                                                          recorded_sections(cfg).items()},
+            **({"step": str(step)} if step is not None else {})}
 
 
 def check_recorded(files: ModelFiles, cfg: Config, metadata: dict[str, str]) -> None:
     """The config beside the weights must match what the weights recorded of their training."""
-    for section in ("model", "diffusion"):
+    if metadata.get("task", "diffusion") != cfg.task:
+        raise UserError(f"{files.weights} holds a {metadata.get('task', 'diffusion')} model but {files.config} "
+                        f"describes a {cfg.task} model: use the config.yaml that came with the weights")
+    for section, current in recorded_sections(cfg).items():
         if section not in metadata:                    # exports older than the record of that section
             continue
-        recorded, current = json.loads(metadata[section]), cfg.to_dict()[section]
+        recorded = json.loads(metadata[section])
         differ = sorted(k for k, v in recorded.items() if current.get(k) != v)
         if differ or (section == "model" and recorded != current):
             raise UserError(f"{files.weights} was exported with another {section} config than {files.config} "
@@ -119,9 +148,28 @@ def check_finite(files: ModelFiles, state: dict[str, torch.Tensor]) -> None:
                             "(a diverged run or a broken file); export an earlier checkpoint")
 
 
-def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor], int | None]:
-    """(float32 state dict, training step or None) of the weights, checked against the config's model section
-    (which the weights' metadata records)."""
+def read_codec(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 tensors of a codec file carried by an export."""
+    try:
+        state = {k: v.float() for k, v in load_file(path).items()}
+    except Exception as err:
+        raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}): export the run again "
+                        "or check the download") from None
+    check_finite(ModelFiles(path, path.with_name(CONFIG_FILE)), state)
+    return state
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except Exception:
+        return {}
+
+
+def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor], int | None, str | None]:
+    """(float32 state dict, training step or None, the key of the codec it was trained with or None) of the
+    weights, checked against the config sections the weights' metadata records."""
     try:
         state = {k: v.float() for k, v in load_file(files.weights).items()}
         with safe_open(files.weights, "pt") as f:
@@ -132,4 +180,4 @@ def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor
     check_recorded(files, cfg, metadata)
     check_finite(files, state)
     recorded = metadata.get("step", "")                # exports record it; a checkpoint's folder is named by it
-    return state, int(recorded) if recorded.isdigit() else checkpoint_step(files.folder)
+    return state, int(recorded) if recorded.isdigit() else checkpoint_step(files.folder), metadata.get("codec")

@@ -18,7 +18,7 @@ from ..runs import RunFolder, list_runs, load_checkpoint
 from .monitors import EarlyStopping
 
 log = logging.getLogger("ddpm_faces.train")
-RESUMED_SECTIONS = ("model", "diffusion")        # what a resumed run may not change
+RESUMED_SECTIONS = ("task", "model", "diffusion", "codec", "autoencoder")   # what a resumed run may not change
 
 
 def check_run_exists(cfg: Config, resume: bool) -> None:
@@ -56,7 +56,7 @@ def check_same_model(cfg: Config, saved: Path) -> None:
     old.setdefault("model", {}).pop("vocab", None)          # the vocabularies are filled in from the data later
     new["model"].pop("vocab", None)
     for section in RESUMED_SECTIONS:
-        if old.get(section) != new[section]:
+        if section in old and old[section] != new[section]:      # runs saved before a section existed skip it
             raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
                             f"resume with the run's own config (--config {saved})")
 
@@ -101,11 +101,12 @@ def restore_rng(rng: dict, rank: int, world: int, seed: int) -> None:
 
 
 def restore(path: Path, tc: TrainConfig, accelerator, *, model, ema, optimizer, scheduler,
-            loader) -> tuple[int, EarlyStopping]:
-    """Load checkpoint `path` into the training objects; returns (its step, the early-stopping state)."""
+            loader, extras: dict | None = None) -> tuple[int, EarlyStopping]:
+    """Load checkpoint `path` into the training objects (and `extras`, name -> (network, optimizer)); returns
+    (its step, the early-stopping state)."""
     try:
         state, rng = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer, scheduler=scheduler,
-                                     scaler=accelerator.scaler)
+                                     scaler=accelerator.scaler, extras=extras)
     except Exception as err:                     # safetensors, torch.load and json raise many types
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}): it is damaged or "
                         "from another version; delete that folder to resume from the one before it") from None

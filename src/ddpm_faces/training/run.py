@@ -149,7 +149,8 @@ class Run:
             self.sharding_checked = True
         labels = batch["labels"][:, self.label_columns] if self.label_columns else None
         with self.acc.accumulate(self.model):
-            loss = diffusion_step(self.live, batch["images"], labels=labels, label_dropout=self.tc.label_dropout)
+            loss = diffusion_step(self.live, batch.get("images"), x0=batch.get("x"), labels=labels,
+                                  label_dropout=self.tc.label_dropout)
             self.acc.backward(loss)
             self.micro_loss += loss.detach().float() / self.tc.grad_accum   # stays on the device until a log step
             finite = self.clip_and_check() if self.acc.sync_gradients else True
@@ -279,7 +280,7 @@ class Run:
         self.say(f"step {self.step}: {label} {value:.5f} (best {self.stopper.best:.5f}{note})")
         if improved and self.main:
             self.write("the best model", lambda: export_model(self.ema.model, self.cfg, self.folder.best,
-                                                              step=self.step))
+                                                              step=self.step, codec=self.averaged.codec))
         self.stopped_early = self.stopped_early or self.stopper.should_stop
 
     def save_samples(self) -> None:
@@ -300,7 +301,7 @@ class Run:
         save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema, optimizer=t.optimizer.optimizer,
                         scheduler=t.scheduler, state=state, rng=rng, scaler=self.acc.scaler,
                         keep=self.tc.keep_checkpoints)
-        export_model(self.ema.model, self.cfg, self.folder.export, step=self.step)
+        export_model(self.ema.model, self.cfg, self.folder.export, step=self.step, codec=self.averaged.codec)
 
     def write(self, what: str, save) -> None:
         """Run `save`, which writes `what` into the run folder; a failed write (a full disk) becomes one line."""

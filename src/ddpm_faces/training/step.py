@@ -15,10 +15,11 @@ from ..models.conditioning import drop_labels
 from ..pipeline import Pipeline
 
 
-def diffusion_step(pipe: Pipeline, images: torch.Tensor, *, t: torch.Tensor | None = None,
-                   noise: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                   label_dropout: float = 0.0, reduce: bool = True) -> torch.Tensor:
-    """Denoising loss of `images` (B, 3, H, W) in [-1, 1] under `pipe.net`.
+def diffusion_step(pipe: Pipeline, images: torch.Tensor | None, *, x0: torch.Tensor | None = None,
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   labels: torch.Tensor | None = None, label_dropout: float = 0.0, reduce: bool = True) -> torch.Tensor:
+    """Denoising loss of `images` (B, 3, H, W) in [-1, 1] under `pipe.net`, or of `x0`, images already
+    encoded (cached latents).
 
     x0 = codec.encode(images); x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. 2020, eq. 4) and the
     MSE to the prediction target (eq. 14, min-SNR weighted per cfg.diffusion). `t` (uniform over 0..T-1) and
@@ -26,8 +27,10 @@ def diffusion_step(pipe: Pipeline, images: torch.Tensor, *, t: torch.Tensor | No
     probability `label_dropout`, which teaches the unconditional path of classifier-free guidance (Ho &
     Salimans 2022, https://arxiv.org/abs/2207.12598). The mean loss, or with reduce=False one per image."""
     device = pipe.device
-    with torch.no_grad():                                    # the codec is fixed: no gradient through it
-        x0 = pipe.codec.encode(images.to(device))
+    if x0 is None:
+        with torch.no_grad():                                # the codec is fixed: no gradient through it
+            x0 = pipe.codec.encode(images.to(device))
+    x0 = x0.to(device)
     if t is None:
         t = torch.randint(0, pipe.schedule.T, (len(x0),))
     if noise is None:

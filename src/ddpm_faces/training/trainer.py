@@ -22,11 +22,13 @@ from accelerate.utils import InitProcessGroupKwargs
 
 from ..config import Config, TrainConfig, save_config
 from ..data import BatchLoader, PreparedData, prepare_dataset
+from ..data.latents import LatentLoader, encode_latents
 from ..errors import UserError
-from ..models import count_parameters
+from ..models import Codec, count_parameters
 from ..pipeline import build_codec, build_model
-from ..runs import RunFolder
+from ..runs import RunFolder, tensors_key
 from ..runs.lock import RunLock
+from .autoencoder import prepare_autoencoder_run
 from .ema import EMA
 from .interrupt import Interrupt
 from .lr import make_scheduler
@@ -93,6 +95,21 @@ def load_data(cfg: Config, accelerator: Accelerator, progress: bool) -> Prepared
                                progress=accelerator.is_main_process and progress)
 
 
+def make_loader(cfg: Config, data: PreparedData, codec: Codec, accelerator: Accelerator, progress: bool):
+    """Batches of images, or for latent diffusion of cached latents (encoded once by the main process)."""
+    tc, rank, world = cfg.train, accelerator.process_index, accelerator.num_processes
+    if not cfg.codec.autoencoder:
+        return BatchLoader(data, "train", tc.batch_size, seed=tc.seed, hflip=cfg.data.hflip,
+                           random_crop=cfg.data.random_crop, rank=rank, world_size=world)
+    if cfg.data.random_crop:
+        raise UserError("data.random_crop does not apply to cached latents: set it to false (flips still apply)")
+    with accelerator.main_process_first():
+        latents = encode_latents(data, codec.encode, tensors_key(codec), cache_dir=cfg.data.cache_dir,
+                                 progress=progress and accelerator.is_main_process)
+    return LatentLoader(latents, "train", tc.batch_size, seed=tc.seed, hflip=cfg.data.hflip, rank=rank,
+                        world_size=world)
+
+
 def build_trainees(cfg: Config, rank: int) -> Trainees:
     """A new model (the same initial weights on every rank), its EMA, AdamW and the warmup-cosine schedule;
     then seeds each rank's own noise and timesteps."""
@@ -121,10 +138,12 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None 
     `resume_from` when given), the run's config.yaml and TensorBoard (or `writer`)."""
     tc, rank, world, main = cfg.train, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     data = load_data(cfg, accelerator, progress)
+    if cfg.task == "autoencoder":
+        return prepare_first_stage(cfg, accelerator, data, resume_from, progress=progress, until_step=until_step,
+                                   writer=writer)
     label_columns = conditioning_columns(cfg, data)
-    loader = BatchLoader(data, "train", tc.batch_size, seed=tc.seed, hflip=cfg.data.hflip,
-                         random_crop=cfg.data.random_crop, rank=rank, world_size=world)
     codec = build_codec(cfg).to(accelerator.device).eval()
+    loader = make_loader(cfg, data, codec, accelerator, progress)
     validation = Validation(data, cfg, codec.shape, rank, world)
     quality = None
     if tc.fid_every:
@@ -145,13 +164,30 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None 
     return run
 
 
+def prepare_first_stage(cfg: Config, accelerator: Accelerator, data: PreparedData, resume_from: Path | None, *,
+                        progress: bool, until_step: int | None, writer=None) -> Run:
+    """prepare_run for an autoencoder (training/autoencoder.py)."""
+    def restore_into(trainees, extras, loader):
+        if resume_from is None:
+            return 0, None
+        return restore(resume_from, cfg.train, accelerator, loader=loader, extras=extras, **vars(trainees))
+
+    if accelerator.is_main_process:
+        save_config(cfg, RunFolder(cfg.run_dir).config)
+        writer = writer if writer is not None else open_writer(cfg, 0)
+    run = prepare_autoencoder_run(cfg, accelerator, data, restore_into, writer=writer, progress=progress,
+                                  until_step=until_step)
+    describe(run, resume_from)
+    return run
+
+
 def describe(run: Run, resume_from: Path | None) -> None:
     """The run's one-line summary, and a warning when there are no validation images."""
     if not run.main:
         return
     log.info("model: %s parameters; data: %d train / %d val images at %d px; %d process(es); %s",
              f"{count_parameters(run.raw_model):,}", len(run.loader.indices), run.validation.size,
-             run.live.codec.image_size, run.world,
+             run.cfg.data.resolution, run.world,
              f"resuming from {resume_from.name}" if resume_from else f"run folder {run.folder.root}")
     if run.validation.size == 0:
         log.warning("no validation images: %s off", "validation loss and early stopping are"
