@@ -15,6 +15,7 @@ bit for bit, SIGTERM, exports. Only what happens in a step and what is measured 
 """
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -112,9 +113,9 @@ def latent_statistics(ae: Autoencoder, data: PreparedData, batch_size: int) -> t
 
 
 def export_codec(ae: Autoencoder, data: PreparedData, cfg: Config, folder, step: int, batch_size: int):
-    """The autoencoder as a LatentCodec with its latent statistics, exported like a model."""
-    codec = LatentCodec(Autoencoder(cfg.autoencoder))
-    codec.autoencoder.load_state_dict(ae.state_dict())
+    """The autoencoder as a LatentCodec with its latent statistics, exported like a model. (A copy, not a new
+    network: building one would draw initial weights from the RNG and a resumed run would then differ.)"""
+    codec = LatentCodec(copy.deepcopy(ae))
     codec.set_statistics(*latent_statistics(ae, data, batch_size))
     return export_model(codec, cfg, folder, step=step)
 
@@ -240,9 +241,14 @@ def check_autoencoder_config(cfg: Config) -> None:
     if cfg.train.grad_accum != 1:
         raise UserError("an autoencoder run steps its discriminator after every generator step: "
                         "set train.grad_accum=1 (raise train.batch_size instead)")
-    if cfg.reconstruction.crop and cfg.reconstruction.crop % cfg.autoencoder.factor:
-        raise UserError(f"reconstruction.crop {cfg.reconstruction.crop} must be a multiple of the autoencoder's "
+    rc = cfg.reconstruction
+    side = rc.crop or cfg.data.resolution
+    if rc.crop and rc.crop % cfg.autoencoder.factor:
+        raise UserError(f"reconstruction.crop {rc.crop} must be a multiple of the autoencoder's "
                         f"factor {cfg.autoencoder.factor} (or 0 for whole images)")
+    if rc.disc_weight and side < 3 * 2 ** rc.disc_layers:       # two strides of 2 per layer, then two 4x4 convs
+        raise UserError(f"the discriminator's {rc.disc_layers} layers need crops of at least "
+                        f"{3 * 2 ** rc.disc_layers} px, got {side}: raise reconstruction.crop or lower disc_layers")
 
 
 def prepare_autoencoder_run(cfg: Config, accelerator, data: PreparedData, restore, *, writer, progress: bool,

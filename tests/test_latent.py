@@ -1,0 +1,116 @@
+"""Latent diffusion end to end on a tiny set: the autoencoder trained with the runs' conventions (resume bit
+for bit, export as a codec), a diffusion run on its cached latents, sampling through the codec, and the
+one-line errors of mismatched stages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from ddpm_faces.config import load_config
+from ddpm_faces.errors import UserError
+from ddpm_faces.models.codec import LatentCodec
+from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
+from ddpm_faces.runs import CODEC_FILE, RunFolder
+from ddpm_faces.training import train
+
+AE = {"task": "autoencoder", "name": "ae", "autoencoder.resolution": 16, "autoencoder.channels": "[8,16,16]",
+      "autoencoder.groups": 4, "reconstruction.crop": 0, "reconstruction.disc_start": 4,
+      "reconstruction.disc_channels": 8, "reconstruction.disc_layers": 2, "reconstruction.eval_images": 8,
+      "train.adam_betas": "[0.5,0.9]", "train.lr": 2e-3}
+
+
+def latent_overrides(ae_export, **extra):
+    values = {"name": "latent", "codec.autoencoder": str(ae_export), "autoencoder.resolution": 16,
+              "autoencoder.channels": "[8,16,16]", "autoencoder.groups": 4, "model.resolution": 4,
+              "model.in_channels": 4, "model.channel_mults": "[1,2]", "model.attn_resolutions": "[]",
+              "model.attributes": "[gender]", **extra}
+    return values
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory, face_folder):
+    root = tmp_path_factory.mktemp("ae")
+    train(load_config("quickstart", tiny_overrides(root, face_folder, **AE)), progress=False)
+    return root / "runs" / "ae"
+
+
+def test_autoencoder_resumes_bit_for_bit_discriminator_included(tmp_path, face_folder, autoencoder_run):
+    paused = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **AE))
+    assert train(paused, progress=False, until_step=6).step == 6            # the GAN is on from step 4
+    assert train(paused, progress=False, resume=True).step == 12
+    for name in ("model.safetensors", "ema.safetensors", "discriminator.safetensors"):
+        a = load_file(RunFolder(autoencoder_run).checkpoint(12) / name)
+        b = load_file(RunFolder(tmp_path / "runs" / "ae").checkpoint(12) / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_autoencoder_export_is_a_codec_with_its_latent_statistics(autoencoder_run, face_folder, tmp_path):
+    state = load_file(RunFolder(autoencoder_run).export / "model.safetensors")
+    assert {"shift", "scale"} <= set(state) and not torch.equal(state["scale"], torch.ones(4))
+    samples = sorted(RunFolder(autoencoder_run).samples.glob("*.png"))
+    assert samples, "reconstruction grids are written"
+    events = list((autoencoder_run / "tb").glob("events.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(events[0])).Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/l1", "train/kl", "train/gan_d", "train/logits_real", "train/logits_fake", "val/psnr",
+            "val/ssim"} <= tags and "reconstructions" in acc.Tags()["images"]
+
+
+def test_latent_diffusion_trains_on_cached_latents_and_samples_at_image_size(tmp_path, face_folder, autoencoder_run):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
+        RunFolder(autoencoder_run).export, **{"train.max_steps": 6})))
+    result = train(cfg, progress=False)
+    export = RunFolder(result.run_dir).export
+    assert (export / CODEC_FILE).is_file()
+    assert list((tmp_path / "cache" / "latents").iterdir()), "latents were cached"
+    pipe = load_pipeline(result.run_dir)
+    assert isinstance(pipe.codec, LatentCodec) and pipe.codec.shape == (4, 4, 4) and pipe.codec.image_size == 16
+    seen = []
+    images = generate(pipe, SamplingRequest(num=2, steps=3, attributes={"gender": "Female"}),
+                      callback=lambda i, t, x, x0: seen.append((tuple(x.shape), tuple(x0.shape))), progress=False)
+    assert images.shape == (2, 16, 16, 3) and seen[0] == ((2, 4, 4, 4), (2, 3, 16, 16))
+    # the export samples on its own: the autoencoder run may go away
+    moved = tmp_path / "shipped"
+    export.rename(moved)
+    import shutil
+    shutil.rmtree(autoencoder_run.parent / "gone", ignore_errors=True)
+    again = generate(load_pipeline(moved), SamplingRequest(num=2, steps=3, attributes={"gender": "Female"}),
+                     progress=False)
+    assert np.array_equal(images, again)
+
+
+def test_mismatched_stages_stop_with_one_line(tmp_path, face_folder, autoencoder_run):
+    export = RunFolder(autoencoder_run).export
+    with pytest.raises(UserError, match="latent channels/size"):
+        load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(export, **{
+            "model.in_channels": 3})))
+    with pytest.raises(UserError, match="data.resolution .* autoencoder.resolution"):
+        load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(export, **{
+            "data.resolution": 32})))
+    other = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(export, **{
+        "autoencoder.channels": "[8,8,16]"})))
+    with pytest.raises(UserError, match="autoencoder section differs"):
+        train(other, progress=False)
+    missing = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
+        tmp_path / "no-such-autoencoder")))
+    with pytest.raises(UserError, match="no-such-autoencoder"):
+        train(missing, progress=False)
+
+
+def test_a_damaged_carried_autoencoder_is_one_line(tmp_path, face_folder, autoencoder_run):
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
+        RunFolder(autoencoder_run).export, **{"train.max_steps": 3, "train.checkpoint_every": 3})))
+    export = RunFolder(train(cfg, progress=False).run_dir).export
+    data = (export / CODEC_FILE).read_bytes()
+    (export / CODEC_FILE).write_bytes(data[: len(data) // 2])
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "sample", "--checkpoint", str(export), "--num", "1",
+                          "--steps", "2", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and CODEC_FILE in lines[0], out.stderr
