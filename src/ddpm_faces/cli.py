@@ -189,9 +189,11 @@ def _write_json(path: str | None, result: dict) -> None:
 
 def _eval(args) -> None:
     from .evaluation.model_eval import evaluate_model, format_table
-    from .pipeline import load_pipeline
+    from .pipeline import load_pipeline, read_config
 
     _set_threads(args.threads)
+    if args.checkpoint and read_config(args.checkpoint).task == "autoencoder":
+        return _eval_codec(args)
     pipe = load_pipeline(args.checkpoint, device=args.device)
     if args.attributes:
         return _eval_attributes(args, pipe)
@@ -201,6 +203,20 @@ def _eval(args) -> None:
                             reference_num=args.reference_num, cache_dir=args.cache_dir,
                             with_face_rate=not args.no_face_rate, progress=not args.no_progress)
     print(format_table([result]))
+    _write_json(args.json, result)
+
+
+def _eval_codec(args) -> None:
+    """An autoencoder: PSNR, SSIM and reconstruction FID on --reference-num images of the split (all by default)."""
+    from .evaluation.model_eval import evaluate_codec
+    from .pipeline import load_codec, read_config
+
+    codec, d = load_codec(args.checkpoint, device=args.device), read_config(args.checkpoint).data
+    result = evaluate_codec(codec, reference=args.reference, split=args.split, num=args.reference_num, crop=d.crop,
+                            hf_config=d.hf_config, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    print(f"{result['num']} {args.split} images at {result['resolution']} px: PSNR {result['psnr']:.2f} dB, "
+          f"SSIM {result['ssim']:.4f}, reconstruction FID {result['rfid']:.2f}")
     _write_json(args.json, result)
 
 

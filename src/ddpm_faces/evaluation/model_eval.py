@@ -10,12 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import prepare_dataset
+from ..data import load_batch, prepare_dataset
 from ..errors import UserError
+from ..images import to_uint8
 from ..pipeline import Pipeline, SamplingRequest, generate
 from .attributes import agreement, classifier_accuracy, target_labels
 from .features import InceptionFeatures
-from .reference import evaluate_images, reference_stats
+from .reconstruction import reconstruction_metrics
+from .reference import evaluate_images, reference_stats, spread
 
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "precision", "recall", "face_rate")
 
@@ -34,6 +36,27 @@ def evaluate_model(pipe: Pipeline, request: SamplingRequest, *, reference: str, 
                               progress=progress)
     return {**metrics, "sampler": request.sampler, "steps": request.steps, "nfe": request.nfe,
             "seed": request.seed, "reference": reference, "split": split, "model": str(pipe.source)}
+
+
+def evaluate_codec(codec, *, reference: str, split: str = "val", num: int | None = None, crop: str = "center",
+                   hf_config: str = "0.25", cache_dir: str | Path | None = None, extractor=None,
+                   batch_size: int = 64, progress: bool = True) -> dict:
+    """PSNR, SSIM and reconstruction FID of a codec on `num` images spread over a split (all by default)."""
+    data = prepare_dataset(reference, codec.image_size, crop=crop, cache_dir=cache_dir, hf_config=hf_config,
+                           progress=progress)
+    rows = spread(data.indices(split), num or len(data))
+    if len(rows) < 2:
+        raise UserError(f"the {split} split of {reference} has {len(rows)} image(s): at least 2 are needed")
+    device = next(codec.parameters()).device
+    originals, recons = [], []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            images = load_batch(data, rows[start:start + batch_size])["images"].to(device)
+            originals.append(to_uint8(images))
+            recons.append(to_uint8(codec.decode(codec.encode(images))))
+    extractor = extractor or InceptionFeatures(device, progress=progress)
+    metrics = reconstruction_metrics(np.concatenate(originals), np.concatenate(recons), extractor)
+    return {**metrics, "reference": reference, "split": split, "resolution": codec.image_size}
 
 
 def attribute_agreement(pipe: Pipeline, classifier, request: SamplingRequest, *, reference: str,

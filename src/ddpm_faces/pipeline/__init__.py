@@ -6,11 +6,11 @@ generate.
 """
 from .generate import autocast_net, generate, interpolate, slerp, starting_noise
 from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
-                    load_pipeline)
+                    load_codec, load_pipeline, read_config)
 from .request import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, SAMPLING_PRECISIONS, SamplingRequest
 
 __all__ = [
     "autocast_net", "generate", "interpolate", "slerp", "starting_noise",
-    "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_pipeline",
+    "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config",
     "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "SAMPLING_PRECISIONS", "SamplingRequest",
 ]

@@ -104,12 +104,31 @@ class Pipeline:
             raise UserError(str(err)) from None
 
 
-def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
-    """The model at `path` (any form runs.find_model takes) in eval mode on `device`."""
+def read_config(path: str | Path | None) -> Config:
+    """The config beside the weights that `path` names (any form runs.find_model takes)."""
     files = find_model(path)
     if not files.config.is_file():
         raise UserError(f"{files.config} is missing: the model's config must sit beside its weights")
-    cfg = config_from_dict(read_yaml(files.config))
+    return config_from_dict(read_yaml(files.config))
+
+
+def load_codec(path: str | Path, device: str | torch.device = "cpu") -> LatentCodec:
+    """An autoencoder run or export (task: autoencoder) as the LatentCodec it trained, in eval mode."""
+    files, cfg = find_model(path), read_config(path)
+    if cfg.task != "autoencoder":
+        raise UserError(f"{path} holds a {cfg.task} model, not an autoencoder")
+    codec = LatentCodec(Autoencoder(cfg.autoencoder))
+    state, _, _ = read_weights(files, cfg)
+    codec.load_state_dict(state)
+    return codec.to(check_device(device)).eval()
+
+
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
+    """The model at `path` (any form runs.find_model takes) in eval mode on `device`."""
+    files, cfg = find_model(path), read_config(path)
+    if cfg.task == "autoencoder":
+        raise UserError(f"{path} is an autoencoder, which does not sample faces on its own: train a latent "
+                        "diffusion model on it (codec.autoencoder), or `ddpm-faces eval` it")
     net = build_model(cfg)
     state, step, codec_key = read_weights(files, cfg)
     expected = net.state_dict()
