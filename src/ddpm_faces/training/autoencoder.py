@@ -222,19 +222,11 @@ class AutoencoderRun(Run):
         save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema, optimizer=t.optimizer.optimizer,
                         scheduler=t.scheduler, state=state, rng=rng, scaler=self.acc.scaler,
                         keep=self.tc.keep_checkpoints, extras={"discriminator": (self.raw_disc, a.optimizer.optimizer)})
-        export_codec(self.ema.model, self.data, self.cfg, self.folder.export, self.step, self.tc.batch_size)
+        self.export(self.folder.export)
 
-    def track_best(self, label: str, value: float | None) -> None:
-        """As for diffusion, but `best/` holds the codec (with its latent statistics)."""
-        if value is None:
-            return
-        improved = self.stopper.update(value)
-        note = ", new best" if improved else f", {self.stopper.bad}/{self.tc.patience} without improvement"
-        self.say(f"step {self.step}: {label} {value:.5f} (best {self.stopper.best:.5f}{note})")
-        if improved and self.main:
-            self.write("the best model", lambda: export_codec(self.ema.model, self.data, self.cfg, self.folder.best,
-                                                              self.step, self.tc.batch_size))
-        self.stopped_early = self.stopped_early or self.stopper.should_stop
+    def export(self, folder) -> None:
+        """The EMA autoencoder as a codec with its latent statistics."""
+        export_codec(self.ema.model, self.data, self.cfg, folder, self.step, self.tc.batch_size)
 
 
 def check_autoencoder_config(cfg: Config) -> None:

@@ -279,9 +279,12 @@ class Run:
         note = ", new best" if improved else f", {self.stopper.bad}/{self.tc.patience} without improvement"
         self.say(f"step {self.step}: {label} {value:.5f} (best {self.stopper.best:.5f}{note})")
         if improved and self.main:
-            self.write("the best model", lambda: export_model(self.ema.model, self.cfg, self.folder.best,
-                                                              step=self.step, codec=self.averaged.codec))
+            self.write("the best model", lambda: self.export(self.folder.best))
         self.stopped_early = self.stopped_early or self.stopper.should_stop
+
+    def export(self, folder: Path) -> None:
+        """The EMA weights (with the codec they were trained through) as an export in `folder`."""
+        export_model(self.ema.model, self.cfg, folder, step=self.step, codec=self.averaged.codec)
 
     def save_samples(self) -> None:
         """The fixed-seed sample grid of the EMA weights (main process)."""
@@ -301,7 +304,7 @@ class Run:
         save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema, optimizer=t.optimizer.optimizer,
                         scheduler=t.scheduler, state=state, rng=rng, scaler=self.acc.scaler,
                         keep=self.tc.keep_checkpoints)
-        export_model(self.ema.model, self.cfg, self.folder.export, step=self.step, codec=self.averaged.codec)
+        self.export(self.folder.export)
 
     def write(self, what: str, save) -> None:
         """Run `save`, which writes `what` into the run folder; a failed write (a full disk) becomes one line."""
