@@ -133,3 +133,15 @@ def test_eval_of_an_autoencoder_reports_psnr_ssim_and_reconstruction_fid(tmp_pat
     sampled = subprocess.run([sys.executable, "-m", "ddpm_faces", "sample", "--checkpoint", str(autoencoder_run),
                               "--out", str(tmp_path / "x.png")], capture_output=True, text=True)
     assert sampled.returncode == 2 and "autoencoder" in sampled.stderr and len(sampled.stderr.splitlines()) == 1
+
+
+def test_an_autoencoder_exports_as_a_codec_that_loads(tmp_path, autoencoder_run):
+    from ddpm_faces.cli import main
+    from ddpm_faces.pipeline import load_codec
+
+    assert main(["export", "--checkpoint", str(autoencoder_run), "--out", str(tmp_path / "ae16"), "--dtype", "fp16"]) == 0
+    original, half = load_codec(autoencoder_run), load_codec(tmp_path / "ae16")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(original.encode(images), half.encode(images), atol=0.05)
+    assert torch.equal(half.scale, original.scale.half().float())

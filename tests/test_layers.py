@@ -25,6 +25,11 @@ def internal_imports(tree: ast.AST, path: Path):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("ddpm_faces")):
             yield node, node.module or "", [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("ddpm_faces"):
+                    module, _, name = alias.name.rpartition(".")
+                    yield node, module, [name]
 
 
 def test_the_layer_contract_holds():

@@ -235,3 +235,31 @@ def test_two_processes_with_accelerate_launch(tmp_path, face_folder):
                              capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step-16" in resumed.stderr and list_checkpoints(run)[-1].name == "step-18"
+
+
+def test_resume_of_a_run_folder_that_is_not_there_names_the_runs_that_are(tmp_path, face_folder):
+    import subprocess
+    import sys
+
+    runs = tmp_path / "runs"
+    for name in ("faces64", "bundled32c"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "config.yaml").write_text(f"name: {name}\n")
+    for config in (runs / "faces46", runs / "faces46" / "config.yaml"):
+        out = subprocess.run([sys.executable, "-m", "ddpm_faces", "train", "--config", str(config), "--resume"],
+                             capture_output=True, text=True)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert "bundled32c, faces64" in lines[0] and "faces46" in lines[0]
+
+
+def test_resume_of_a_run_with_an_export_but_no_checkpoint_refuses_to_start_over(tmp_path, face_folder):
+    import shutil
+
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 3}))
+    result = train(cfg, progress=False)
+    shutil.rmtree(result.run_dir / "checkpoints")
+    exported = (result.run_dir / "export" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="export but no checkpoint"):
+        train(cfg, progress=False, resume=True)
+    assert (result.run_dir / "export" / "model.safetensors").read_bytes() == exported

@@ -21,6 +21,8 @@ def _train(args) -> None:
     config = args.config
     if config is None and args.resume:
         raise UserError("--resume needs --config: the run folder or its config file, e.g. --config runs/<name>")
+    if args.resume:
+        check_resumed_run_exists(config)
     cfg = load_config(config or "quickstart", args.set)
     if args.data:
         cfg.data.source = args.data                  # taken as it is: a path is not YAML
@@ -37,6 +39,20 @@ def _train(args) -> None:
               f"--config {result.run_dir} --resume")
         return
     print(f"trained {result.step} steps{skipped}{best}; model exported to {result.run_dir / 'export'}")
+
+
+def check_resumed_run_exists(config: str) -> None:
+    """--resume --config runs/<name> (or its config.yaml) for a run that is not there: name the runs that are."""
+    from .runs import list_runs
+
+    path = Path(config)
+    if path.exists() or (str(path) == path.name and not path.suffix):      # a bundled config's name
+        return
+    folder = path.parent.parent if path.name == "config.yaml" else path.parent
+    runs = list_runs(folder)
+    there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there"
+    raise UserError(f"--resume: there is no run {config} ({there}); check the name, or leave out --resume to start "
+                    "a new run")
 
 
 def _set_threads(threads: int | None) -> None:
@@ -81,19 +97,19 @@ ATTRIBUTE_FLAGS = ("age", "gender", "race")
 
 def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False):
     """The flags of a SamplingRequest, declared once for every command that samples."""
-    from .diffusion import SAMPLERS, SPACINGS
+    from .diffusion import REGISTRY, SAMPLERS, SPACINGS
     from .pipeline import SAMPLING_PRECISIONS, SamplingRequest
 
     default = SamplingRequest()
     p.add_argument("--num", type=positive_int, default=num, help=f"number of faces (default {num})")
     p.add_argument("--seed", type=int, default=default.seed, help="image i of a seed is the same whatever --num")
     p.add_argument("--sampler", default=default.sampler, choices=SAMPLERS,
-                   help=f"ddpm, ddim, dpmpp-2m (DPM-Solver++ 2M) or heun (2 network calls per step); "
-                        f"default {default.sampler}")
+                   help="; ".join(f"{s.name}: {s.calls_per_step} network call(s) per step" for s in REGISTRY.values())
+                        + f" (default {default.sampler})")
     p.add_argument("--steps", type=positive_int, default=default.steps,
                    help=f"denoising steps (default {default.steps})")
-    p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall: default trailing for ddim/ddpm, "
-                                                      "karras for dpmpp-2m/heun")
+    p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall; default: " + ", ".join(
+        f"{s.spacing} for {s.name}" for s in REGISTRY.values()))
     p.add_argument("--eta", type=float, default=default.eta, help="DDIM noise: 0 deterministic, 1 like DDPM")
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
                    help=f"images per network batch (default {batch_size}; the images do not depend on it)")
@@ -121,7 +137,7 @@ def request_from_args(args, **changes):
     """The SamplingRequest that the shared sampling flags describe (checked later, against the model)."""
     from .pipeline import SamplingRequest
 
-    guidance = args.guidance if args.guidance is not None else 1.0
+    guidance = args.guidance if args.guidance is not None else SamplingRequest().guidance
     if isinstance(guidance, list):
         guidance = guidance[0]
     interval = tuple(args.guidance_interval) if args.guidance_interval is not None else None
@@ -180,10 +196,24 @@ def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:
     return list(m.vocab[attribute])
 
 
-def _write_json(path: str | None, result: dict) -> None:
-    if path:
+def check_json_path(path: str | None) -> None:
+    """Fail before an evaluation of minutes when its --json file could not be written."""
+    if not path:
+        return
+    try:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}; choose another --json") from None
+
+
+def _write_json(path: str | None, result: dict) -> None:
+    from .io import atomic_file
+
+    if path:
+        with atomic_file(Path(path)) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
 
 
@@ -192,6 +222,7 @@ def _eval(args) -> None:
     from .pipeline import load_pipeline, read_config
 
     _set_threads(args.threads)
+    check_json_path(args.json)
     if args.checkpoint and read_config(args.checkpoint).task == "autoencoder":
         return _eval_codec(args)
     pipe = load_pipeline(args.checkpoint, device=args.device)
@@ -250,14 +281,19 @@ def _classifier(args) -> None:
 def _export(args) -> None:
     import torch
 
-    from .pipeline import load_pipeline
+    from .pipeline import load_codec, load_pipeline, read_config
     from .runs import export_model
 
-    pipe = load_pipeline(args.checkpoint)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    out = export_model(pipe.net, pipe.cfg, Path(args.out), dtype=dtype, step=pipe.step, codec=pipe.codec)
+    cfg = read_config(args.checkpoint)
+    if cfg.task == "autoencoder":                 # a codec, with its latent statistics
+        net, step, codec, source = load_codec(args.checkpoint), None, None, args.checkpoint
+    else:
+        pipe = load_pipeline(args.checkpoint)
+        net, cfg, step, codec, source = pipe.net, pipe.cfg, pipe.step, pipe.codec, pipe.source
+    out = export_model(net, cfg, Path(args.out), dtype=dtype, step=step, codec=codec)
     size = (out / "model.safetensors").stat().st_size / 2**20
-    print(f"exported {pipe.source} to {out} ({args.dtype}, {size:.1f} MiB)")
+    print(f"exported {source} to {out} ({args.dtype}, {size:.1f} MiB)")
 
 
 def _serve(args) -> None:

@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from .diffusion import PREDICTIONS, SAMPLERS, SCHEDULES
+from .diffusion import DEFAULT_SAMPLER, DEFAULT_STEPS, PREDICTIONS, SAMPLERS, SCHEDULES
 from .errors import UserError
+from .io import atomic_file
 from .models import UNetConfig
 from .models.autoencoder import AutoencoderConfig
 
@@ -68,8 +69,8 @@ class TrainConfig:
     min_delta: float = 0.0
     fid_every: int = 0                        # small-sample FID / KID / face rate every N steps; 0 = off
     fid_images: int = 256                     # samples for it (split across processes)
-    fid_sampler: str = "dpmpp-2m"
-    fid_steps: int = 20
+    fid_sampler: str = DEFAULT_SAMPLER
+    fid_steps: int = DEFAULT_STEPS
     best_metric: str = "val_loss"             # val_loss | fid: what picks runs/<name>/best and early stopping
     sample_every: int = 1000                  # sample grid to TensorBoard and runs/<name>/samples
     sample_images: int = 16
@@ -272,30 +273,30 @@ def _int_list(key: str, values, allow_empty: bool = False) -> None:
 
 def _check_ranges(cfg: Config) -> None:
     """Values that have the right type but would fail later, perhaps hours into a run."""
-    m, d, t = cfg.model, cfg.diffusion, cfg.train
+    m, d, tc = cfg.model, cfg.diffusion, cfg.train
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", ".."):
         raise UserError(f"invalid name {cfg.name!r}: use letters, digits, '.', '_' or '-' (it names runs/<name>)")
     _int_list("model.channel_mults", m.channel_mults)
     _int_list("model.attn_resolutions", m.attn_resolutions, allow_empty=True)
-    if not (len(t.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in t.adam_betas)):
-        raise UserError(f"invalid train.adam_betas {t.adam_betas!r}: two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not (len(tc.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in tc.adam_betas)):
+        raise UserError(f"invalid train.adam_betas {tc.adam_betas!r}: two numbers in [0, 1), e.g. [0.9, 0.999]")
     if not 0 < d.beta_start < d.beta_end < 1:
         raise UserError(f"invalid diffusion.beta_start/beta_end {d.beta_start}/{d.beta_end}: "
                         "need 0 < beta_start < beta_end < 1 (e.g. 1e-4 and 0.02)")
-    for key, value in (("train.lr", t.lr), ("train.grad_clip", t.grad_clip),
+    for key, value in (("train.lr", tc.lr), ("train.grad_clip", tc.grad_clip),
                        ("diffusion.min_snr_gamma", d.min_snr_gamma or 1.0)):
         if value <= 0:
             raise UserError(f"invalid {key} {value}: must be positive")
-    for key, value in (("train.val_images", t.val_images), ("train.fid_every", t.fid_every),
-                       ("train.warmup_steps", t.warmup_steps), ("train.patience", t.patience),
-                       ("train.weight_decay", t.weight_decay), ("train.min_lr_ratio", t.min_lr_ratio)):
+    for key, value in (("train.val_images", tc.val_images), ("train.fid_every", tc.fid_every),
+                       ("train.warmup_steps", tc.warmup_steps), ("train.patience", tc.patience),
+                       ("train.weight_decay", tc.weight_decay), ("train.min_lr_ratio", tc.min_lr_ratio)):
         if value < 0:
             raise UserError(f"invalid {key} {value}: must be 0 or more")
-    if t.threads is not None and t.threads < 1:
-        raise UserError(f"invalid train.threads {t.threads}: a positive number, or null for torch's default")
-    if t.fid_every and t.fid_images < 4:
-        raise UserError(f"invalid train.fid_images {t.fid_images}: at least 4 samples for FID and precision/recall")
-    for key, steps in (("train.fid_steps", t.fid_steps), ("train.sample_steps", t.sample_steps)):
+    if tc.threads is not None and tc.threads < 1:
+        raise UserError(f"invalid train.threads {tc.threads}: a positive number, or null for torch's default")
+    if tc.fid_every and tc.fid_images < 4:
+        raise UserError(f"invalid train.fid_images {tc.fid_images}: at least 4 samples for FID and precision/recall")
+    for key, steps in (("train.fid_steps", tc.fid_steps), ("train.sample_steps", tc.sample_steps)):
         if steps > d.timesteps:
             raise UserError(f"invalid {key} {steps}: at most diffusion.timesteps ({d.timesteps})")
 
@@ -394,8 +395,8 @@ def _find_config(path: str | Path) -> Path:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    with atomic_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -42,7 +42,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..errors import UserError
-from .sources import Record, Source, resolve_source, source_identity
+from .records import Record, Source
+from .sources import resolve_source, source_identity
 
 logger = logging.getLogger("ddpm_faces.data")
 

@@ -7,6 +7,8 @@ All functions take features (one row per image, e.g. the 2048-d Inception pool f
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,6 @@ class FeatureStats:
         A file that is not such an .npz (truncated, overwritten, object arrays, shapes that do not
         fit together, non-finite values) is a :class:`UserError` naming the file.
         """
-        import zipfile
-        import zlib
 
         try:
             with np.load(path, allow_pickle=False) as data:

@@ -20,6 +20,7 @@ from ..models.autoencoder import Autoencoder
 from ..models.codec import LatentCodec
 from ..models.conditioning import encode_attributes
 from ..runs import CODEC_FILE, find_model, read_codec, read_weights, tensors_key
+from .request import ANY
 
 
 def build_model(cfg: Config) -> UNet:
@@ -91,7 +92,7 @@ class Pipeline:
 
     def labels(self, attributes: dict[str, str | None] | None, batch: int) -> torch.Tensor | None:
         """(batch, n_attributes) labels for attribute values given by name, or None for none given."""
-        wanted = {k: v for k, v in (attributes or {}).items() if v not in (None, "", "any")}
+        wanted = {k: v for k, v in (attributes or {}).items() if v not in ANY}
         if not wanted:
             return None
         m = self.cfg.model

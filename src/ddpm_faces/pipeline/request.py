@@ -12,10 +12,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..diffusion import SAMPLERS, SPACINGS, SamplerSpec, sampler_spec, sampling_timesteps
+from ..diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, REGISTRY, SAMPLERS, SPACINGS, SamplerSpec, sampler_spec,
+                         sampling_timesteps)
 from ..errors import UserError
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp-2m", 20   # measured on the bundled model: FID within 0.1% of DDPM-1000
 SAMPLING_PRECISIONS = ("fp32", "bf16")           # bf16: the network under bf16 autocast, the sampler in fp32
 MAX_SEED = 2**63 - 1
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
@@ -98,7 +98,8 @@ class SamplingRequest:
         if not _is_number(self.eta) or self.eta < 0:
             raise UserError(f"eta must be a number >= 0, got {self.eta!r}")
         if self.eta and "eta" not in self.spec.options:
-            raise UserError(f"eta is an option of the ddim sampler only, not of {self.sampler}: leave it at 0")
+            takes = ", ".join(s.name for s in REGISTRY.values() if "eta" in s.options)
+            raise UserError(f"eta is an option of the {takes} sampler(s), not of {self.sampler}: leave it at 0")
         if not _is_number(self.guidance) or self.guidance < 0:
             raise UserError(f"guidance must be a number >= 0 (1 = no guidance), got {self.guidance!r}")
         if self.guidance_interval is not None:

@@ -2,8 +2,10 @@
 
     runs/<name>/
         config.yaml                 the run's resolved config
+        train.lock                  held by the process training it (runs/lock.py)
         checkpoints/step-N/         training state (runs/checkpoints.py), the newest few kept
-        export/                     EMA weights + config of the newest checkpoint (runs/weights.py)
+        export/                     EMA weights + config of the newest checkpoint, and a latent model's
+                                    autoencoder.safetensors (runs/weights.py)
         best/                       the same, for the best value of train.best_metric
         samples/step-NNNNNNN.png    fixed-seed sample grids
         tb/                         TensorBoard events

@@ -1,7 +1,8 @@
 """Weights for sampling: exports, the bundled models, and finding the weights a path names.
 
-An export is a folder with `model.safetensors` (EMA weights; metadata: the model config and the training
-step) and `config.yaml` (the run's resolved config). Loading never executes code: safetensors only.
+An export is a folder with `model.safetensors` (EMA weights; metadata: the task, the config sections the
+weights depend on (`recorded_sections`), the training step and, for a latent model, the key of its codec),
+`config.yaml` (the run's resolved config) and, for a latent model, `autoencoder.safetensors` (its codec). Loading never executes code: safetensors only.
 """
 from __future__ import annotations
 
@@ -157,14 +158,6 @@ def read_codec(path: Path) -> dict[str, torch.Tensor]:
                         "or check the download") from None
     check_finite(ModelFiles(path, path.with_name(CONFIG_FILE)), state)
     return state
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(path, "pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return {}
 
 
 def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor], int | None, str | None]:

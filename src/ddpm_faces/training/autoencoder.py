@@ -32,11 +32,11 @@ from ..images import make_grid, save_image, to_uint8
 from ..models.autoencoder import Autoencoder
 from ..models.codec import LatentCodec
 from ..models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from ..runs import RunFolder, export_model, save_checkpoint
+from ..runs import export_model
 from .ema import EMA
 from .lr import make_scheduler
 from .reconstruction import adaptive_weight, generator_loss, hinge_discriminator_loss, reconstruction_loss
-from .run import Run, Trainees
+from .run import Run, Trainees, check_sharding
 
 log = logging.getLogger("ddpm_faces.train")
 STATS_IMAGES = 512                  # train images whose latents give the codec's shift and scale
@@ -140,6 +140,9 @@ class AutoencoderRun(Run):
 
     def micro_step(self, batch: dict) -> bool:
         """One generator (autoencoder) step, then, with the GAN on, one discriminator step."""
+        if self.world > 1 and not self.sharding_checked:
+            check_sharding(self.acc, batch["rows"], self.main)
+            self.sharding_checked = True
         rc = self.cfg.reconstruction
         x = random_crops(batch["images"], rc.crop).to(self.acc.device)
         recon, posterior = self.model(x)
@@ -215,14 +218,8 @@ class AutoencoderRun(Run):
         save_image(grid, self.folder.sample_grid(self.step))
         self.writer.add_image("reconstructions", grid, self.step, dataformats="HWC")
 
-    def save_state(self, rng: dict) -> None:
-        """The checkpoint (with the discriminator) and the export of this step (main process)."""
-        t, a = self.trainees, self.adversary
-        state = {"data": self.loader.state_dict(), "best": self.stopper.best, "bad_evals": self.stopper.bad}
-        save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema, optimizer=t.optimizer.optimizer,
-                        scheduler=t.scheduler, state=state, rng=rng, scaler=self.acc.scaler,
-                        keep=self.tc.keep_checkpoints, extras={"discriminator": (self.raw_disc, a.optimizer.optimizer)})
-        self.export(self.folder.export)
+    def checkpoint_extras(self) -> dict:
+        return {"discriminator": (self.raw_disc, self.adversary.optimizer.optimizer)}
 
     def export(self, folder) -> None:
         """The EMA autoencoder as a codec with its latent statistics."""

@@ -35,12 +35,15 @@ def check_run_exists(cfg: Config, resume: bool) -> None:
 
 def check_run_folder(cfg: Config, resume: bool) -> Path | None:
     """The checkpoint to resume from, or None; refuses to overwrite a run that was not asked to resume, to
-    change its model or diffusion, or to resume a run that has nothing left to train."""
+    change what RESUMED_SECTIONS name, or to resume a run that has nothing left to train or no checkpoint."""
     folder = RunFolder(cfg.run_dir)
     if folder.has_trained_model() and not resume:
         raise UserError(f"{folder.root} already holds a trained model: pass --resume to continue it, or pick another "
                         "run name with --set name=<new>")
     newest = folder.latest_checkpoint() if resume else None
+    if newest is None and resume and folder.export.exists():
+        raise UserError(f"--resume: {folder.root} has an export but no checkpoint to continue from (they were "
+                        "deleted?); start a new run with another name, or restore checkpoints/")
     if newest is None:
         return None
     if folder.config.is_file():
@@ -50,7 +53,8 @@ def check_run_folder(cfg: Config, resume: bool) -> Path | None:
 
 
 def check_same_model(cfg: Config, saved: Path) -> None:
-    """The model and diffusion sections of a resumed run must be the ones it was trained with."""
+    """The sections RESUMED_SECTIONS names (task, model, diffusion, codec, autoencoder) of a resumed run must be
+    the ones it was trained with."""
     old = yaml_load(saved.read_text()) or {}
     new = cfg.to_dict()
     old.setdefault("model", {}).pop("vocab", None)          # the vocabularies are filled in from the data later

@@ -282,6 +282,10 @@ class Run:
             self.write("the best model", lambda: self.export(self.folder.best))
         self.stopped_early = self.stopped_early or self.stopper.should_stop
 
+    def checkpoint_extras(self) -> dict:
+        """Other networks trained beside the model, saved in its checkpoints: name -> (network, optimizer)."""
+        return {}
+
     def export(self, folder: Path) -> None:
         """The EMA weights (with the codec they were trained through) as an export in `folder`."""
         export_model(self.ema.model, self.cfg, folder, step=self.step, codec=self.averaged.codec)
@@ -299,11 +303,10 @@ class Run:
 
     def save_state(self, rng: dict) -> None:
         """The checkpoint and the export of this step (main process)."""
-        t = self.trainees
         state = {"data": self.loader.state_dict(), "best": self.stopper.best, "bad_evals": self.stopper.bad}
-        save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema, optimizer=t.optimizer.optimizer,
-                        scheduler=t.scheduler, state=state, rng=rng, scaler=self.acc.scaler,
-                        keep=self.tc.keep_checkpoints)
+        save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema,
+                        optimizer=self.trainees.optimizer.optimizer, scheduler=self.trainees.scheduler, state=state,
+                        rng=rng, scaler=self.acc.scaler, keep=self.tc.keep_checkpoints, extras=self.checkpoint_extras())
         self.export(self.folder.export)
 
     def write(self, what: str, save) -> None:
