@@ -30,8 +30,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm_faces.app import FaceApp, default_threads
-from ddpm_faces.pipeline import DEFAULT_MODEL, DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, WEIGHTS_DIR, generate
+from ddpm_faces.app import FaceApp
+from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest,
+                                 default_threads, generate)
+from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL
 
 OUT = Path(__file__).resolve().parent / "results" / "app-latency.json"
 
@@ -135,7 +137,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=4)
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch threads (default: the app's, all cores but one)")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    parser.add_argument("--precision", default="fp32", choices=SAMPLING_PRECISIONS,
                         help="fp32 (default) or bf16 (the network under bf16 autocast)")
     parser.add_argument("--out", help=f"JSON to write (default {OUT.name} in benchmarks/results/, "
                                       "app-latency-bf16.json for bf16)")
@@ -153,14 +155,15 @@ def main() -> None:
     else:
         print("note: another job may be using a core; none was busy when this started")
 
-    app = FaceApp.from_paths([str(WEIGHTS_DIR / DEFAULT_MODEL)], threads=args.threads)
+    app = FaceApp.from_paths([str(BUNDLED_DIR / DEFAULT_MODEL)], threads=args.threads)
     label = app.default
     pipe = app.pipeline(app.models[label])
-    generate(pipe, num, seed=0, sampler=sampler, steps=2, progress=False, precision=precision)     # warm-up
+    request = SamplingRequest(num=num, sampler=sampler, steps=steps, precision=precision)
+    generate(pipe, request.replace(steps=2), progress=False)                                      # warm-up
 
-    bare = timed(lambda i: generate(pipe, num, seed=i, sampler=sampler, steps=steps, progress=False,
-                                    precision=precision), args.runs)
+    bare = timed(lambda i: generate(pipe, request.replace(seed=i), progress=False), args.runs)
     handler = timed(lambda i: list(app.generate(label, sampler, steps, num, i, 1.0, precision)), args.runs)
+    app.close()
 
     server = start_server(args.threads)
     try:
@@ -193,7 +196,7 @@ def main() -> None:
 
     result = {
         "what": f"{num} faces, {sampler} {steps} steps, {precision}, bundled {DEFAULT_MODEL} "
-                f"({app.models[label].cfg.model.resolution} px)",
+                f"({pipe.codec.image_size} px)",
         "threads": args.threads, "cores": os.cpu_count(), "runs": args.runs,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
         "sampler_only_s": [round(t, 3) for t in bare], "sampler_only_median_s": med(bare),

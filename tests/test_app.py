@@ -1,16 +1,23 @@
 """The web app: model discovery and card, the handlers (validation, streaming, reproducibility, cancel), the
-real server on a free localhost port driven by gradio_client, and the `serve` command."""
+one place where outputs and errors meet Gradio, the real server on a free localhost port driven by
+gradio_client and plain HTTP, and `ddpm-faces serve` in its own process (its output, SIGTERM, its temporary
+files)."""
 from __future__ import annotations
 
+import json
 import math
+import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gradio as gr
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -18,51 +25,55 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from ddpm_faces.app import MAX_IMAGES, FaceApp, discover_models, launch
-from ddpm_faces.cli import main
+from ddpm_faces.app import MAX_IMAGES, FaceApp, build_page, discover_models, launch
+from ddpm_faces.app.outputs import GENERATE_OUTPUTS, STOPPED
+from ddpm_faces.app.page import gradio_handler
+from ddpm_faces.cli import build_parser, main
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
 from ddpm_faces.images import make_grid
 from ddpm_faces.models import UNet, UNetConfig
-from ddpm_faces.pipeline import WEIGHTS_DIR, export_model, generate
+from ddpm_faces.pipeline import SamplingRequest, generate
+from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL, export_model
 
-BUNDLED = str(WEIGHTS_DIR / "faces32")
+BUNDLED = str(BUNDLED_DIR / DEFAULT_MODEL)
 VOCAB = {"age": ["0-2", "20-29"], "gender": ["Female", "Male"]}
+
+
+def tiny_export(folder: Path, seed: int, **conditioning) -> str:
+    """A tiny 16 px model (100 timesteps) exported to `folder`."""
+    torch.manual_seed(seed)
+    unet_cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
+                          attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4, **conditioning)
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
+    cfg.model = unet_cfg
+    return str(export_model(UNet(unet_cfg), cfg, folder))
 
 
 @pytest.fixture(scope="module")
 def conditional_export(tmp_path_factory):
-    """A tiny 16 px conditional model (100 timesteps) exported with a metrics.json beside it."""
-    torch.manual_seed(0)
-    unet_cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
-                          attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4, attributes=["age", "gender"],
-                          vocab=VOCAB)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
-    cfg.model = unet_cfg
-    folder = export_model(UNet(unet_cfg), cfg, tmp_path_factory.mktemp("conditional") / "export")
-    (folder / "metrics.json").write_text('{"fid": 123.456, "face_rate": 0.5, "sampler": "ddim"}')
-    return str(folder)
+    """A tiny conditional model with a metrics.json beside it."""
+    folder = tiny_export(tmp_path_factory.mktemp("conditional") / "export", 0, attributes=["age", "gender"],
+                         vocab=VOCAB)
+    (Path(folder) / "metrics.json").write_text('{"fid": 123.456, "face_rate": 0.5, "sampler": "ddim"}')
+    return folder
 
 
 @pytest.fixture(scope="module")
 def unconditional_export(tmp_path_factory):
-    """A tiny 16 px unconditional model."""
-    torch.manual_seed(1)
-    unet_cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
-                          attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
-    cfg.model = unet_cfg
-    return str(export_model(UNet(unet_cfg), cfg, tmp_path_factory.mktemp("unconditional") / "export"))
+    return tiny_export(tmp_path_factory.mktemp("unconditional") / "export", 1)
 
 
 @pytest.fixture(scope="module")
 def app(conditional_export, unconditional_export):
-    return FaceApp.from_paths([BUNDLED, conditional_export, unconditional_export], threads=1)
+    app = FaceApp.from_paths([BUNDLED, conditional_export, unconditional_export], threads=1)
+    yield app
+    app.close()
 
 
-def outputs(handler_output) -> list[tuple]:
-    """The handler's yields without the keep-alive ticks (tuples of gr.skip())."""
-    return [out for out in handler_output if out[-1] != gr.skip()]
+def outputs(handler_output) -> list[dict]:
+    """The handler's yields without the keep-alive ticks (empty dicts)."""
+    return [out for out in handler_output if out]
 
 
 def wait_idle(app: FaceApp, timeout: float = 15.0) -> None:
@@ -102,118 +113,179 @@ def test_model_card_shows_parameters_resolution_training_and_metrics(app, condit
 
 def test_conditional_controls_show_only_for_conditional_models(app, conditional_export, unconditional_export):
     assert app.attribute_names == ["age", "gender", "race"]
-    card, guidance, age, gender, race, steps, i_steps = app.model_changed(conditional_export)
-    assert guidance["visible"] and age["visible"] and gender["visible"] and not race["visible"]
-    assert age["choices"] == ["any", "0-2", "20-29"] and gender["value"] == "any"
-    assert steps["maximum"] == 100                                          # the model's timesteps
-    card, guidance, age, gender, race, steps, i_steps = app.model_changed(unconditional_export)
-    assert not guidance["visible"] and not age["visible"] and not gender["visible"] and not race["visible"]
-    card, guidance, age, gender, race, steps, i_steps = app.model_changed(BUNDLED)
-    assert guidance["visible"] and race["visible"] and "Black" in race["choices"]
-    assert steps["maximum"] == 1000
+    shown = app.model_changed(conditional_export)
+    assert shown["guidance"]["visible"] and shown["attribute_age"]["visible"] and not shown["attribute_race"]["visible"]
+    assert shown["attribute_age"]["choices"] == ["any", "0-2", "20-29"] and shown["attribute_gender"]["value"] == "any"
+    assert shown["steps"]["maximum"] == 100                                 # the model's timesteps
+    hidden = app.model_changed(unconditional_export)
+    assert not any(hidden[k]["visible"] for k in ("guidance", "attribute_age", "attribute_gender", "attribute_race"))
+    bundled = app.model_changed(BUNDLED)
+    assert bundled["guidance"]["visible"] and "Black" in bundled["attribute_race"]["choices"]
+    assert bundled["steps"]["maximum"] == 1000 and "32 × 32 px" in bundled["card"]
     assert 0 <= app.random_seed() < 2**31
 
 
 # ---------------------------------------------------------------------------------------------------
 # handlers
 # ---------------------------------------------------------------------------------------------------
+def reproduce(seeds: str, out: Path) -> np.ndarray:
+    """Run the `ddpm-faces sample` line the seeds text prints, writing to `out`; the picture it wrote."""
+    command = seeds.split("This grid again: `")[1].split("`")[0]
+    args = shlex.split(command)[1:]
+    args[args.index("--out") + 1] = str(out)
+    assert main(args + ["--no-progress"]) == 0
+    return np.asarray(Image.open(out))
+
+
 def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
     yields = outputs(app.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "fp32", "any", "any"))
     previews, final = yields[:-1], yields[-1]
-    assert previews and all(p[-1].startswith("Denoising: step") for p in previews)
-    picture = previews[0][0]                                                # the 3 estimates as one picture
-    assert picture.shape == ((2 * 34 + 2) * 4, (2 * 34 + 2) * 4, 3) and previews[0][1] is None
-    preview, gallery, grid_path, seeds, strip, status = final
-    assert preview == grid_path
-    assert [caption for _, caption in gallery] == ["seed 5 · image 0", "seed 5 · image 1", "seed 5 · image 2"]
-    assert gallery[0][0].shape == (128, 128, 3)                              # 32 px shown 4x, nearest
-    assert strip.shape == ((32 + 4) * 4, (8 * 34 + 2) * 4, 3)                # one face, 8 columns
-    assert status.startswith("3 faces in")
+    assert previews and all(p["status"].startswith("Denoising: step") for p in previews)
+    assert previews[0]["gallery"] is None and all("gallery" not in p for p in previews[1:])   # cleared once
+    picture = previews[0]["preview"]                                       # the 3 estimates as one picture
+    assert picture.shape == ((2 * 34 + 2) * 4, (2 * 34 + 2) * 4, 3)
+    assert set(final) == set(GENERATE_OUTPUTS) and final["preview"] == final["grid_file"]
+    assert [caption for _, caption in final["gallery"]] == [f"seed 5 · image {i}" for i in range(3)]
+    assert final["gallery"][0][0].shape == (128, 128, 3)                    # 32 px shown 4x, nearest
+    assert final["strip"].shape == ((32 + 4) * 4, (8 * 34 + 2) * 4, 3)      # one face, 8 columns
+    assert final["status"].startswith("3 faces in")
     # the grid is what the sampler makes, and the printed command writes the same picture
-    images = generate(app.pipeline(app.models[BUNDLED]), 3, seed=5, sampler="ddpm", steps=10, progress=False)
-    grid = np.asarray(Image.open(grid_path))
+    images = generate(app.pipeline(app.models[BUNDLED]), SamplingRequest(num=3, seed=5, sampler="ddpm", steps=10),
+                      progress=False)
+    grid = np.asarray(Image.open(final["grid_file"]))
     assert np.array_equal(grid[::4, ::4], make_grid(images))
-    command = seeds.split("This grid again: `")[1].split("`")[0]
-    args = shlex.split(command)[1:]
-    args[args.index("--out") + 1] = str(tmp_path / "again.png")
-    assert main(args + ["--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), grid)
+    assert np.array_equal(reproduce(final["seeds"], tmp_path / "again.png"), grid)
 
 
 def test_generate_with_attributes_guidance_and_bf16(app, conditional_export, tmp_path):
     *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 3.0, "bf16", "20-29", "any"))
-    preview, gallery, grid_path, seeds, strip, status = final
-    assert len(gallery) == 2 and "age 20-29" in status and "guidance 3" in status and "bf16" in status
-    command = seeds.split("This grid again: `")[1].split("`")[0]
+    assert len(final["gallery"]) == 2
+    assert "age 20-29" in final["status"] and "guidance 3" in final["status"] and "bf16" in final["status"]
+    command = final["seeds"].split("This grid again: `")[1]
     assert f"--checkpoint {conditional_export}" in command
-    assert "--age '20-29' --guidance 3 --precision bf16" in command
-    args = shlex.split(command)[1:]
-    args[args.index("--out") + 1] = str(tmp_path / "again.png")
-    assert main(args + ["--no-progress"]) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(Image.open(grid_path)))
+    assert "--guidance 3" in command and "--precision bf16" in command and "--age '20-29'" in command
+    assert np.array_equal(reproduce(final["seeds"], tmp_path / "again.png"),
+                          np.asarray(Image.open(final["grid_file"])))
 
 
 GOOD = (BUNDLED, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any")
+HUGE_NAME = "m" * 500_000
 
 
 @pytest.mark.parametrize("position, value, message", [
     (0, "nope", "unknown model 'nope'"),
+    (0, HUGE_NAME, "unknown model 'mmmm"),
     (1, "euler", "unknown sampler 'euler': choose one of ddpm, ddim, dpmpp-2m, heun"),
     (2, 0, "steps must be from 1 to 1000, got 0"),
     (2, 1001, "steps must be from 1 to 1000, got 1001"),
     (2, 2.5, "steps must be a whole number"),
+    (2, "10", "steps must be a whole number"),
     (3, 0, "number of images must be from 1 to 16, got 0"),
     (3, 17, "number of images must be from 1 to 16, got 17"),
     (4, -1, "seed must be from 0 to"),
     (4, 1.5, "seed must be a whole number"),
     (4, None, "seed must be a whole number"),
+    (4, 10**400, "seed must be from 0 to 2147483647, got a number of about 400 digits"),
+    (4, 1e300, "seed must be from 0 to 2147483647"),
+    (4, math.inf, "seed must be a whole number"),
     (5, -0.5, "guidance scale must be a number from 0 to 20"),
     (5, 21, "guidance scale must be a number from 0 to 20"),
+    (5, 10**400, "guidance scale must be a number from 0 to 20"),
     (5, math.nan, "guidance scale must be a number from 0 to 20"),
     (5, "lots", "guidance scale must be a number from 0 to 20"),
     (6, "fp16", "unknown precision 'fp16': choose one of fp32, bf16"),
     (7, "200-300", "unknown age '200-300': choose one of any, 0-2, 3-9"),
+    (7, ["a list"], "unknown age ['a list']"),
 ])
-def test_generate_rejects_bad_input_with_a_clear_message(app, position, value, message):
+def test_generate_rejects_bad_input_with_a_short_clear_message(app, position, value, message):
     args = list(GOOD)
     args[position] = value
-    with pytest.raises(gr.Error, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError) as err:
         next(app.generate(*args))
+    text = str(err.value)
+    assert text.startswith(message) or message in text, text
+    assert "\n" not in text and len(text) < 300                             # a 500 kB name is not echoed back
 
 
 def test_attributes_for_an_unconditional_model_are_refused(app, unconditional_export):
-    with pytest.raises(gr.Error, match="is not conditioned on age"):
+    with pytest.raises(UserError, match="is not conditioned on age"):
         next(app.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "20-29", "any"))
+    with pytest.raises(UserError, match="at most 3 attribute values"):
+        next(app.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any", "any", "any"))
 
 
 def test_model_specific_limits(app, conditional_export):
-    with pytest.raises(gr.Error, match="steps must be from 1 to 100, got 101"):
+    with pytest.raises(UserError, match="steps must be from 1 to 100, got 101"):
         next(app.generate(conditional_export, "ddpm", 101, 1, 0, 1.0))
-    with pytest.raises(gr.Error, match="unknown age '99': choose one of any, 0-2, 20-29"):
+    with pytest.raises(UserError, match="unknown age '99': choose one of any, 0-2, 20-29"):
         next(app.generate(conditional_export, "ddpm", 5, 1, 0, 1.0, "fp32", "99", "any"))
-    with pytest.raises(gr.Error, match="number of faces must be from 2 to 16, got 1"):
+    with pytest.raises(UserError, match="number of faces must be from 2 to 16, got 1"):
         next(app.interpolate(BUNDLED, "ddim", 5, 1, 0, 1, 1.0))
+    with pytest.raises(UserError, match="seed B must be from 0 to"):
+        next(app.interpolate(BUNDLED, "ddim", 5, 2, 0, -1, 1.0))
+
+
+def first_preview(stream) -> dict:
+    for out in stream:
+        if "step" in str(out.get("status", out.get("interpolate_status", ""))):
+            return out
+    raise AssertionError("no preview")
 
 
 def test_closing_the_handler_stops_the_sampling_loop(app):
     stream = app.generate(BUNDLED, "ddpm", 1000, MAX_IMAGES, 0, 1.0)
-    while "step" not in str(next(stream)[-1]):          # wait for the first preview
-        pass
-    stream.close()                                      # what a cancel does
+    first_preview(stream)
+    stream.close()                                      # what a client's cancel (or a lost client) does
     wait_idle(app)
-    run = app.runs[-1]
-    assert run.outcome == "cancelled" and run.steps_done < 1000
+    assert app.runs[-1].outcome == "cancelled" and app.runs[-1].steps_done < 1000
+
+
+@pytest.mark.parametrize("kind", ["generate", "interpolate"])
+def test_cancel_by_token_ends_the_handler_with_stopped(app, kind):
+    token = app.arm()
+    args = (BUNDLED, "ddpm", 1000, 4, 0, 1.0) if kind == "generate" else (BUNDLED, "ddpm", 1000, 4, 0, 1, 1.0)
+    stream = getattr(app, kind)(*args, token=token)
+    first_preview(stream)
+    app.cancel(token)                                   # what the page's Cancel button does
+    rest = outputs(stream)                              # the generator ends by itself, without an error
+    status = "status" if kind == "generate" else "interpolate_status"
+    assert rest[-1] == {status: STOPPED}
+    assert app.runs[-1].outcome == "cancelled" and app.runs[-1].steps_done < 1000
+    queued = outputs(app.generate(*GOOD, token=token))  # started after the cancel, before a new click: stopped
+    assert queued == [{"status": STOPPED}]
+    assert outputs(app.generate(*GOOD, token=app.arm(token)))[-1]["status"].startswith("2 faces in")
 
 
 def test_interpolation_row_runs_from_seed_a_to_seed_b(app):
-    *_, (row, status) = outputs(app.interpolate(BUNDLED, "ddim", 6, 4, 3, 8, 1.0))
-    faces = row[::4, ::4]                              # undo the display enlargement: a 4-face grid
-    assert faces.shape == (36, 4 * 34 + 2, 3) and "from seed 3 to seed 8" in status
+    final = outputs(app.interpolate(BUNDLED, "ddim", 6, 4, 3, 8, 1.0))[-1]
+    faces = final["row"][::4, ::4]                      # undo the display enlargement: a 4-face grid
+    assert faces.shape == (36, 4 * 34 + 2, 3) and "from seed 3 to seed 8" in final["interpolate_status"]
     pipe = app.pipeline(app.models[BUNDLED])
-    ends = [generate(pipe, 1, seed=s, sampler="ddim", steps=6, progress=False)[0] for s in (3, 8)]
+    ends = [generate(pipe, SamplingRequest(num=1, seed=s, sampler="ddim", steps=6), progress=False)[0]
+            for s in (3, 8)]
     for face, expected in ((faces[2:34, 2:34], ends[0]), (faces[2:34, -34:-2], ends[1])):
         assert np.abs(face.astype(int) - expected).max() <= 3    # batch size changes only float rounding
     assert not np.array_equal(faces[2:34, 36:68], faces[2:34, 2:34])
+
+
+def test_the_gradio_side_turns_names_into_positions_and_input_errors_into_one_line():
+    def stream(n):
+        if n > 3:
+            raise UserError("n must be at most 3,\nplease")
+        yield {"status": "working"}
+        yield {}
+        yield {"preview": "grid.png", "status": "done"}
+
+    handler = gradio_handler(stream, ("preview", "status"))
+    first, tick, last = handler(1)
+    assert first == (gr.skip(), "working") and tick == (gr.skip(), gr.skip()) and last == ("grid.png", "done")
+    with pytest.raises(gr.Error) as err:
+        next(handler(9))
+    assert err.value.title == "Invalid input" and err.value.message == "n must be at most 3,\\nplease"
+    assert gradio_handler(lambda: {"card": "text"}, ("card",))() == "text"
+    with pytest.raises(gr.Error, match="KeyError: .*nope") as err:     # a fault: one line too, not an input error
+        gradio_handler(lambda: {"nope": "x" * 10_000}, ("card",))()
+    assert err.value.title != "Invalid input" and len(err.value.message) < 500
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,22 +299,22 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(app):
-    demo = app.blocks()
+    demo = build_page(app)
     launch(demo, port=free_port(), block=False, quiet=True)
     try:
         yield demo, Client(demo.local_url, verbose=False)
     finally:
-        demo.close()
+        demo.close(verbose=False)
 
 
-def test_server_listens_on_localhost_with_a_limited_queue_and_no_share_link(server, app):
-    demo, _ = server
-    assert demo.local_url.startswith("http://127.0.0.1:") and not demo.share and demo.share_url is None
-    assert demo._queue.default_concurrency_limit == app.concurrency_limit == 1
-    assert demo._queue.max_size == app.max_queue
+def test_server_listens_on_localhost_with_one_sampling_queue_and_no_share_link(server, app):
+    demo, client = server
+    assert demo.local_url.startswith("http://127.0.0.1:") and demo.share_url is None
     sampling = [fn for fn in demo.fns.values() if fn.api_name in ("generate", "interpolate")]
     assert len(sampling) == 2 and {fn.concurrency_id for fn in sampling} == {"sampling"}
-    assert all(fn.concurrency_limit == 1 for fn in sampling)
+    assert all(fn.concurrency_limit == app.concurrency_limit == 1 for fn in sampling)
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate", "/interpolate", "/model_changed"} <= endpoints
 
 
 def test_server_generates_faces_for_gradio_client(server, conditional_export):
@@ -263,21 +335,62 @@ def test_server_generates_faces_for_gradio_client(server, conditional_export):
 
 @pytest.mark.parametrize("position, value, message", [
     (3, 17, "number of images must be from 1 to 16, got 17"),
-    (3, 0, "number of images must be from 1 to 16, got 0"),
     (2, 5000, "steps must be from 1 to 1000, got 5000"),
     (1, "euler", "unknown sampler 'euler'"),
     (4, -5, "seed must be from 0 to"),
+    (4, 10**400, "seed must be from 0 to 2147483647, got a number of about 400 digits"),
     (5, 50, "guidance scale must be a number from 0 to 20"),
     (6, "int8", "unknown precision 'int8'"),
     (7, "200-300", "unknown age '200-300'"),
     (0, "../../etc", "unknown model '../../etc'"),
+    (0, HUGE_NAME, "unknown model 'mmm"),
 ])
-def test_server_rejects_out_of_range_requests(server, position, value, message):
+def test_server_refuses_bad_requests_in_one_short_line(server, position, value, message):
     _, client = server
     args = list(GOOD)
     args[position] = value
-    with pytest.raises(AppError, match=message.replace("(", r"\(")):
+    with pytest.raises(AppError) as err:
         client.predict(*args, api_name="/generate")
+    text = str(err.value)
+    assert message in text and "\n" not in text and len(text) < 400
+
+
+def post(demo, path: str, body, **headers) -> httpx.Response:
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post(demo.local_url + "gradio_api/" + path, content=content, timeout=30,
+                      headers={"content-type": "application/json", **headers})
+
+
+@pytest.mark.parametrize("path, body, status, words", [
+    ("call/nope", {"data": []}, 404, "unknown endpoint: 'nope'"),
+    ("run/nope", {"data": [], "session_hash": "s"}, 404, "unknown endpoint"),
+    ("queue/join", {"data": [], "fn_index": 999, "session_hash": "s"}, 404, "unknown endpoint: fn_index 999"),
+    ("queue/join", {"data": [], "fn_index": "x" * 10_000, "session_hash": "s"}, 404, "unknown endpoint"),
+    ("run/predict", {"data": [], "fn_index": -1, "session_hash": "s"}, 404, "unknown endpoint"),
+    ("call/generate", {"data": ["x"] * 40}, 422, "generate takes 10 or 11 input values, got 40"),
+    ("call/generate", {"data": "x" * 10_000}, 422, "data must be a list"),
+    ("call/generate", "{not json", 400, "not JSON"),
+    ("call/generate", b"[" * 100_000, 400, "not JSON"),
+    ("call/generate", {"data": ["x" * (2 << 20)]}, 413, "request body too large"),
+])
+def test_server_answers_malformed_calls_with_a_short_client_error(server, path, body, status, words):
+    demo, _ = server
+    reply = post(demo, path, body)
+    assert reply.status_code == status and words in reply.json()["detail"] and len(reply.content) < 300
+
+
+@pytest.mark.parametrize("path, content_type", [("call/generate", "application/json"),
+                                                 ("upload", "multipart/form-data; boundary=B")])
+def test_server_refuses_a_streamed_body_over_the_limit(server, path, content_type):
+    demo, _ = server
+
+    def chunks():                                       # no Content-Length: the guard counts as it arrives
+        yield b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+        for _ in range(40):
+            yield b"x" * 65536
+    reply = httpx.post(demo.local_url + "gradio_api/" + path, content=chunks(), timeout=30,
+                       headers={"content-type": content_type})
+    assert reply.status_code == 413 and "too large" in reply.json()["detail"]
 
 
 def test_server_cancel_stops_a_running_generation(server, app):
@@ -285,6 +398,7 @@ def test_server_cancel_stops_a_running_generation(server, app):
     done = len(app.runs)
     job = client.submit(BUNDLED, "ddpm", 1000, MAX_IMAGES, 1, 1.0, "fp32", "any", "any", api_name="/generate")
     end = time.monotonic() + 30
+
     def previewed():
         return any(isinstance(out[-1], str) and out[-1].startswith("Denoising") for out in job.outputs())
     while not previewed() and time.monotonic() < end:         # wait for the first streamed preview
@@ -297,21 +411,51 @@ def test_server_cancel_stops_a_running_generation(server, app):
 
 
 # ---------------------------------------------------------------------------------------------------
-# ddpm-faces serve
+# ddpm-faces serve, in its own process
 # ---------------------------------------------------------------------------------------------------
-def test_serve_defaults_to_localhost_without_share(monkeypatch, tmp_path):
-    seen = {}
-    monkeypatch.setattr("ddpm_faces.app.launch",
-                        lambda demo, host, port, share: seen.update(host=host, port=port, share=share))
-    monkeypatch.chdir(tmp_path)                                     # no runs/ here: the bundled model only
-    threads = torch.get_num_threads()
+def wait_for_line(process, prefix: str, timeout: float = 180.0) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = process.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        assert line or process.poll() is None, f"the server exited: {process.stderr.read()}"
+    raise AssertionError(f"no line starting {prefix!r}")
+
+
+@pytest.mark.slow
+def test_serve_says_where_once_logs_no_requests_and_cleans_up_on_sigterm(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    port = free_port()
+    env = {**os.environ, "TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    process = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "serve", "--port", str(port), "--threads", "1"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert main(["serve", "--threads", "1"]) == 0
-        assert (seen["host"], seen["port"], seen["share"]) == ("127.0.0.1", 7860, False)
-        assert main(["serve", "--threads", "1", "--share", "--port", "8000"]) == 0
-        assert (seen["port"], seen["share"]) == (8000, True)
+        line = wait_for_line(process, "serving on ")
+        assert line.strip() == f"serving on http://127.0.0.1:{port}/ (no public link; --share makes one)"
+        assert any(scratch.iterdir())                                       # its files are there while it runs
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        assert client.predict("faces32 (bundled)", "ddpm", 3, 2, 7, api_name="/generate")[-1].startswith("2 faces")
+        assert httpx.get(f"http://127.0.0.1:{port}/gradio_api/info").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=60)
     finally:
-        torch.set_num_threads(threads)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert out == "", out                                  # nothing after the address: no line per request
+    assert "share=True" not in err and "HTTP" not in err and "Traceback" not in err, err
+    assert list(scratch.iterdir()) == []                   # the grid PNGs and Gradio's cache are gone
+
+
+def test_serve_flags_default_to_localhost_without_share():
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    args = build_parser().parse_args(["serve", "--share", "--port", "8000"])
+    assert (args.port, args.share) == (8000, True)
 
 
 @pytest.mark.parametrize("args, words", [
@@ -319,7 +463,11 @@ def test_serve_defaults_to_localhost_without_share(monkeypatch, tmp_path):
     (["serve", "--port", "70000"], "--port must be from 1 to 65535"),
 ])
 def test_serve_bad_input_is_one_line(capsys, args, words):
-    assert main(args) == 2
+    threads = torch.get_num_threads()
+    try:
+        assert main(args) == 2
+    finally:
+        torch.set_num_threads(threads)
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err and err.count("\n") == 1
 

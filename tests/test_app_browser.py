@@ -44,11 +44,11 @@ def free_port() -> int:
 def start_server(threads: int = 1):
     """The page of `ddpm-faces serve` with the bundled model only (no runs/), on a free localhost port:
     (app, demo)."""
-    from ddpm_faces.app import FaceApp, launch
+    from ddpm_faces.app import FaceApp, build_page, launch
 
     with tempfile.TemporaryDirectory() as no_runs:
         app = FaceApp.from_paths(None, runs_dir=no_runs, threads=threads)
-    demo = app.blocks()
+    demo = build_page(app)
     launch(demo, port=free_port(), block=False, quiet=True)
     return app, demo
 
@@ -96,8 +96,9 @@ def click_generate_and_capture(driver, url: str, screenshot: Path, timeout: floa
     return {"status": status, "previews": sorted(previews), "captions": captions, "loaded": loaded}
 
 
-def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> str:
-    """Ask for 1000 steps, click Cancel once it is denoising; returns the status line shown after."""
+def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> list[str]:
+    """Ask for 1000 steps, click Cancel once it is denoising; returns the status lines seen after the click,
+    until the status has settled (the same text for a second)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
@@ -115,8 +116,14 @@ def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> str:
     while app.active or len(app.runs) == done:
         assert time.monotonic() < end, "Cancel did not stop the sampling loop"
         time.sleep(0.05)
-    time.sleep(0.3)
-    return driver.find_element(By.CSS_SELECTOR, "#status").text
+    seen, settled = [], time.monotonic()
+    while time.monotonic() - settled < 1.0 and time.monotonic() < end + 10:
+        status = driver.find_element(By.CSS_SELECTOR, "#status").text
+        if not seen or status != seen[-1]:
+            seen.append(status)
+            settled = time.monotonic()
+        time.sleep(0.05)
+    return seen
 
 
 @pytest.mark.skipif(missing() is not None, reason=f"no headless browser: {missing()}")
@@ -133,9 +140,9 @@ def test_clicking_generate_shows_faces_and_cancel_stops(tmp_path):
         assert seen["previews"], "no live preview was shown while it denoised"
         shot = Image.open(tmp_path / "app.png")
         assert shot.width == 1400 and shot.height > 600
-        status = start_long_generation_and_cancel(driver, app)
+        statuses = start_long_generation_and_cancel(driver, app)
         assert app.runs[-1].outcome == "cancelled" and app.runs[-1].steps_done < 1000
-        assert status == "Stopped."
+        assert statuses[-1] == "Stopped." and not any("Error" in s for s in statuses), statuses
     finally:
         driver.quit()
         demo.close()

@@ -1,0 +1,130 @@
+"""The server's request guard: an ASGI middleware in front of Gradio's routes.
+
+    request bodies over MAX_BODY bytes (announced or streamed)      -> 413
+    a call (queue/join, run/..., call/...) whose body is not JSON   -> 400
+    ... that names no endpoint of the page (api_name or fn_index)   -> 404
+    ... whose input list has the wrong length or type               -> 422
+
+Everything else passes through unchanged. The replies are short JSON ({"detail": ...}) that quote at most
+QUOTE characters of what was sent, so neither a client nor the server's log sees an oversized echo.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from .inputs import quote
+
+MAX_BODY = 1 << 20               # bytes of one request body (a sampling request is well under 1 KB)
+MAX_UPLOAD = "1mb"               # Gradio's own limit on an uploaded file (the page takes no uploads)
+CALLS = re.compile(r"/(?:queue/join|(?:run|api|call|call/v2)/(?P<name>[^/]+))/?$")
+
+
+class Refused(Exception):
+    """A request the guard answers itself: HTTP status and message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def reply(send, status: int, message: str) -> None:
+    """A short JSON error response: {"detail": message}."""
+    body = json.dumps({"detail": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def declared_length(scope) -> int | None:
+    """The request's Content-Length (-1 when unreadable), or None when it sends none."""
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value) if value.isdigit() and len(value) < 19 else -1
+    return None
+
+
+class RequestGuard:
+    """Refuse oversized bodies, and calls of endpoints the page does not have, before Gradio sees them."""
+
+    def __init__(self, app, demo=None, max_body: int = MAX_BODY):
+        self.app, self.demo, self.max_body = app, demo, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        try:
+            length = declared_length(scope)
+            if length is not None and not 0 <= length <= self.max_body:
+                raise Refused(413, f"request body too large: at most {self.max_body} bytes")
+            call = CALLS.search(scope.get("path", "")) if scope.get("method") == "POST" else None
+            if call is None or self.demo is None:
+                return await self.app(scope, self._counted(receive), send)
+            body = await self._read(receive)
+            self.check_call(call.group("name"), body)
+        except Refused as refused:
+            return await reply(send, refused.status, str(refused))
+        await self.app(scope, replay(body, receive), send)
+
+    def _counted(self, receive):
+        """`receive`, refusing (413) a streamed body once it passes the limit."""
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise Refused(413, f"request body too large: at most {self.max_body} bytes")
+            return message
+        return counted
+
+    async def _read(self, receive) -> bytes:
+        chunks, more, counted = [], True, self._counted(receive)
+        while more:
+            message = await counted()
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False) and message["type"] == "http.request"
+        return b"".join(chunks)
+
+    def check_call(self, api_name: str | None, body: bytes) -> None:
+        """Refused(...) unless `body` calls one of the page's endpoints with a list of inputs of its length."""
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError):
+            raise Refused(400, "the request body is not JSON") from None
+        if not isinstance(payload, dict):
+            raise Refused(422, "the request body must be a JSON object")
+        fn = self.endpoint(payload.get("fn_index"), api_name)
+        data = payload.get("data", [])
+        if not isinstance(data, list):
+            raise Refused(422, f"data must be a list of input values, got {quote(data)}")
+        counts = {len(fn.inputs), sum(not block.skip_api for block in fn.inputs)}
+        if len(data) not in counts:
+            raise Refused(422, f"{fn.api_name or 'this endpoint'} takes {' or '.join(map(str, sorted(counts)))} "
+                               f"input values, got {len(data)}")
+
+    def endpoint(self, fn_index, api_name: str | None):
+        """The page's event that `fn_index` (when given) or `api_name` names, else Refused(404)."""
+        fns = self.demo.fns
+        if fn_index is not None:
+            if isinstance(fn_index, int) and not isinstance(fn_index, bool) and fn_index in fns:
+                return fns[fn_index]
+            raise Refused(404, f"unknown endpoint: fn_index {quote(fn_index)}")
+        for fn in fns.values():
+            if api_name is not None and fn.api_name == api_name:
+                return fn
+        raise Refused(404, f"unknown endpoint: {quote(api_name)}")
+
+
+def replay(body: bytes, receive):
+    """A `receive` that hands over the body already read, then passes on the server's (a disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replayed

@@ -1,0 +1,93 @@
+"""The web app's limits and the checks of its inputs (no Gradio here).
+
+The HTTP API reaches the handlers with whatever JSON a client sends (the events run with preprocess=False),
+so every value is checked for its type and its magnitude before any arithmetic, and an error message quotes
+at most QUOTE characters of what was sent. Each check raises UserError naming the input.
+"""
+from __future__ import annotations
+
+import math
+import reprlib
+
+from ..errors import UserError
+
+MAX_IMAGES = 16
+MAX_STEPS = 1000
+MAX_GUIDANCE = 20.0
+MAX_SEED = 2**31 - 1             # a seed the browser's numbers hold exactly
+ANY = "any"                      # an attribute left to the model
+QUOTE = 80                       # characters of a client's value that an error message repeats
+MAX_MESSAGE = 400                # characters of any error message sent back
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = QUOTE
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+_repr.maxlevel = 2
+
+
+def shorten(text: str, limit: int = QUOTE) -> str:
+    """`text` cut to `limit` characters, with "…" where it was cut."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def quote(value) -> str:
+    """How an error message shows a value a client sent: its repr, at most about QUOTE characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"a number of {'-' if value < 0 else ''}about {int(value.bit_length() * math.log10(2))} digits"
+    return shorten(_repr.repr(value))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(value, name: str, lo: int, hi: int) -> int:
+    """`value` as an int in [lo, hi] (a whole float such as 3.0 is taken), or UserError naming the input."""
+    whole = f"{name} must be a whole number from {lo} to {hi}, got {quote(value)}"
+    if not _is_number(value):
+        raise UserError(whole)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise UserError(whole)
+        value = int(value)
+    if not lo <= value <= hi:                       # ints compare exactly, however large
+        raise UserError(f"{name} must be from {lo} to {hi}, got {quote(value)}")
+    return value
+
+
+def check_number(value, name: str, lo: float, hi: float, note: str = "") -> float:
+    """`value` as a finite float in [lo, hi], or UserError naming the input."""
+    finite = _is_number(value) and (not isinstance(value, float) or math.isfinite(value))
+    if not finite or not lo <= value <= hi:         # a huge int compares with floats exactly
+        raise UserError(f"{name} must be a number from {lo:g} to {hi:g}{note}, got {quote(value)}")
+    return float(value)
+
+
+def check_choice(value, choices, name: str) -> str:
+    """`value` if it is one of `choices` (strings), else UserError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise UserError(f"unknown {name} {quote(value)}: choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_attributes(label: str, known: dict[str, list[str]], names: list[str], values) -> dict[str, str]:
+    """The attribute values asked for, by name: `values` are for `names` in order (missing ones are 'any');
+    each one not left at 'any' must be in the model's vocabulary `known` ({name: values})."""
+    if not isinstance(values, (list, tuple)) or len(values) > len(names):
+        count = len(values) if isinstance(values, (list, tuple)) else quote(values)
+        raise UserError(f"expected at most {len(names)} attribute values ({', '.join(names) or 'none'}), got {count}")
+    wanted = {}
+    for name, value in zip(names, values):
+        if value in (None, "", ANY):
+            continue
+        if name not in known:
+            having = ", ".join(known) or "no attributes (an unconditional model)"
+            raise UserError(f"{shorten(label)} is not conditioned on {name} (it knows {having}): leave {name} "
+                            f"at '{ANY}'")
+        wanted[name] = check_choice(value, [ANY, *known[name]], name)
+    return wanted
+
+
+def one_line(message: str) -> str:
+    """An error message as sent to a client: one line of at most MAX_MESSAGE characters."""
+    return shorten(" ".join(str(message).split()), MAX_MESSAGE)
