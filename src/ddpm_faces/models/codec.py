@@ -69,6 +69,17 @@ class LatentCodec(Codec):
         z = x * self._per_channel(self.scale) + self._per_channel(self.shift)
         return self.autoencoder.decode(z.to(self.scale.dtype)).clamp(-1, 1)
 
+    def fast_encoder(self):
+        """`encode` under bf16 autocast in channels-last layout, for encoding a whole data set once: 81 against
+        28 images/s in fp32 on one CPU thread (benchmarks/latent_speed.py), with an error of std 0.004 on
+        the unit-variance latents, below the smallest noise level of a cosine schedule (0.006)."""
+        self.to(memory_format=torch.channels_last)
+
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(images.device.type, dtype=torch.bfloat16):
+                return self.encode(images.contiguous(memory_format=torch.channels_last)).float()
+        return encode
+
     def set_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-channel mean and standard deviation of the training latents."""
         self.shift.copy_(mean)

@@ -104,7 +104,7 @@ def make_loader(cfg: Config, data: PreparedData, codec: Codec, accelerator: Acce
     if cfg.data.random_crop:
         raise UserError("data.random_crop does not apply to cached latents: set it to false (flips still apply)")
     with accelerator.main_process_first():
-        latents = encode_latents(data, codec.encode, tensors_key(codec), cache_dir=cfg.data.cache_dir,
+        latents = encode_latents(data, codec.fast_encoder(), tensors_key(codec), cache_dir=cfg.data.cache_dir,
                                  progress=progress and accelerator.is_main_process)
     return LatentLoader(latents, "train", tc.batch_size, seed=tc.seed, hflip=cfg.data.hflip, rank=rank,
                         world_size=world)
