@@ -145,3 +145,19 @@ def test_an_autoencoder_exports_as_a_codec_that_loads(tmp_path, autoencoder_run)
     with torch.no_grad():
         assert torch.allclose(original.encode(images), half.encode(images), atol=0.05)
     assert torch.equal(half.scale, original.scale.half().float())
+
+
+def test_inpainting_a_latent_model_keeps_the_black_pixels_exactly(tmp_path, face_folder, autoencoder_run):
+    from ddpm_faces.pipeline import EditPlan
+
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
+        RunFolder(autoencoder_run).export, **{"train.max_steps": 3, "train.checkpoint_every": 3})))
+    pipe = load_pipeline(train(cfg, progress=False).run_dir)
+    photo = torch.rand(1, 3, 16, 16) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8, :] = 1                                               # redraw the top half
+    out = generate(pipe, SamplingRequest(num=2, steps=4), plan=EditPlan(pipe, photo, strength=0.7, mask=mask),
+                   progress=False)
+    from ddpm_faces.images import to_uint8
+    kept = to_uint8(photo)[0, 8:]
+    assert (out[:, 8:] == kept).all() and (out[:, :8] != to_uint8(photo)[0, :8]).any()

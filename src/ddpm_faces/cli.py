@@ -1,4 +1,4 @@
-"""The `ddpm-faces` command: train, sample, eval, classifier, export, serve, data.
+"""The `ddpm-faces` command: train, sample, edit, eval, classifier, export, serve, data.
 
 Thin over the library: parse the flags, build a config or a SamplingRequest, call the library, print. Every
 UserError becomes one line `error: ...` and exit status 2, here in `main` and nowhere else.
@@ -152,7 +152,7 @@ def request_from_args(args, **changes):
 def _sample(args) -> None:
     import numpy as np
 
-    from .images import DenoisingStrip, make_grid, save_image
+    from .images import DenoisingStrip, make_grid, provenance, save_image
     from .pipeline import generate, load_pipeline
 
     _set_threads(args.threads)
@@ -162,26 +162,84 @@ def _sample(args) -> None:
     pipe = load_pipeline(args.checkpoint, device=args.device)
     request = request_from_args(args).validate(pipe)           # every bad option: one line, before any work
     progress = not args.no_progress
+    checkpoint = f"--checkpoint {args.checkpoint} " if args.checkpoint else ""
+    grid_by = f" --grid-by {args.grid_by}" if args.grid_by else ""
+    text = provenance(f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}", str(pipe.source), pipe.step)
     if args.grid_by:
         rows = grid_rows(pipe, args.grid_by, request.attributes)
         # the same seeds in every row: the attribute is the only thing that changes
         images = [generate(pipe, request.replace(attributes={**request.attributes, args.grid_by: value}),
                            progress=progress) for value in rows]
         grid = make_grid(np.concatenate(images), nrow=args.num)
-        out = save_image(grid, args.out, upscale=args.upscale)
+        out = save_image(grid, args.out, upscale=args.upscale, text=text)
         print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
         return
     strip = DenoisingStrip(request.steps, request.num) if args.strip else None
     images = generate(pipe, request, callback=strip, progress=progress)
-    out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale)
+    out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale, text=text)
     print(f"wrote {len(images)} faces to {out}")
     if strip is not None:
         print(f"wrote the denoising steps to {save_image(strip.picture(), args.strip, upscale=args.upscale)}")
     if args.save_individual:
         folder = Path(args.save_individual)
         for i, img in enumerate(images):
-            save_image(img, folder / f"seed{args.seed}-{i:04d}.png", upscale=args.upscale)
+            save_image(img, folder / f"seed{args.seed}-{i:04d}.png", upscale=args.upscale, text=text)
         print(f"wrote {len(images)} images to {folder}/")
+
+
+def _edit(args) -> None:
+    """ddpm-faces edit: SDEdit / DDIM inversion / inpainting of a real photo (pipeline/edit.py)."""
+    import numpy as np
+    import torch
+
+    from .data.loader import to_model_range
+    from .evaluation.framing import frame_photo, open_photo
+    from .images import EDITED, make_grid, provenance, save_image
+    from .pipeline import EditPlan, generate, load_pipeline
+
+    _set_threads(args.threads)
+    check_image_path(args.out)
+    pipe = load_pipeline(args.checkpoint, device=args.device)
+    request = request_from_args(args).validate(pipe)
+    size = pipe.codec.image_size
+    original = open_photo(args.image)
+    framed = frame_photo(original, size, detect=not args.no_detect)
+    if framed.faces > 1:
+        print(f"{framed.faces} faces found: editing the largest", file=sys.stderr)
+    photo = to_model_range(torch.from_numpy(framed.image.copy())[None])
+    mask = read_mask(args.mask, original.size, framed.box, size) if args.mask else None
+    plan = EditPlan(pipe, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed)
+    images = generate(pipe, request, plan=plan, progress=not args.no_progress)
+    if args.compare:
+        images = np.concatenate([framed.image[None], images])
+    flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {args.image}",
+                                 f"--strength {args.strength:g}", "--invert" if args.invert else "",
+                                 f"--mask {args.mask}" if args.mask else "", "--no-detect" if args.no_detect else "",
+                                 request.cli_flags()) if f)
+    text = provenance(f"ddpm-faces edit {flags}", str(pipe.source), pipe.step, note=EDITED)
+    nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
+    out = save_image(make_grid(images, nrow=nrow), args.out, upscale=args.upscale, text=text)
+    print(f"wrote {len(images) - bool(args.compare)} edited face(s){' after the photo' if args.compare else ''} to {out}")
+
+
+def read_mask(path: str, photo_size: tuple[int, int], box, size: int):
+    """A black-and-white mask of the photo's size (white = redraw), framed like the photo, as (1, 1, S, S)."""
+    import numpy as np
+    import torch
+
+    from .evaluation.framing import open_photo
+
+    img = open_photo(path).convert("L")
+    if img.size != photo_size:
+        raise UserError(f"the mask {path} is {img.width}x{img.height} but the photo is {photo_size[0]}x"
+                        f"{photo_size[1]}: draw the mask on the photo itself")
+    values = np.asarray(img)
+    if not np.isin(values, (0, 255)).all():
+        raise UserError(f"the mask {path} must be black (keep) and white (redraw) only, without grey or "
+                        "anti-aliased edges")
+    img = img.crop(box)
+    values = np.asarray(img.resize((size, size), 0))                     # nearest: keep it two-valued
+    return torch.from_numpy((values > 127).astype(np.float32))[None, None]
 
 
 def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:
@@ -361,6 +419,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-by", choices=ATTRIBUTE_FLAGS,
                    help="one row per value of this attribute, with the same seeds in every row")
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
+    p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "
+                                                  "the training faces")
+    p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
+    p.add_argument("--strength", type=float, default=0.6,
+                   help="how far from the photo: 0 gives it back, 1 is a fresh sample (default 0.6)")
+    p.add_argument("--invert", action="store_true",
+                   help="start from the photo's DDIM inversion instead of fresh noise (keeps more of the person)")
+    p.add_argument("--mask", help="black and white image of the photo's size: white = redraw, black = keep")
+    p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
+                                                            "the face")
+    p.add_argument("--compare", action="store_true", help="put the framed photo first in the output")
+    add_sampling_flags(p, num=4, batch_size=16)
+    p.add_argument("--out", default="edited.png", help="image to write (default edited.png)")
+    p.add_argument("--nrow", type=positive_int, help="images per row (default: a square)")
+    p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved image (nearest)")
+    p.set_defaults(func=_edit)
 
     p = sub.add_parser("eval", help="FID, KID, precision/recall and face rate of generated samples vs real faces")
     p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")

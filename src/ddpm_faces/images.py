@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
 
@@ -29,17 +30,34 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, fill: i
     return grid
 
 
-def save_image(array: np.ndarray, path: str | Path, upscale: int = 1) -> Path:
+def save_image(array: np.ndarray, path: str | Path, upscale: int = 1, text: dict[str, str] | None = None) -> Path:
+    """Write an image; a PNG gets `text` as its text chunks (what made it: see `provenance`)."""
     path = Path(path)
     img = Image.fromarray(array)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    info = None
+    if text and path.suffix.lower() == ".png":
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, str(value))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
+        img.save(path, pnginfo=info) if info is not None else img.save(path)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot write the image {path}: {getattr(err, 'strerror', None) or err}") from None
     return path
+
+
+SYNTHETIC = "synthetic: made by a diffusion model (ddpm-faces); not a photograph of a real person"
+EDITED = "edited: a photograph changed by a diffusion model (ddpm-faces); the changed parts are synthetic"
+
+
+def provenance(command: str, model: str, step: int | None, note: str = SYNTHETIC) -> dict[str, str]:
+    """The PNG text chunks of a generated or edited image: the command that reproduces it, the model and its
+    training step, and what it is."""
+    return {"Description": note, "ddpm-faces command": command, "ddpm-faces model": model,
+            "ddpm-faces step": "unknown" if step is None else str(step)}
 
 
 class DenoisingStrip:

@@ -1,10 +1,12 @@
 """Samplers over a decreasing list of timesteps, all with one signature:
 
-    sample_x(denoiser, x, timesteps, *, noise=None, cond=None, clip_x0=True, callback=None, ...)
+    sample_x(denoiser, x, timesteps, *, noise=None, cond=None, clip_x0=True, callback=None, project=None, ...)
 
-`x` is pure noise at timesteps[0]; each step moves to the next timestep in the list and the last
-step to t = -1 (no noise, abar = 1), so the result is an image. `noise(like)` draws the fresh
-Gaussian noise of stochastic steps (see `PerImageNoise`); `callback(i, t, x, x0)` sees every step.
+`x` is pure noise at timesteps[0] (or a noised image, for editing); each step moves to the next timestep in
+the list and the last step to t = -1 (no noise, abar = 1), so the result is an image. `noise(like)` draws the
+fresh Gaussian noise of stochastic steps (see `PerImageNoise`); `callback(i, t, x, x0)` sees every step;
+`project(x, s)`, when given, replaces x after every step that lands on timestep s (s = -1 at the end): how
+inpainting re-imposes the known part of an image (RePaint, Lugmayr et al. 2022).
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ def _abar(denoiser: Denoiser, t: float) -> float:
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, noise: Callable | None = None,
-                cond=None, clip_x0: bool = True, variance: str = "beta_tilde", callback: Callable | None = None):
+                cond=None, clip_x0: bool = True, variance: str = "beta_tilde", callback: Callable | None = None,
+                project: Callable | None = None):
     if variance not in ("beta_tilde", "beta"):
         raise ValueError(f"unknown DDPM variance {variance!r}: choose beta_tilde or beta")
     noise = noise or torch.randn_like
@@ -73,6 +76,7 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
             + (math.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)) * x
         var = (1 - abar_s) / (1 - abar_t) * beta if variance == "beta_tilde" else beta
         x = mean + math.sqrt(var) * noise(x) if s >= 0 else mean
+        x = project(x, s) if project is not None else x
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -86,7 +90,8 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, noise: Callable | None = None,
-                cond=None, clip_x0: bool = True, eta: float = 0.0, callback: Callable | None = None):
+                cond=None, clip_x0: bool = True, eta: float = 0.0, callback: Callable | None = None,
+                project: Callable | None = None):
     noise = noise or torch.randn_like
     for i, (t, s) in enumerate(_pairs(timesteps)):
         eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
@@ -95,6 +100,7 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
         x = math.sqrt(abar_s) * x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * noise(x)
+        x = project(x, s) if project is not None else x
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -109,7 +115,8 @@ def sample_ddim(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[float], *,
-                    noise: Callable | None = None, cond=None, clip_x0: bool = True, callback: Callable | None = None):
+                    noise: Callable | None = None, cond=None, clip_x0: bool = True, callback: Callable | None = None,
+                    project: Callable | None = None):
     x0_prev, h_prev = None, None
     for i, (t, s) in enumerate(_pairs(timesteps)):
         _, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
@@ -121,6 +128,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[flo
             d = x0 if x0_prev is None else (1 + 1 / (2 * h_prev / h)) * x0 - (1 / (2 * h_prev / h)) * x0_prev
             x = (sig_s / sig_t) * x - a_s * math.expm1(-h) * d
             x0_prev, h_prev = x0, h
+        x = project(x, s) if project is not None else x
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -135,7 +143,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[flo
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_heun(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[float], *, noise: Callable | None = None,
-                cond=None, clip_x0: bool = True, callback: Callable | None = None):
+                cond=None, clip_x0: bool = True, callback: Callable | None = None, project: Callable | None = None):
     def slope(x_ve, t):
         a, sig = _alpha_sigma(denoiser, t)
         _, x0 = denoiser.predict(a * x_ve, t, cond, clip_x0=clip_x0)
@@ -150,6 +158,9 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[float],
             d_next, _ = slope(x_next, s)
             x_next = x + (sigma_s - sigma_t) * (d + d_next) / 2
         x = x_next
+        if project is not None:                              # in the variance-preserving variable x_s = alpha_s x~
+            a_s = _alpha_sigma(denoiser, s)[0]
+            x = project(x * a_s, s) / a_s
         if callback is not None:
             callback(i, t, x * _alpha_sigma(denoiser, s)[0], x0)
     return x

@@ -4,12 +4,14 @@ generate.
     pipe = load_pipeline(None)                                  # the bundled model
     images = generate(pipe, SamplingRequest(num=16, seed=0))    # (16, H, W, 3) uint8
 """
+from .edit import EditPlan
 from .generate import autocast_net, generate, interpolate, slerp, starting_noise
 from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
                     load_codec, load_pipeline, read_config)
 from .request import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, SAMPLING_PRECISIONS, SamplingRequest
 
 __all__ = [
+    "EditPlan",
     "autocast_net", "generate", "interpolate", "slerp", "starting_noise",
     "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config",
     "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "SAMPLING_PRECISIONS", "SamplingRequest",

@@ -19,14 +19,15 @@ from .request import SamplingRequest
 
 
 def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
-             callback=None, labels: torch.Tensor | None = None,
-             initial_noise: torch.Tensor | None = None) -> np.ndarray:
+             callback=None, labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None,
+             plan=None) -> np.ndarray:
     """`request.num` images as (num, H, W, 3) uint8.
 
     `labels` (num, n_attributes) class indices give each image its own attributes (instead of
     `request.attributes`, the same for all); `initial_noise` (num, *codec.shape) replaces the seeded
     starting noise (e.g. interpolated noise). `callback(i, t, x, x0)` sees every step, with x0 the current
-    estimate of the images, decoded."""
+    estimate of the images, decoded. `plan` (pipeline/edit.py's EditPlan) starts from a photo instead of
+    noise: it chooses the timesteps, the starting x, a projection after every step and the final blend."""
     request = request.validate(pipe)
     num, codec = request.num, pipe.codec
     if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
@@ -38,8 +39,10 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
     denoiser = Denoiser(autocast_net(pipe.net, request.precision), pipe.schedule, pipe.cfg.diffusion.prediction,
                         request.guidance, request.guidance_interval)
     timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
+    if plan is not None:
+        timesteps = plan.timesteps(timesteps)
     sample_fn, options = request.spec.fn, request.sampler_options()
-    bar = tqdm(total=num * request.steps, desc=f"sampling ({request.sampler}, {request.steps} steps)", unit="step",
+    bar = tqdm(total=num * len(timesteps), desc=f"sampling ({request.sampler}, {request.steps} steps)", unit="step",
                disable=not progress, leave=False)
     out = []
     with torch.inference_mode():
@@ -57,8 +60,13 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
                     callback(i, t, x_i, codec.decode(x0))
 
             cond = labels[rows].to(pipe.device) if labels is not None else None if shared is None else shared[:n]
-            x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond, callback=step_callback, **options)
-            out.append(to_uint8(codec.decode(x)))
+            project = None
+            if plan is not None:
+                x, project = plan.start(x, rows, denoiser, cond, timesteps), plan.project(rows, timesteps)
+            x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond, callback=step_callback, project=project,
+                          **options)
+            images = codec.decode(x)
+            out.append(to_uint8(plan.finish(images, rows) if plan is not None else images))
     bar.close()
     return np.concatenate(out)
 

@@ -1,0 +1,115 @@
+"""Editing a real photo with any model: start the sampler from the photo instead of from noise.
+
+    photo = to_model_range(...)                                  # (1, 3, S, S) in [-1, 1], S = codec.image_size
+    plan = EditPlan(pipe, photo, strength=0.6)                   # + mask=..., invert=True
+    faces = generate(pipe, SamplingRequest(num=4, attributes={"age": "60-69"}, guidance=3), plan=plan)
+
+- SDEdit (Meng et al. 2022, https://arxiv.org/abs/2108.01073, sec. 3): encode the photo, x0 = E(photo), noise it
+  to the timestep that `strength` picks, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z (Ho et al. 2020, eq. 4),
+  and denoise with the attributes and guidance asked for. Only the last `strength` share of the sampler's
+  timesteps runs: strength 0 gives the photo back (through the codec), 1 a fresh sample.
+- DDIM inversion (Song et al. 2021, https://arxiv.org/abs/2010.02502, sec. 4.3): instead of fresh noise, run
+  the deterministic DDIM update backwards, x_t = sqrt(abar_t) x0(x_s) + sqrt(1 - abar_t) eps(x_s), from the
+  photo up to that timestep, so what is not asked to change keeps the person. It inverts without guidance
+  (the photo's attributes are unknown); guided sampling from an inverted start drifts from the photo as the
+  guidance grows (Mokady et al. 2023, https://arxiv.org/abs/2211.09794, sec. 3).
+- Inpainting (RePaint, Lugmayr et al. 2022, https://arxiv.org/abs/2201.09865, eq. 8-9): with a mask (1 =
+  redraw, 0 = keep), after every step to timestep s the kept region is replaced by the photo noised to s,
+  x_s = m x_s + (1 - m) q(x_s | x0), and at the end by the photo itself. For a latent model the mask is taken
+  down to the latent grid (a cell is redrawn if any of its pixels is) and the decoded faces are blended with
+  the photo at full resolution.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..diffusion import image_seed, q_sample
+from ..errors import UserError
+from .model import Pipeline
+
+MASK_SEED = 2**40            # the noise that re-imposes the kept region has its own seeds, apart from the image's
+
+
+class EditPlan:
+    """What generate() needs to start from `photo` (1, 3, S, S) in [-1, 1]: the timesteps, the start, the
+    projection of the kept region and the final blend."""
+
+    def __init__(self, pipe: Pipeline, photo: torch.Tensor, *, strength: float, mask: torch.Tensor | None = None,
+                 invert: bool = False, seed: int = 0):
+        check_edit(pipe, photo, strength, mask)
+        self.pipe, self.strength, self.invert, self.seed = pipe, float(strength), invert, seed
+        self.photo = photo.to(pipe.device, torch.float32)
+        with torch.inference_mode():
+            self.x0 = pipe.codec.encode(self.photo)
+        self.mask = None if mask is None else mask.to(pipe.device, torch.float32)
+        self.latent_mask = None if mask is None else F.adaptive_max_pool2d(self.mask, self.x0.shape[-2:])
+
+    def timesteps(self, full: list[float]) -> list[float]:
+        """The last round(strength * steps) timesteps of the sampler's schedule."""
+        keep = round(len(full) * self.strength)
+        return full[len(full) - keep:]
+
+    def start(self, noise_x: torch.Tensor, rows: slice, denoiser, cond, timesteps: list[float]) -> torch.Tensor:
+        """The photo's x0 taken to timesteps[0]: noised with the batch's seeded noise, or DDIM-inverted."""
+        x0 = self.x0.expand(len(noise_x), *self.x0.shape[1:])
+        if not timesteps:
+            return x0.clone()
+        if self.invert:
+            return ddim_invert(denoiser, x0, timesteps)
+        t = torch.full((len(x0),), timesteps[0])
+        return q_sample(self.pipe.schedule, x0, t, noise_x)
+
+    def project(self, rows: slice, timesteps: list[float]):
+        """RePaint's re-imposition of the kept region after every step (None without a mask)."""
+        if self.latent_mask is None:
+            return None
+        keep = 1.0 - self.latent_mask
+        generator = torch.Generator().manual_seed(image_seed(self.seed, MASK_SEED + rows.start))
+
+        def project(x: torch.Tensor, s: float) -> torch.Tensor:
+            x0 = self.x0.expand_as(x)
+            if s < 0:
+                known = x0
+            else:
+                z = torch.randn(x.shape, generator=generator).to(x.device)
+                known = q_sample(self.pipe.schedule, x0, torch.full((len(x),), s), z)
+            return self.latent_mask * x + keep * known
+        return project
+
+    def finish(self, images: torch.Tensor, rows: slice) -> torch.Tensor:
+        """With a mask, the kept pixels come from the photo itself (the codec may have changed them)."""
+        if self.mask is None:
+            return images
+        return self.mask * images + (1.0 - self.mask) * self.photo.expand_as(images)
+
+
+@torch.no_grad()
+def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float]) -> torch.Tensor:
+    """x at timesteps[0] from the clean x0 by the DDIM update run backwards (eta = 0), visiting the timesteps in
+    increasing order; the network is evaluated at the point reached so far (at the lowest timestep for x0)."""
+    schedule, x, prev = denoiser.schedule, x0, -1.0
+    for t in reversed(timesteps):
+        eps, _ = denoiser.predict(x, t if prev < 0 else prev, None, clip_x0=False)
+        abar_prev = float(schedule.alpha_bar_at(torch.tensor([prev]))[0])
+        abar_t = float(schedule.alpha_bar_at(torch.tensor([t]))[0])
+        x0_hat = (x - math.sqrt(1 - abar_prev) * eps) / math.sqrt(abar_prev)
+        x, prev = math.sqrt(abar_t) * x0_hat + math.sqrt(1 - abar_t) * eps, t
+    return x
+
+
+def check_edit(pipe: Pipeline, photo: torch.Tensor, strength, mask: torch.Tensor | None) -> None:
+    """One-line errors for what an edit cannot work with."""
+    size = pipe.codec.image_size
+    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
+        raise UserError(f"strength must be a number from 0 (the photo back) to 1 (a fresh sample), got {strength!r}")
+    if tuple(photo.shape) != (1, 3, size, size):
+        raise UserError(f"the photo must be (1, 3, {size}, {size}) for this model, got {tuple(photo.shape)}")
+    if mask is None:
+        return
+    if tuple(mask.shape) != (1, 1, size, size):
+        raise UserError(f"the mask must be (1, 1, {size}, {size}) like the photo, got {tuple(mask.shape)}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise UserError("the mask must be black and white only (white = redraw, black = keep)")

@@ -1,0 +1,126 @@
+"""Editing a real photo: SDEdit, DDIM inversion and inpainting through the codec, the `edit` command, the
+photo framing and its one-line errors, and the PNG text chunks that say what made an image."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import draw_face
+from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.errors import UserError
+from ddpm_faces.evaluation.reconstruction import psnr
+from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_pipeline(None)
+
+
+@pytest.fixture(scope="module")
+def photo():
+    """A face-like 32 px picture (the bundled model's size) as uint8 and as a (1, 3, 32, 32) tensor."""
+    image = draw_face(np.random.default_rng(3), 32)
+    return image, to_model_range(torch.from_numpy(image.copy())[None])
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "ddpm_faces", *args], capture_output=True, text=True)
+
+
+def test_strength_zero_gives_the_photo_back(bundled, photo):
+    image, x = photo
+    out = generate(bundled, SamplingRequest(num=2, steps=10), plan=EditPlan(bundled, x, strength=0.0), progress=False)
+    assert (out == image).all()
+
+
+def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
+    image, x = photo
+    request = SamplingRequest(num=4, steps=20, sampler="ddim")
+    close = [psnr(np.repeat(image[None], 4, 0), generate(bundled, request, plan=EditPlan(bundled, x, strength=s),
+                                                         progress=False)).mean() for s in (0.2, 0.6, 1.0)]
+    assert close[0] > close[1] > close[2]
+
+
+def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(bundled, photo):
+    image, x = photo
+    request = SamplingRequest(num=1, steps=50, sampler="ddim")
+    inverted = generate(bundled, request, plan=EditPlan(bundled, x, strength=0.8, invert=True), progress=False)
+    fresh = generate(bundled, request, plan=EditPlan(bundled, x, strength=0.8), progress=False)
+    assert psnr(image[None], inverted)[0] > psnr(image[None], fresh)[0] + 3
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
+def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(bundled, photo, sampler):
+    image, x = photo
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    out = generate(bundled, SamplingRequest(num=2, steps=6, sampler=sampler),
+                   plan=EditPlan(bundled, x, strength=1.0, mask=mask), progress=False)
+    keep = ~mask[0, 0].bool().numpy()
+    assert (out[:, keep] == image[keep]).all()
+    assert (out[:, ~keep] != image[~keep]).any() and (out[0] != out[1]).any()
+
+
+def test_edit_inputs_are_checked(bundled, photo):
+    _, x = photo
+    for bad, words in ((dict(strength=1.5), "strength"), (dict(strength=0.5, mask=torch.full((1, 1, 32, 32), 0.5)),
+                                                           "black and white"),
+                       (dict(strength=0.5, mask=torch.zeros(1, 1, 16, 16)), "mask must be")):
+        with pytest.raises(UserError, match=words):
+            EditPlan(bundled, x, **bad)
+    with pytest.raises(UserError, match="photo must be"):
+        EditPlan(bundled, torch.zeros(1, 3, 64, 64), strength=0.5)
+
+
+def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_path):
+    face = Image.fromarray(draw_face(np.random.default_rng(1), 96))
+    face.save(tmp_path / "photo.png")
+    out = run("edit", "--image", str(tmp_path / "photo.png"), "--no-detect", "--gender", "Female", "--guidance", "2",
+              "--strength", "0.5", "--num", "2", "--steps", "6", "--compare", "--out", str(tmp_path / "e.png"),
+              "--no-progress")
+    assert out.returncode == 0, out.stderr
+    picture = Image.open(tmp_path / "e.png")
+    assert picture.size == (2 + 3 * 34, 2 + 34)                       # the photo, then the two edits
+    text = picture.text
+    assert text["ddpm-faces command"].startswith("ddpm-faces edit --image") and "--gender 'Female'" in \
+        text["ddpm-faces command"] and "edited" in text["Description"] and text["ddpm-faces step"] == "9000"
+
+
+def test_sample_pngs_say_how_to_make_them_again(tmp_path):
+    out = run("sample", "--num", "2", "--steps", "5", "--seed", "4", "--age", "20-29", "--out", str(tmp_path / "a.png"),
+              "--no-progress")
+    assert out.returncode == 0, out.stderr
+    text = Image.open(tmp_path / "a.png").text
+    assert "synthetic" in text["Description"] and text["ddpm-faces step"] == "9000"
+    command = text["ddpm-faces command"].replace("'", "").split()[1:]
+    again = run(*command, "--out", str(tmp_path / "b.png"), "--no-progress")
+    assert again.returncode == 0, again.stderr
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_bad_photos_and_masks_are_one_line(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("1", (8000, 8000)).save(tmp_path / "huge.png")                 # 64 M pixels, a small file
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(tmp_path / "grey.png")   # no face in it
+    Image.new("L", (50, 50)).save(tmp_path / "small-mask.png")
+    grey_mask = Image.new("L", (64, 64), 128)
+    grey_mask.save(tmp_path / "grey-mask.png")
+    cases = [(["--image", str(tmp_path / "notes.png")], "not an image"),
+             (["--image", str(tmp_path / "huge.png")], "pixels"),
+             (["--image", str(tmp_path / "grey.png")], "--no-detect"),
+             (["--image", str(tmp_path / "grey.png"), "--no-detect", "--mask", str(tmp_path / "small-mask.png")],
+              "50x50"),
+             (["--image", str(tmp_path / "grey.png"), "--no-detect", "--mask", str(tmp_path / "grey-mask.png")],
+              "black (keep) and white"),
+             (["--image", str(tmp_path / "grey.png"), "--no-detect", "--strength", "2"], "strength"),
+             (["--image", str(tmp_path / "grey.png"), "--no-detect", "--age", "200"], "unknown age")]
+    for args, words in cases:
+        out = run("edit", *args, "--out", str(tmp_path / "x.png"), "--steps", "2")
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1 and words in lines[0], (args, out.stderr)
