@@ -389,13 +389,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
-    parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
-    parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (TensorBoard logs, checkpoints, export in runs/<name>)")
     p.add_argument("--config", help="YAML config: a path or a name in configs/ (default: quickstart)")
     p.add_argument("--data", help="face images: a folder (optional labels.csv), FairFace's release folder, "
@@ -406,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
+
+def _sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="generate a grid of faces (default: the bundled model)")
     p.add_argument("--checkpoint", help="runs/<name>, its export/ or a checkpoints/step-N folder; "
                                         "default: the bundled model")
@@ -420,6 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one row per value of this attribute, with the same seeds in every row")
     p.set_defaults(func=_sample)
 
+
+def _edit_parser(sub) -> None:
     p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
     p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "
                                                   "the training faces")
@@ -438,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved image (nearest)")
     p.set_defaults(func=_edit)
 
+
+def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FID, KID, precision/recall and face rate of generated samples vs real faces")
     p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
     add_sampling_flags(p, num=2000, batch_size=64, guidance_scales=True)
@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fid", action="store_true", help="--attributes without FID (faster)")
     p.set_defaults(func=_eval)
 
+
+def _classifier_parser(sub) -> None:
     p = sub.add_parser("classifier", help="train the attribute classifier that `eval --attributes` uses")
     p.add_argument("--data", default="../shared/data/faces", help="labelled faces, any train --data form")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.yaml into")
@@ -468,12 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_classifier)
 
+
+def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="write a run's EMA weights (safetensors) and config to a folder")
     p.add_argument("--checkpoint", required=True, help="runs/<name>, its export/ or a checkpoints/step-N folder")
     p.add_argument("--out", required=True, help="folder to write model.safetensors and config.yaml into")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.set_defaults(func=_export)
 
+
+def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="a web page that generates faces (Gradio; http://127.0.0.1:7860)")
     p.add_argument("--checkpoint", action="append", metavar="PATH",
                    help="a model to offer: runs/<name>, an export or checkpoint folder (repeat for several; "
@@ -484,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: all cores but one)")
     p.set_defaults(func=_serve)
 
+
+def _data_parser(sub) -> None:
     p = sub.add_parser("data", help="prepare (decode, crop, resize, cache) a face dataset and describe it")
     p.add_argument("source", help="same forms as train --data")
     p.add_argument("--resolution", type=positive_int, default=32)
@@ -491,6 +499,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-config", default="0.25", choices=["0.25", "1.25"])
     p.add_argument("--cache-dir")
     p.set_defaults(func=_data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
+    parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train_parser, _sample_parser, _edit_parser, _eval_parser, _classifier_parser, _export_parser,
+                _serve_parser, _data_parser):
+        add(sub)
     return parser
 
 
