@@ -29,46 +29,60 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
     estimate of the images, decoded. `plan` (pipeline/edit.py's EditPlan) starts from a photo instead of
     noise: it chooses the timesteps, the starting x, a projection after every step and the final blend."""
     request = request.validate(pipe)
-    num, codec = request.num, pipe.codec
-    if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, len(pipe.cfg.model.attributes))):
-        raise UserError(f"labels must be ({num}, {len(pipe.cfg.model.attributes)}) for this model, "
-                        f"got {tuple(labels.shape)}")
-    if initial_noise is not None and tuple(initial_noise.shape) != (num, *codec.shape):
-        raise UserError(f"initial noise must be {(num, *codec.shape)}, got {tuple(initial_noise.shape)}")
-    shared = pipe.labels(request.attributes, min(num, request.batch_size))
-    denoiser = Denoiser(autocast_net(pipe.net, request.precision), pipe.schedule, pipe.cfg.diffusion.prediction,
-                        request.guidance, request.guidance_interval)
-    timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
-    if plan is not None:
-        timesteps = plan.timesteps(timesteps)
-    sample_fn, options = request.spec.fn, request.sampler_options()
-    bar = tqdm(total=num * len(timesteps), desc=f"sampling ({request.sampler}, {request.steps} steps)", unit="step",
-               disable=not progress, leave=False)
-    out = []
+    check_inputs(pipe, request.num, labels, initial_noise)
+    run = Run(pipe, request, plan, labels, initial_noise)
+    bar = tqdm(total=request.num * len(run.timesteps), desc=f"sampling ({request.sampler}, {request.steps} steps)",
+               unit="step", disable=not progress, leave=False)
+
+    def step_callback(i, t, x_i, x0):
+        bar.update(len(x_i))
+        if callback is not None:
+            callback(i, t, x_i, pipe.codec.decode(x0))
+
     with torch.inference_mode():
-        for start in range(first_index, first_index + num, request.batch_size):
-            n = min(request.batch_size, first_index + num - start)
-            rows = slice(start - first_index, start - first_index + n)
-            noise = PerImageNoise(request.seed, start, n)
-            x = noise(torch.empty(n, *codec.shape, device=pipe.device))
-            if initial_noise is not None:
-                x = initial_noise[rows].to(pipe.device, torch.float32)
-
-            def step_callback(i, t, x_i, x0, n=n):
-                bar.update(n)
-                if callback is not None:
-                    callback(i, t, x_i, codec.decode(x0))
-
-            cond = labels[rows].to(pipe.device) if labels is not None else None if shared is None else shared[:n]
-            project = None
-            if plan is not None:
-                x, project = plan.start(x, rows, denoiser, cond, timesteps), plan.project(rows, timesteps)
-            x = sample_fn(denoiser, x, timesteps, noise=noise, cond=cond, callback=step_callback, project=project,
-                          **options)
-            images = codec.decode(x)
-            out.append(to_uint8(plan.finish(images, rows) if plan is not None else images))
+        out = [run.batch(start, first_index, step_callback)
+               for start in range(first_index, first_index + request.num, request.batch_size)]
     bar.close()
     return np.concatenate(out)
+
+
+def check_inputs(pipe: Pipeline, num: int, labels: torch.Tensor | None, initial_noise: torch.Tensor | None) -> None:
+    n_attributes = len(pipe.cfg.model.attributes)
+    if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, n_attributes)):
+        raise UserError(f"labels must be ({num}, {n_attributes}) for this model, got {tuple(labels.shape)}")
+    if initial_noise is not None and tuple(initial_noise.shape) != (num, *pipe.codec.shape):
+        raise UserError(f"initial noise must be {(num, *pipe.codec.shape)}, got {tuple(initial_noise.shape)}")
+
+
+class Run:
+    """One generate() call: the denoiser, the timesteps and what each batch of images starts from."""
+
+    def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise):
+        self.pipe, self.request, self.plan, self.labels, self.initial_noise = pipe, request, plan, labels, initial_noise
+        self.shared = pipe.labels(request.attributes, min(request.num, request.batch_size))
+        self.denoiser = Denoiser(autocast_net(pipe.net, request.precision), pipe.schedule,
+                                 pipe.cfg.diffusion.prediction, request.guidance, request.guidance_interval)
+        timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
+        self.timesteps = plan.timesteps(timesteps) if plan is not None else timesteps
+
+    def batch(self, start: int, first_index: int, callback) -> np.ndarray:
+        """Images start .. start + batch_size (at most up to first_index + num), as uint8."""
+        pipe, request, plan = self.pipe, self.request, self.plan
+        n = min(request.batch_size, first_index + request.num - start)
+        rows = slice(start - first_index, start - first_index + n)
+        noise = PerImageNoise(request.seed, start, n)
+        x = noise(torch.empty(n, *pipe.codec.shape, device=pipe.device))
+        if self.initial_noise is not None:
+            x = self.initial_noise[rows].to(pipe.device, torch.float32)
+        cond = self.labels[rows].to(pipe.device) if self.labels is not None else \
+            None if self.shared is None else self.shared[:n]
+        project = None
+        if plan is not None:
+            x, project = plan.start(x, rows, self.denoiser, cond, self.timesteps), plan.project(rows, self.timesteps)
+        x = request.spec.fn(self.denoiser, x, self.timesteps, noise=noise, cond=cond, callback=callback,
+                            project=project, **request.sampler_options())
+        images = pipe.codec.decode(x)
+        return to_uint8(plan.finish(images, rows) if plan is not None else images)
 
 
 def autocast_net(net, precision: str):
