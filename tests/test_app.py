@@ -26,6 +26,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from ddpm_faces.app import MAX_IMAGES, FaceApp, build_page, discover_models, launch
+from ddpm_faces.app.guard import RequestGuard
 from ddpm_faces.app.outputs import GENERATE_OUTPUTS, STOPPED
 from ddpm_faces.app.page import gradio_handler
 from ddpm_faces.cli import build_parser, main
@@ -379,18 +380,22 @@ def test_server_answers_malformed_calls_with_a_short_client_error(server, path, 
     assert reply.status_code == status and words in reply.json()["detail"] and len(reply.content) < 300
 
 
-@pytest.mark.parametrize("path, content_type", [("call/generate", "application/json"),
-                                                 ("upload", "multipart/form-data; boundary=B")])
-def test_server_refuses_a_streamed_body_over_the_limit(server, path, content_type):
+@pytest.mark.parametrize("path, content_type, most", [
+    ("call/generate", "application/json", 1 << 20),
+    ("upload", "multipart/form-data; boundary=B", 50 * 2**20 + 2**16),      # a photo of up to 50 MB and its form
+    ("component_server/", "multipart/form-data; boundary=B", 4 << 20),    # the mask canvas's pictures
+])
+def test_server_refuses_a_streamed_body_over_the_limit(server, path, content_type, most):
     demo, _ = server
+    assert RequestGuard(None).limit("/gradio_api/" + path) == most
 
     def chunks():                                       # no Content-Length: the guard counts as it arrives
         yield b'--B\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
-        for _ in range(40):
+        for _ in range(most // 65536 + 4):
             yield b"x" * 65536
     reply = httpx.post(demo.local_url + "gradio_api/" + path, content=chunks(), timeout=30,
                        headers={"content-type": content_type})
-    assert reply.status_code == 413 and "too large" in reply.json()["detail"]
+    assert reply.status_code == 413 and f"too large: at most {most} bytes" in reply.json()["detail"]
 
 
 def test_server_cancel_stops_a_running_generation(server, app):

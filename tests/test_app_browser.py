@@ -1,6 +1,7 @@
 """End to end in headless Chromium (Debian's chromium and chromium-driver, driven by selenium): open the page,
 click Generate, watch the live preview, check the faces appear, save a screenshot; then start a long
-generation and check that Cancel stops the sampling loop.
+generation and check that Cancel stops the sampling loop. On the "Edit a photo" tab: upload a face through
+the file input, paint a stroke on the canvas, click Edit, and check the edited faces appear after the photo.
 
 The test writes its screenshot to pytest's tmp_path. The README's picture comes from the same code:
 
@@ -126,6 +127,79 @@ def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> list
     return seen
 
 
+def open_tab(driver, name: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    tab = next(t for t in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text == name)
+    tab.click()
+
+
+def upload_photo(driver, photo: Path, timeout: float = 60.0) -> None:
+    """Send `photo` to the Edit tab's file input, then wait until the painting canvas holds it (the canvas's
+    hint to pick a tool is gone, nothing is processing and its zoom level has settled)."""
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#edit-photo input[type=file]").send_keys(str(photo))
+    end, seen, since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < end:
+        text = driver.find_element(By.CSS_SELECTOR, "#edit-canvas").text
+        busy = "processing" in text or "select the draw tool" in text
+        if text != seen or busy:
+            seen, since = text, time.monotonic()
+        elif time.monotonic() - since > 0.75:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the canvas did not take the photo: {seen!r}")
+
+
+def paint_stroke(driver) -> None:
+    """Drag the brush across the middle of the canvas (the photo's upper middle)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    canvas = max(driver.find_elements(By.CSS_SELECTOR, "#edit-canvas canvas"),
+                 key=lambda c: c.size["width"] * c.size["height"])
+    ActionChains(driver).move_to_element_with_offset(canvas, -40, -30).click_and_hold().move_by_offset(80, 0) \
+        .move_by_offset(0, 20).move_by_offset(-80, 0).release().perform()
+
+
+def set_checkbox(driver, label: str, on: bool) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = next(lab for lab in driver.find_elements(By.CSS_SELECTOR, "label") if label in lab.text)
+    if box.find_element(By.CSS_SELECTOR, "input[type=checkbox]").is_selected() != on:
+        box.click()
+
+
+def edit_a_photo(driver, url: str, photo: Path, timeout: float = 120.0) -> dict:
+    """Open the page's Edit tab, upload `photo`, take its centre square (the drawn faces are no faces to the
+    detector), paint a stroke, click Edit and wait for the edits; returns what was seen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(url)
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
+    open_tab(driver, "Edit a photo")
+    upload_photo(driver, photo)
+    set_checkbox(driver, "Find the face", False)
+    paint_stroke(driver)
+    driver.find_element(By.CSS_SELECTOR, "#edit").click()
+    end, status = time.monotonic() + timeout, ""
+    while time.monotonic() < end:
+        status = driver.find_element(By.CSS_SELECTOR, "#edit-status").text
+        if " of the photo in " in status or driver.find_elements(By.CSS_SELECTOR, ".toast-body"):
+            break
+        time.sleep(0.1)
+    time.sleep(0.3)                                          # let the gallery's pictures load
+    captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#edits img")]
+    loaded = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#edits img')).filter(i => i.naturalWidth > 0).length")
+    return {"status": status, "captions": captions, "loaded": loaded,
+            "errors": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".toast-body")],
+            "files": "".join(driver.find_element(By.CSS_SELECTOR, "#edit-files").text.split()),
+            "command": driver.find_element(By.CSS_SELECTOR, "#edit-command").text}
+
+
 @pytest.mark.skipif(missing() is not None, reason=f"no headless browser: {missing()}")
 def test_clicking_generate_shows_faces_and_cancel_stops(tmp_path):
     from PIL import Image
@@ -146,6 +220,32 @@ def test_clicking_generate_shows_faces_and_cancel_stops(tmp_path):
     finally:
         driver.quit()
         demo.close()
+
+
+@pytest.mark.skipif(missing() is not None, reason=f"no headless browser: {missing()}")
+def test_uploading_a_photo_and_clicking_edit_shows_the_edits(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from conftest import draw_face
+
+    photo = tmp_path / "face.png"
+    Image.fromarray(draw_face(np.random.default_rng(1), 96)).save(photo)
+    app, demo = start_server()
+    driver = open_browser()
+    try:
+        seen = edit_a_photo(driver, demo.local_url, photo)
+    finally:
+        driver.quit()
+        demo.close()
+        app.close()
+    assert seen["status"].startswith("4 edits of the photo in "), seen
+    assert "inpainting the painted region" in seen["status"], seen          # the stroke reached the server
+    assert seen["captions"] == ["photo (framed)"] + [f"seed 0 · edit {i}" for i in range(4)], seen
+    assert seen["loaded"] == 5 and not seen["errors"], seen
+    assert "edited-seed0.png" in seen["files"] and "mask.png" in seen["files"], seen
+    assert "ddpm-faces edit --image face.png --strength 0.6 --mask mask.png --no-detect" in seen["command"], seen
+    assert app.runs[-1].kind == "edit" and app.runs[-1].outcome == "done"
 
 
 def main(argv: list[str] | None = None) -> int:

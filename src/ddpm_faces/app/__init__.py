@@ -1,4 +1,5 @@
-"""The web app behind `ddpm-faces serve`: a Gradio page that generates faces with a live preview.
+"""The web app behind `ddpm-faces serve`: a Gradio page that generates faces with a live preview, and edits
+photos.
 
     from ddpm_faces.app import FaceApp, build_page, launch
     app = FaceApp.from_paths(None)              # the bundled model(s) and the exports under runs/
@@ -9,6 +10,7 @@
     job.py       a sampling run in a worker thread: its stop flag, its events, the registry of runs
     outputs.py   the outputs by name, pictures, status lines, the command that reproduces a grid
     handlers.py  FaceApp: the state and the handlers (plain Python)
+    edit.py      the "Edit a photo" tab's handlers: the uploaded photo, the painted mask, the edit job
     page.py      the gr.Blocks layout and the event wiring
     guard.py     the request-size guard in front of Gradio's routes
     serve.py     launch and serve

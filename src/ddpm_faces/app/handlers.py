@@ -22,16 +22,19 @@ import gradio as gr
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
+from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
 from ..images import DenoisingStrip, make_grid
 from ..pipeline import SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline
 from . import outputs as out
 from .inputs import (ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, check_attributes, check_choice,
                      check_int, check_number)
+from .edit import PhotoEditing
 from .job import Job, Jobs
 from .models import ModelEntry, discover_models, model_card
 
 Outputs = dict
-NAMES = {"generate": ("number of images", 1, "seed"), "interpolate": ("number of faces", 2, "seed A")}
+NAMES = {"generate": ("number of images", 1, "seed"), "interpolate": ("number of faces", 2, "seed A"),
+         "edit": ("number of faces", 1, "seed")}
 
 
 def sampling_with_strip(pipe: Pipeline, request: SamplingRequest, strip: DenoisingStrip) -> Callable:
@@ -44,8 +47,9 @@ def sampling_with_strip(pipe: Pipeline, request: SamplingRequest, strip: Denoisi
     return work
 
 
-class FaceApp:
-    """The models on offer, their pipelines (loaded once, on first use), the jobs, and the handlers."""
+class FaceApp(PhotoEditing):
+    """The models on offer, their pipelines (loaded once, on first use), the jobs, and the handlers (those of
+    the "Edit a photo" tab in edit.py)."""
 
     def __init__(self, models: dict[str, ModelEntry], *, concurrency_limit: int = 1, max_queue: int = 32,
                  threads: int | None = None, device: str = "cpu", out_dir: str | Path | None = None):
@@ -108,7 +112,8 @@ class FaceApp:
         m = entry.cfg.model
         most = min(MAX_STEPS, entry.max_steps)
         changes = {"card": self.card(model), "guidance": gr.update(visible=bool(m.attributes), value=1.0),
-                   "steps": gr.update(maximum=most), "interpolate_steps": gr.update(maximum=most)}
+                   "steps": gr.update(maximum=most), "interpolate_steps": gr.update(maximum=most),
+                   "edit_steps": gr.update(maximum=most)}
         for name in self.attribute_names:
             values = m.vocab[name] if name in m.attributes else []
             changes[f"attribute_{name}"] = gr.update(visible=name in m.attributes, value=ANY, choices=[ANY, *values])
@@ -124,7 +129,7 @@ class FaceApp:
     # -- the request -----------------------------------------------------------------------------------
     def request(self, model, sampler, steps, num, seed, guidance, precision, attributes, *,
                 kind: str = "generate") -> tuple[ModelEntry, Pipeline, SamplingRequest]:
-        """The inputs both tabs share, checked; then the model's pipeline (loaded once) and one validated
+        """The inputs the tabs share, checked; then the model's pipeline (loaded once) and one validated
         SamplingRequest (UserError naming the input that is wrong)."""
         entry = self.entry(model)
         sampler = check_choice(sampler, SAMPLERS, "sampler")
@@ -228,5 +233,6 @@ class FaceApp:
                    "interpolate_status": out.interpolate_status(request, seed_b, time.perf_counter() - start)}
 
     def limits(self) -> str:
-        return (f"Limits: 1 to {MAX_IMAGES} images, 1 to {MAX_STEPS} steps, guidance 0 to {MAX_GUIDANCE:g}; "
-                f"{self.concurrency_limit} generation(s) at a time, the others wait in a queue.")
+        return (f"Limits: 1 to {MAX_IMAGES} images, 1 to {MAX_STEPS} steps, guidance 0 to {MAX_GUIDANCE:g}; photos "
+                f"up to {MAX_BYTES // 2**20} MB and {MAX_PIXELS // 10**6} megapixels; {self.concurrency_limit} "
+                "generation(s) or edit(s) at a time, the others wait in a queue.")

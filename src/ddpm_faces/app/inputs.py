@@ -2,14 +2,21 @@
 
 The HTTP API reaches the handlers with whatever JSON a client sends (the events run with preprocess=False),
 so every value is checked for its type and its magnitude before any arithmetic, and an error message quotes
-at most QUOTE characters of what was sent. Each check raises UserError naming the input.
+at most QUOTE characters of what was sent; an uploaded image is checked from its header (bytes, format,
+pixels) before anything decodes it. Each check raises UserError naming the input.
 """
 from __future__ import annotations
 
+import io
 import math
+import os
 import reprlib
+from pathlib import PurePath
+
+from PIL import Image
 
 from ..errors import UserError
+from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
 
 MAX_IMAGES = 16
 MAX_STEPS = 1000
@@ -91,3 +98,58 @@ def check_attributes(label: str, known: dict[str, list[str]], names: list[str], 
 def one_line(message: str) -> str:
     """An error message as sent to a client: one line of at most MAX_MESSAGE characters."""
     return shorten(" ".join(str(message).split()), MAX_MESSAGE)
+
+
+def check_bool(value, name: str) -> bool:
+    """`value` if it is true or false (a checkbox), else UserError naming the input."""
+    if not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {quote(value)}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uploaded images: checked from the header (bytes, format, pixels) before anything decodes them
+# ---------------------------------------------------------------------------------------------------
+UPLOAD_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF"}   # a phone's MPO: JPEG
+
+
+def upload_name(value) -> str:
+    """The client's name of an uploaded file (a FileData dict's orig_name), fit for a command line and a
+    message: its last part, printable characters only, at most QUOTE of them."""
+    name = value.get("orig_name") or value.get("path") if isinstance(value, dict) else value
+    name = PurePath(str(name)).name if isinstance(name, (str, PurePath)) else ""
+    return shorten("".join(c for c in name if c.isprintable() and c != "`").strip() or "photo.png")
+
+
+def upload_source(value, what: str) -> str | bytes:
+    """What an upload input holds, as a path or bytes: Gradio's FileData dict (whose path Gradio has checked
+    to lie in its upload folder before any handler runs), the PNG bytes the mask editor sent ahead, or
+    (from Python) a path."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return value["path"]
+    if isinstance(value, (str, PurePath, bytes)):
+        return value if isinstance(value, bytes) else str(value)
+    raise UserError(f"{what} must be an uploaded image file, got {quote(value)}")
+
+
+def open_upload(source: str | bytes, what: str) -> Image.Image:
+    """The uploaded image, opened but not decoded, after checking its size in bytes, its format and its
+    pixel count (framing.open_photo's limits); UserError naming `what` (e.g. "the photo 'me.jpg'")."""
+    try:
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+    except OSError:
+        raise UserError(f"{what} is no longer on the server: upload it again") from None
+    if size > MAX_BYTES:
+        raise UserError(f"{what} is larger than {MAX_BYTES // 2**20} MB: give a smaller photo")
+    Image.init()                                        # every format plugin, WebP included
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=list(UPLOAD_FORMATS))
+    except Image.DecompressionBombError:                # Pillow's own limit, far above ours
+        raise UserError(f"{what} has far more than {MAX_PIXELS:,} pixels: resize it first") from None
+    except (OSError, ValueError, SyntaxError):
+        raise UserError(f"{what} is not an image of a known kind: give a {', '.join(UPLOAD_FORMATS.values())} "
+                        "file") from None
+    if img.width * img.height > MAX_PIXELS:
+        img.close()
+        raise UserError(f"{what} has {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}: resize it first")
+    return img

@@ -18,6 +18,8 @@ from .models import ModelEntry
 
 GENERATE_OUTPUTS = ("preview", "gallery", "grid_file", "seeds", "strip", "status")
 INTERPOLATE_OUTPUTS = ("row", "interpolate_status")
+EDIT_OUTPUTS = ("edit_preview", "edit_gallery", "edit_files", "edit_command", "edit_status")
+CANVAS_OUTPUTS = ("edit_canvas",)
 STOPPED = "Stopped."
 DISPLAY_PX = 128                 # faces are enlarged (nearest) to about this size for the page and the PNGs
 KEEP_FOLDERS = 32                # grid PNG folders kept on disk (older ones are removed)
@@ -25,7 +27,8 @@ KEEP_FOLDERS = 32                # grid PNG folders kept on disk (older ones are
 
 def model_outputs(attribute_names: list[str]) -> tuple[str, ...]:
     """The outputs of choosing a model: its card, the guidance slider, one dropdown per attribute, the steps."""
-    return ("card", "guidance", *(f"attribute_{name}" for name in attribute_names), "steps", "interpolate_steps")
+    return ("card", "guidance", *(f"attribute_{name}" for name in attribute_names), "steps", "interpolate_steps",
+            "edit_steps")
 
 
 def display_scale(image_size: int) -> int:
@@ -70,11 +73,15 @@ def preview_status(step: int, steps: int, generating: bool = True) -> str:
     return f"Denoising: step {step} of {steps}" + (" (the current estimate of each face)" if generating else "")
 
 
-def save_grid(images: np.ndarray, out_dir: Path, seed: int, scale: int) -> Path:
-    """The grid PNG in a new folder under `out_dir`, the oldest folders beyond KEEP_FOLDERS removed."""
+def new_folder(out_dir: Path) -> Path:
+    """A new folder under `out_dir` for one run's files, the oldest folders beyond KEEP_FOLDERS removed."""
     folder = Path(tempfile.mkdtemp(dir=out_dir))
-    path = save_image(make_grid(images), folder / f"faces-seed{seed}.png", upscale=scale)
     folders = sorted((p for p in out_dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     for old in folders[:-KEEP_FOLDERS]:
         shutil.rmtree(old, ignore_errors=True)
-    return path
+    return folder
+
+
+def save_grid(images: np.ndarray, out_dir: Path, seed: int, scale: int) -> Path:
+    """The grid PNG in a new folder under `out_dir`."""
+    return save_image(make_grid(images), new_folder(out_dir) / f"faces-seed{seed}.png", upscale=scale)

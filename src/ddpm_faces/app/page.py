@@ -4,7 +4,7 @@
 UserError becomes a Gradio error ("Invalid input"). Sampling events run with preprocess=False: the handlers
 check every input themselves, so the HTTP API gets the same one-line errors as the page.
 
-Cancel: each Generate (or Interpolate) click first arms the tab's job token (kept in the session's gr.State),
+Cancel: each Generate (Interpolate, Edit) click first arms the tab's job token (kept in the session's gr.State),
 then runs the handler with it; the Cancel button hands that token to `FaceApp.cancel`, which sets the stop
 flag of the job running under it (or of one still queued, which then stops before its first step). The
 handler's generator then ends normally with the status "Stopped." (Gradio's `cancels=` is not used: it ends
@@ -19,19 +19,24 @@ import traceback
 from typing import Callable
 
 import gradio as gr
+from gradio.components.base import server
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
 from . import outputs as out
+from .edit import LOST_CANVAS, MAX_LAYERS
 from .handlers import FaceApp
 from .inputs import ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, one_line
 
 DEFAULT_NUM = 4
+DEFAULT_STRENGTH = 0.6
+EDIT_HEIGHT = 360                # px: the photo and the canvas to paint on
+KEEP_CANVASES = 64               # canvases sent ahead and kept until their edit runs (more than the queue holds)
 GALLERY_COLUMNS = 4
 INTERPOLATION_SAMPLER = "ddim"   # deterministic: the row changes smoothly from one face to the other
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]   # local fonts: the page needs no network
-CSS = "#faces .grid-wrap { min-height: 0 !important; height: auto !important; }"   # the gallery fits its faces
+CSS = "#faces .grid-wrap, #edits .grid-wrap { min-height: 0 !important; height: auto !important; }"  # fit the faces
 
 
 def gradio_error(err: Exception) -> gr.Error:
@@ -144,10 +149,48 @@ def _interpolate_tab(c: dict, most: int) -> None:
     c["row"] = gr.Image(label="Interpolation", format="png", interactive=False, elem_id="row")
 
 
+def _edit_tab(c: dict, most: int) -> None:
+    gr.Markdown("Edit a real photo: its largest face is framed like the training faces (or its centre square "
+                "taken), noised to the step the strength picks and denoised with the attributes and guidance on the "
+                "left. Paint over the photo (white) to redraw only there; the rest is kept exactly.")
+    with gr.Row():
+        c["edit_photo"] = gr.Image(sources=["upload", "webcam"], type="filepath", label="Photo", height=EDIT_HEIGHT,
+                                   elem_id="edit-photo")
+        c["edit_canvas"] = mask_canvas(label="Region to redraw (optional): paint it white", sources=[],
+                                        transforms=[], layers=False, height=EDIT_HEIGHT, format="png",
+                                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="edit-canvas")
+    with gr.Row():
+        c["edit_strength"] = gr.Slider(0, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
+                                       info="0 = the photo back, 1 = a fresh sample", elem_id="edit-strength")
+        c["edit_sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+        c["edit_steps"] = gr.Slider(1, most, value=min(DEFAULT_STEPS, most), step=1, label="Steps",
+                                    info="the strength's share of them runs", elem_id="edit-steps")
+        c["edit_num"] = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM, step=1, label="Number of faces")
+    with gr.Row():
+        c["edit_seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+        c["edit_invert"] = gr.Checkbox(False, label="Keep the person (DDIM inversion)",
+                                       info="start from the photo's inversion instead of fresh noise")
+        c["edit_detect"] = gr.Checkbox(True, label="Find the face", info="off: the photo's centre square")
+    with gr.Row():
+        c["edit_run"] = gr.Button("Edit", variant="primary", elem_id="edit")
+        c["edit_cancel"] = gr.Button("Cancel", variant="stop", elem_id="edit-cancel")
+    c["edit_status"] = gr.Markdown(elem_id="edit-status")
+    with gr.Row():
+        c["edit_preview"] = gr.Image(label="Live preview", format="png", interactive=False, scale=1,
+                                     elem_id="edit-preview")
+        c["edit_gallery"] = gr.Gallery(label="Before and after: the framed photo, then the edits",
+                                       columns=GALLERY_COLUMNS + 1, height="auto", format="png", object_fit="contain",
+                                       scale=3, elem_id="edits")
+    with gr.Row():
+        c["edit_files"] = gr.File(label="Result PNG (and the painted mask)", file_count="multiple", scale=1,
+                                  interactive=False, elem_id="edit-files")
+        c["edit_command"] = gr.Markdown(elem_id="edit-command")
+
+
 def _layout(app: FaceApp) -> dict:
     """Every component of the page, by name (the names the handlers' outputs use)."""
     most = min(MAX_STEPS, app.models[app.default].max_steps)
-    c: dict = {"generate_job": gr.State(None), "interpolate_job": gr.State(None)}
+    c: dict = {"generate_job": gr.State(None), "interpolate_job": gr.State(None), "edit_job": gr.State(None)}
     gr.Markdown("## ddpm-faces\nFaces drawn by a denoising diffusion model, on this machine. "
                 "Each face is reproducible from its seed.")
     with gr.Row():
@@ -158,21 +201,81 @@ def _layout(app: FaceApp) -> dict:
                 _generate_tab(c, most)
             with gr.Tab("Interpolate"):
                 _interpolate_tab(c, most)
+            with gr.Tab("Edit a photo", elem_id="edit-tab"):
+                _edit_tab(c, most)
     gr.Markdown(app.limits())
     return c
 
 
+SAMPLING = {"generate": ("run", "cancel", "generate_job", "cancel"),              # button, Cancel, token, API
+            "interpolate": ("interpolate_run", "interpolate_cancel", "interpolate_job", "cancel_interpolation"),
+            "edit": ("edit_run", "edit_cancel", "edit_job", "cancel_edit")}
+
+
+def mask_canvas(**options) -> gr.ImageEditor:
+    """The canvas to paint the region to redraw on: Gradio's image editor, which keeps the pictures a browser
+    sends ahead of an event (its accept_blobs) by the id the event will name. Here that store holds the
+    newest KEEP_CANVASES canvases only, and a layer index past MAX_LAYERS is ignored, so that pictures sent
+    without an edit, or one huge index, cannot fill the memory. (The editor's own accept_blobs is wrapped on
+    this one component: a subclass would make Gradio write a .pyi stub beside this module.)"""
+    canvas = gr.ImageEditor(**options)
+    accept = canvas.accept_blobs
+
+    @server
+    def accept_blobs(data):
+        if layer_index_ok(data.data.get("type"), data.data.get("index")):
+            accept(data)
+            keep_newest(canvas.blob_storage, KEEP_CANVASES)
+    canvas.accept_blobs = accept_blobs
+    return canvas
+
+
+def layer_index_ok(kind, index) -> bool:
+    """Whether a picture sent ahead for the canvas names a layer it may have (the browser sends "null" for
+    the background and the composite)."""
+    if kind != "layer" or index in (None, "", "null"):
+        return True
+    index = str(index)
+    return index.isdecimal() and len(index) < 4 and int(index) < MAX_LAYERS
+
+
+def keep_newest(storage: dict, keep: int) -> None:
+    """Drop all but the `keep` newest entries of a dict (the oldest were sent by pages that never asked for an
+    edit)."""
+    for stale in list(storage)[:-keep]:
+        storage.pop(stale, None)
+
+
+def painted_layers(canvas: gr.ImageEditor, value):
+    """The layers painted on the mask canvas, for `FaceApp.edit`: the browser sends the canvas's pictures
+    ahead and names them by an id, an API client sends uploaded files; PNG bytes or FileData dicts
+    (LOST_CANVAS when the id names nothing). The handler checks them."""
+    if not isinstance(value, dict):
+        return value
+    if value.get("id") is None:
+        return value.get("layers")
+    blobs = canvas.blob_storage.pop(value["id"], None)
+    return [layer for layer in blobs.layers if layer] if blobs is not None else LOST_CANVAS
+
+
+def _editing(app: FaceApp, canvas: gr.ImageEditor) -> Callable:
+    def edit(model, photo, painted, *rest, token=None):
+        yield from app.edit(model, photo, painted_layers(canvas, painted), *rest, token=token)
+    return edit
+
+
 def _sampling_event(app: FaceApp, c: dict, kind: str, inputs: list[str], names: tuple[str, ...]) -> None:
     """Run button -> arm the tab's job token (a gr.State) -> the handler with it; Cancel -> that token's stop."""
-    run, cancel, token = (c["run"], c["cancel"], c["generate_job"]) if kind == "generate" else \
-        (c["interpolate_run"], c["interpolate_cancel"], c["interpolate_job"])
+    button, stop, state, cancel_name = SAMPLING[kind]
+    run, cancel, token = c[button], c[stop], c[state]
     attributes = [f"attribute_{name}" for name in app.attribute_names]
-    handler = gradio_handler(getattr(app, kind), names, token_last=True)
+    fn = _editing(app, c["edit_canvas"]) if kind == "edit" else getattr(app, kind)
     run.click(app.arm, token, token, queue=False, api_visibility="private").then(
-        handler, [c[n] for n in inputs + attributes] + [token], [c[n] for n in names], api_name=kind,
-        preprocess=False, concurrency_id="sampling", concurrency_limit=app.concurrency_limit)
+        gradio_handler(fn, names, token_last=True), [c[n] for n in inputs + attributes] + [token],
+        [c[n] for n in names], api_name=kind, preprocess=False, concurrency_id="sampling",
+        concurrency_limit=app.concurrency_limit)
     cancel.click(gradio_handler(app.cancel, ()), token, None, queue=False, api_visibility="private",
-                 api_name="cancel" if kind == "generate" else "cancel_interpolation")
+                 api_name=cancel_name)
 
 
 def _wire(app: FaceApp, c: dict) -> None:
@@ -186,10 +289,15 @@ def _wire(app: FaceApp, c: dict) -> None:
                     out.GENERATE_OUTPUTS)
     _sampling_event(app, c, "interpolate", ["model", "interpolate_sampler", "interpolate_steps", "interpolate_num",
                                             "seed_a", "seed_b", "guidance", "precision"], out.INTERPOLATE_OUTPUTS)
+    _sampling_event(app, c, "edit", ["model", "edit_photo", "edit_canvas", "edit_strength", "edit_sampler",
+                                     "edit_steps", "edit_num", "edit_seed", "guidance", "precision", "edit_invert",
+                                     "edit_detect"], out.EDIT_OUTPUTS)
+    c["edit_photo"].change(gradio_handler(app.edit_canvas, out.CANVAS_OUTPUTS), c["edit_photo"], c["edit_canvas"],
+                           preprocess=False, api_visibility="private")
 
 
 def build_page(app: FaceApp) -> gr.Blocks:
-    """The page, with its queue (one concurrency limit shared by both kinds of sampling)."""
+    """The page, with its queue (one concurrency limit shared by every kind of sampling)."""
     with gr.Blocks(title="ddpm-faces", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         _wire(app, _layout(app))
     demo.queue(default_concurrency_limit=app.concurrency_limit, max_size=app.max_queue)

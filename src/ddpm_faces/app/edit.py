@@ -1,0 +1,206 @@
+"""The "Edit a photo" tab's handlers, plain Python, mixed into FaceApp: the photo put on the painting canvas,
+and the edit itself, one SamplingRequest and one EditPlan (pipeline/edit.py) run as a Job like Generate's
+(worker thread, stop flag, live previews, "Stopped." on Cancel, the same concurrency limit).
+
+    canvas = app.edit_canvas(photo)                   # {"edit_canvas": the photo to paint on}
+    *_, last = app.edit(model, photo, layers, 0.6, "dpmpp-2m", 20, 4, 0, 1.0, "fp32", False, True, "any")
+    last["edit_gallery"], last["edit_files"], last["edit_command"]
+
+`photo` is the photo input's value (Gradio's FileData dict, or from Python a path); `layers` the painted
+layers (FileData dicts, the PNG bytes the browser's editor sent ahead, or paths; None or [] for no mask).
+A pixel is redrawn where a layer, laid over black, is at least half white: the canvas's white brush, or a
+black-and-white mask like `ddpm-faces edit --mask`.
+"""
+from __future__ import annotations
+
+import shlex
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from ..data.loader import to_model_range
+from ..diffusion import sampling_timesteps
+from ..errors import UserError
+from ..evaluation.faces import INSTALL_HINT, load_detector
+from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_photo, open_photo
+from ..images import EDITED, make_grid, provenance, save_image
+from ..pipeline import EditPlan, generate
+from . import outputs as out
+from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
+from .job import Job
+
+CANVAS_PX = 512                  # the painting canvas's longer side (the strokes are stretched to the photo's)
+MAX_LAYERS = 4                   # painted layers one request may send
+FRAMED = "photo (framed)"        # the caption of the framed photo, first in the gallery
+MASK_FILE = "mask.png"           # the painted mask (the photo's size) as --mask takes it, offered beside the picture
+LOST_CANVAS = object()           # what the page hands over for a canvas the browser named but never sent
+NO_FACE = ("no face found in the photo: use a photo with a frontal face, or untick 'Find the face' to take its "
+           "centre square as it is (--no-detect)")
+
+
+@dataclass
+class Photo:
+    image: Image.Image           # RGB, EXIF rotation applied
+    name: str                    # the client's file name, as the command line names it
+
+
+def read_photo(value) -> Photo:
+    """The uploaded photo, checked (bytes, format, pixels) before it is decoded."""
+    if value is None:
+        raise UserError(f"upload a photo first (JPEG, PNG or WebP, up to {MAX_BYTES // 2**20} MB and "
+                        f"{MAX_PIXELS // 10**6} megapixels)")
+    name = upload_name(value)
+    source = upload_source(value, "the photo")
+    if isinstance(source, bytes):
+        raise UserError(f"the photo must be an uploaded file, got {quote(source)}")
+    open_upload(source, f"the photo {name!r}").close()
+    try:
+        return Photo(open_photo(source), name)
+    except UserError:
+        raise UserError(f"the photo {name!r} cannot be decoded (a damaged or cut-off file?): give another") from None
+
+
+def frame(photo: Photo, size: int, detect: bool) -> Framing:
+    """The photo framed like the training faces (around its largest face, or its centre square)."""
+    if detect:
+        try:
+            load_detector()
+        except UserError:
+            raise UserError(f"the face detector is not installed ({INSTALL_HINT}): untick 'Find the face' to "
+                            "take the photo's centre square") from None
+    try:
+        return frame_photo(photo.image, size, detect=detect)
+    except UserError:                                   # the only one left: no face found
+        raise UserError(NO_FACE) from None
+
+
+def painted_mask(layers, photo_size: tuple[int, int]) -> np.ndarray | None:
+    """Where the layers are painted, (H, W) bool at the photo's size, or None when nothing is."""
+    if layers is None:
+        return None
+    if layers is LOST_CANVAS:
+        raise UserError("the painted canvas did not reach the server (was the photo still loading onto it?): "
+                        "click Edit again")
+    if not isinstance(layers, (list, tuple)) or len(layers) > MAX_LAYERS:
+        raise UserError(f"the painted mask must be a list of at most {MAX_LAYERS} layers, got {quote(layers)}")
+    pw, ph = photo_size
+    painted = np.zeros((ph, pw), dtype=bool)
+    for i, layer in enumerate(layers):
+        what = f"the painted mask (layer {i})"
+        with open_upload(upload_source(layer, what), what) as img:
+            if abs(img.width * ph - img.height * pw) > max(pw, ph):
+                raise UserError(f"{what} is {img.width}x{img.height} but the photo is {pw}x{ph}: paint on the "
+                                "photo itself")
+            try:
+                rgba = ImageOps.exif_transpose(img).convert("RGBA")
+            except (OSError, ValueError, SyntaxError):
+                raise UserError(f"{what} cannot be decoded (a damaged or cut-off file?)") from None
+        over_black = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("L")
+        white = over_black.point(lambda v: 255 if v >= 128 else 0).resize(photo_size, Image.NEAREST)
+        painted |= np.asarray(white) > 127
+    return painted if painted.any() else None
+
+
+def framed_mask(painted: np.ndarray | None, framing: Framing, size: int) -> torch.Tensor | None:
+    """The painted region taken down to the photo's framing as `ddpm-faces edit --mask` takes it (the crop
+    box, a nearest resize to the model's size): (1, 1, S, S) of 0/1, or None when nothing is painted."""
+    if painted is None:
+        return None
+    framed = Image.fromarray(painted.astype(np.uint8) * 255).crop(framing.box).resize((size, size), Image.NEAREST)
+    mask = torch.from_numpy((np.asarray(framed) > 127).astype(np.float32))[None, None]
+    if not mask.any():
+        raise UserError("the painted region lies outside the face's square (the part of the photo that is "
+                        "edited): paint on the face")
+    return mask
+
+
+def edit_command(entry, photo: Photo, strength: float, invert: bool, mask: bool, detect: bool, request,
+                 scale: int) -> str:
+    """The `ddpm-faces edit` line that writes the same picture (the framed photo, then the edits); its last
+    word is the picture's file name."""
+    flags = " ".join(f for f in (f"--checkpoint {entry.cli_checkpoint}" if entry.cli_checkpoint else "",
+                                 f"--image {shlex.quote(photo.name)}", f"--strength {strength:g}",
+                                 "--invert" if invert else "", f"--mask {MASK_FILE}" if mask else "",
+                                 "" if detect else "--no-detect", request.cli_flags()) if f)
+    return f"ddpm-faces edit {flags} --compare --upscale {scale} --out edited-seed{request.seed}.png"
+
+
+def edit_status(request, strength: float, steps_run: int, invert: bool, mask: bool, faces: int, seconds: float,
+                conditional: bool) -> str:
+    r = request
+    how = ([f"strength {strength:g}: {steps_run} of {r.steps} {r.sampler} steps"]
+           + (["DDIM inversion"] if invert else []) + (["inpainting the painted region"] if mask else [])
+           + [f"{k} {v}" for k, v in r.attributes.items()] + ([f"guidance {r.guidance:g}"] if conditional else [])
+           + ([r.precision] if r.precision != "fp32" else []))
+    found = f"; {faces} faces found, the largest edited" if faces > 1 else ""
+    return f"{r.num} edit{'s' if r.num > 1 else ''} of the photo in {seconds:.2f} s ({', '.join(how)}){found}"
+
+
+class PhotoEditing:
+    """FaceApp's "Edit a photo" handlers (they use its request, pipelines, jobs and out_dir)."""
+
+    def edit_canvas(self, photo) -> dict:
+        """The photo on the painting canvas (EXIF rotation applied, its longer side CANVAS_PX), or an empty
+        canvas when the photo is cleared."""
+        if photo is None:
+            return {"edit_canvas": None}
+        image = read_photo(photo).image
+        scale = CANVAS_PX / max(image.size)
+        canvas = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                              Image.BICUBIC)
+        path = str(save_image(np.asarray(canvas), out.new_folder(self.out_dir) / "photo.png"))
+        return {"edit_canvas": {"background": path, "layers": [], "composite": path}}
+
+    def edit(self, model, photo, layers, strength, sampler, steps, num, seed, guidance=1.0, precision="fp32",
+             invert=False, detect=True, *attributes, token: str | None = None):
+        """Yields outputs by name (out.EDIT_OUTPUTS): the framed photo at once, the current estimates every
+        few steps, then the framed photo and the edits side by side, the PNG of them (with the command, the
+        model and "edited" in its text chunks; and the mask PNG when a region was painted), the command
+        line and the status."""
+        entry, pipe, request = self.request(model, sampler, steps, num, seed, guidance, precision, attributes,
+                                            kind="edit")
+        strength = round(check_number(strength, "strength", 0, 1, " (0 = the photo back, 1 = a fresh sample)"), 4)
+        invert = check_bool(invert, "keep the person (DDIM inversion)")
+        detect = check_bool(detect, "find the face")
+        picture = read_photo(photo)
+        framing = frame(picture, pipe.codec.image_size, detect)
+        painted = painted_mask(layers, picture.image.size)
+        mask = framed_mask(painted, framing, pipe.codec.image_size)
+        plan = EditPlan(pipe, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
+                        mask=mask, invert=invert, seed=request.seed)
+        steps_run = len(plan.timesteps(sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)))
+        scale = out.display_scale(pipe.codec.image_size)
+        before = (out.enlarge(framing.image, scale), FRAMED)
+        yield {"edit_preview": None, "edit_gallery": [before], "edit_files": None, "edit_command": "",
+               "edit_status": f"Inverting the photo ({steps_run} DDIM steps) ..." if invert and steps_run else
+               "Editing ..."}
+
+        def show(event) -> dict:
+            return {"edit_preview": out.enlarge(make_grid(event.images), scale),
+                    "edit_status": out.preview_status(event.step, steps_run)}
+
+        def work(callback):
+            return generate(pipe, request, plan=plan, callback=callback, progress=False)
+
+        start = time.perf_counter()
+        job = self.jobs.start(Job("edit", steps_run, work, threads=self.threads), token)
+        images = yield from self._follow(job, show, "edit_status")
+        if images is None:
+            return
+        masked = mask is not None
+        command = edit_command(entry, picture, strength, invert, masked, detect, request, scale)
+        folder, both = out.new_folder(self.out_dir), np.concatenate([framing.image[None], images])
+        path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
+                          text=provenance(command, str(pipe.source), pipe.step, note=EDITED))
+        files = [path] + ([save_image(painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])
+        yield {"edit_preview": str(path), "edit_files": [str(f) for f in files],
+               "edit_gallery": [before] + [(out.enlarge(img, scale), f"seed {request.seed} · edit {i}")
+                                           for i, img in enumerate(images)],
+               "edit_command": f"This picture again: `{command}`"
+                               + (f"  \n(`{MASK_FILE}` is the painted mask, offered beside the picture)" if masked
+                                  else ""),
+               "edit_status": edit_status(request, strength, steps_run, invert, masked, framing.faces,
+                                          time.perf_counter() - start, pipe.conditional)}
