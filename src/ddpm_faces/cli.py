@@ -202,12 +202,11 @@ def _edit(args) -> None:
     pipe = load_pipeline(args.checkpoint, device=args.device)
     request = request_from_args(args).validate(pipe)
     size = pipe.codec.image_size
-    original = open_photo(args.image)
-    framed = frame_photo(original, size, detect=not args.no_detect)
+    framed = frame_photo(open_photo(args.image), size, detect=not args.no_detect)
     if framed.faces > 1:
         print(f"{framed.faces} faces found: editing the largest", file=sys.stderr)
     photo = to_model_range(torch.from_numpy(framed.image.copy())[None])
-    mask = read_mask(args.mask, original.size, framed.box, size) if args.mask else None
+    mask = read_mask(args.mask, framed, size) if args.mask else None
     plan = EditPlan(pipe, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed)
     images = generate(pipe, request, plan=plan, progress=not args.no_progress)
     if args.compare:
@@ -222,24 +221,22 @@ def _edit(args) -> None:
     print(f"wrote {len(images) - bool(args.compare)} edited face(s){' after the photo' if args.compare else ''} to {out}")
 
 
-def read_mask(path: str, photo_size: tuple[int, int], box, size: int):
+def read_mask(path: str, framing, size: int):
     """A black-and-white mask of the photo's size (white = redraw), framed like the photo, as (1, 1, S, S)."""
     import numpy as np
     import torch
 
-    from .evaluation.framing import open_photo
+    from .evaluation.framing import frame_mask, open_photo
 
     img = open_photo(path).convert("L")
-    if img.size != photo_size:
-        raise UserError(f"the mask {path} is {img.width}x{img.height} but the photo is {photo_size[0]}x"
-                        f"{photo_size[1]}: draw the mask on the photo itself")
+    if img.size != framing.photo_size:
+        raise UserError(f"the mask {path} is {img.width}x{img.height} but the photo is {framing.photo_size[0]}x"
+                        f"{framing.photo_size[1]}: draw the mask on the photo itself")
     values = np.asarray(img)
     if not np.isin(values, (0, 255)).all():
         raise UserError(f"the mask {path} must be black (keep) and white (redraw) only, without grey or "
                         "anti-aliased edges")
-    img = img.crop(box)
-    values = np.asarray(img.resize((size, size), 0))                     # nearest: keep it two-valued
-    return torch.from_numpy((values > 127).astype(np.float32))[None, None]
+    return torch.from_numpy(frame_mask(values > 127, framing, size))[None, None]
 
 
 def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:

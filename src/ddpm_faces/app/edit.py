@@ -25,7 +25,7 @@ from ..data.loader import to_model_range
 from ..diffusion import sampling_timesteps
 from ..errors import UserError
 from ..evaluation.faces import INSTALL_HINT, load_detector
-from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_photo, open_photo
+from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, make_grid, provenance, save_image
 from ..pipeline import EditPlan, generate
 from . import outputs as out
@@ -109,8 +109,7 @@ def framed_mask(painted: np.ndarray | None, framing: Framing, size: int) -> torc
     box, a nearest resize to the model's size): (1, 1, S, S) of 0/1, or None when nothing is painted."""
     if painted is None:
         return None
-    framed = Image.fromarray(painted.astype(np.uint8) * 255).crop(framing.box).resize((size, size), Image.NEAREST)
-    mask = torch.from_numpy((np.asarray(framed) > 127).astype(np.float32))[None, None]
+    mask = torch.from_numpy(frame_mask(painted, framing, size))[None, None]
     if not mask.any():
         raise UserError("the painted region lies outside the face's square (the part of the photo that is "
                         "edited): paint on the face")

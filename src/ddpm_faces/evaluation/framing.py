@@ -29,6 +29,7 @@ class Framing:
     image: np.ndarray            # (size, size, 3) uint8, framed like the training faces
     box: tuple[int, int, int, int]   # the crop in the photo's pixels (left, top, right, bottom)
     faces: int                   # faces the detector found (0 with detect=False)
+    photo_size: tuple[int, int]  # the photo's (width, height), which a mask must have
 
 
 def open_photo(path) -> Image.Image:
@@ -52,13 +53,20 @@ def frame_photo(photo: Image.Image, size: int, detect: bool = True) -> Framing:
         side = min(photo.size)
         left, top = (photo.width - side) // 2, (photo.height - side) // 2
         box = (left, top, left + side, top + side)
-        return Framing(_resize(photo.crop(box), size), box, 0)
+        return Framing(_resize(photo.crop(box), size), box, 0, photo.size)
     boxes = _detect(photo)
     if not boxes:
         raise UserError("no face found in the photo: use a photo with a frontal face, or --no-detect to take "
                         "its centre square as it is")
     box = _crop_box(max(boxes, key=lambda b: b[2] * b[3]), photo.size)
-    return Framing(_resize(photo.crop(box), size), box, len(boxes))
+    return Framing(_resize(photo.crop(box), size), box, len(boxes), photo.size)
+
+
+def frame_mask(mask: np.ndarray, framing: Framing, size: int) -> np.ndarray:
+    """A photo-sized mask of 0/1 (1 = redraw) framed like the photo: the same crop box, a nearest resize to
+    `size` (so it stays two-valued). Outside the photo (a box reaching past its edge) is kept (0)."""
+    framed = Image.fromarray(mask.astype(np.uint8) * 255).crop(framing.box).resize((size, size), Image.NEAREST)
+    return (np.asarray(framed) > 127).astype(np.float32)
 
 
 def _detect(photo: Image.Image) -> list[tuple[float, float, float, float]]:
