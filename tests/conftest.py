@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +67,24 @@ def unconditional_model(tmp_path_factory) -> Path:
                                      "model.channel_mults=[1,2]", "model.blocks_per_level=1",
                                      "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4"])
     return export_model(UNet(cfg.model), cfg, tmp_path_factory.mktemp("unconditional") / "export")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    """The web page of the test module's `app` fixture, served on a free port, and a gradio_client for it."""
+    from gradio_client import Client
+
+    from ddpm_faces.app import build_page, launch
+
+    demo = build_page(app)
+    launch(demo, port=free_port(), block=False, quiet=True)
+    try:
+        yield demo, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close(verbose=False)

@@ -10,7 +10,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from ddpm_faces.app import MAX_IMAGES, FaceApp, build_page, discover_models, launch
+from conftest import free_port
+from ddpm_faces.app import MAX_IMAGES, FaceApp, discover_models
 from ddpm_faces.app.guard import RequestGuard
 from ddpm_faces.app.outputs import GENERATE_OUTPUTS, STOPPED
 from ddpm_faces.app.page import gradio_handler
@@ -292,20 +292,6 @@ def test_the_gradio_side_turns_names_into_positions_and_input_errors_into_one_li
 # ---------------------------------------------------------------------------------------------------
 # the real server, driven over HTTP
 # ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(app):
-    demo = build_page(app)
-    launch(demo, port=free_port(), block=False, quiet=True)
-    try:
-        yield demo, Client(demo.local_url, verbose=False)
-    finally:
-        demo.close(verbose=False)
 
 
 def test_server_listens_on_localhost_with_one_sampling_queue_and_no_share_link(server, app):

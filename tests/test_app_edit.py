@@ -9,7 +9,6 @@ import http.client
 import io
 import json
 import shlex
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -18,12 +17,12 @@ from types import SimpleNamespace
 import httpx
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from conftest import SHARED_DATA, draw_face
-from ddpm_faces.app import MAX_IMAGES, FaceApp, build_page, launch
+from ddpm_faces.app import MAX_IMAGES, FaceApp
 from ddpm_faces.app.edit import CANVAS_PX, FRAMED, LOST_CANVAS, painted_mask
 from ddpm_faces.app.guard import RequestGuard
 from ddpm_faces.app.outputs import STOPPED
@@ -172,20 +171,6 @@ def test_cancel_ends_the_edit_with_stopped(app, photos):
 # ---------------------------------------------------------------------------------------------------
 # the real server
 # ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(app):
-    demo = build_page(app)
-    launch(demo, port=free_port(), block=False, quiet=True)
-    try:
-        yield demo, Client(demo.local_url, verbose=False)
-    finally:
-        demo.close(verbose=False)
 
 
 def edit(client, photo, mask=None, **settings):
