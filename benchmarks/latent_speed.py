@@ -27,7 +27,6 @@ from ddpm_faces.models import UNet, count_parameters
 from ddpm_faces.models.autoencoder import Autoencoder
 from ddpm_faces.models.codec import LatentCodec
 from ddpm_faces.pipeline import build_schedule
-from ddpm_faces.pipeline.generate import autocast_net
 
 TRAIN_FACES = 21_940
 

@@ -13,7 +13,6 @@ import torch
 
 from ddpm_faces.diffusion import (Denoiser, NoiseSchedule, get_sampler, network_evaluations, sample_ddim,
                                   sample_dpmpp_2m, sampling_timesteps)
-from ddpm_faces.errors import UserError
 
 MU, S = 0.3, 0.5
 

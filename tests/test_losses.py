@@ -15,7 +15,6 @@ from ddpm_faces.diffusion import (
     to_eps_x0,
     training_target,
 )
-from ddpm_faces.errors import UserError
 
 T = 1000
 # abar of the linear schedule, computed independently in float64.

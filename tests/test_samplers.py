@@ -22,7 +22,6 @@ from ddpm_faces.diffusion import (
     sample_ddpm,
     spaced_timesteps,
 )
-from ddpm_faces.errors import UserError
 
 T = 1000
 SHAPE = (2, 3, 8, 8)

@@ -7,7 +7,6 @@ import torch
 
 from ddpm_faces.diffusion import NoiseSchedule, spaced_timesteps
 from ddpm_faces.diffusion.schedules import cosine_alpha_bar, sigmoid_alpha_bar
-from ddpm_faces.errors import UserError
 
 T = 1000
 
