@@ -11,7 +11,6 @@ new autoencoder never reuses another one's latents.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..errors import UserError
 from ..io import atomic_folder
 from .loader import BatchLoader, to_model_range
-from .prepare import PreparedData, cache_root
+from .prepare import PreparedData, cache_root, check_space, raise_for_cache, reserved_memmap
 
 LATENTS_FILE, META_FILE = "latents.npy", "meta.json"
 FORMAT_VERSION = 1
@@ -52,15 +50,20 @@ def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Te
         return found
     with torch.inference_mode():
         shape = tuple(encode(to_model_range(torch.from_numpy(np.array(data.images[:1])))).shape[1:])
-    _check_space(folder, 2 * len(data) * int(np.prod(shape)) * 2)
-    with atomic_folder(folder) as tmp:
-        out = np.lib.format.open_memmap(tmp / LATENTS_FILE, mode="w+", dtype=np.float16, shape=(2, len(data), *shape))
-        _encode_into(out, data, encode, batch_size, progress)
-        out.flush()
-        del out
-        meta = {"format": FORMAT_VERSION, "key": key, "count": len(data), "shape": list(shape),
-                "data": data.root.name}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    check_space(folder.parent, 2 * len(data) * int(np.prod(shape)) * 2 + (1 << 20),
+                f"encoding the latents of {len(data):,} images")
+    try:
+        with atomic_folder(folder) as tmp:
+            out = reserved_memmap(tmp / LATENTS_FILE, np.float16, (2, len(data), *shape))
+            _encode_into(out, data, encode, batch_size, progress)
+            out.flush()
+            del out
+            meta = {"format": FORMAT_VERSION, "key": key, "count": len(data), "shape": list(shape),
+                    "data": data.root.name}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    except OSError as error:
+        raise_for_cache(folder.parent, error)
     return open_latents(folder, data, key)
 
 
@@ -72,14 +75,6 @@ def _encode_into(out: np.ndarray, data: PreparedData, encode, batch_size: int, p
             for flip, images in enumerate((x, x.flip(-1))):
                 out[flip, start:start + len(x)] = encode(images).float().cpu().numpy().astype(np.float16)
             bar.update(len(x))
-
-
-def _check_space(folder: Path, needed: int) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
-    if free < needed + (1 << 20):
-        raise UserError(f"encoding the latents needs {needed / 2**20:.0f} MiB but {folder.parent} has "
-                        f"{free / 2**20:.0f} MiB free: free some space or set DDPM_FACES_CACHE elsewhere")
 
 
 def open_latents(folder: Path, data: PreparedData, key: str) -> LatentData | None:

@@ -144,7 +144,7 @@ def prepare_dataset(
         _build(resolved, source, resolution, crop, building, progress)
         _move_into_place(building, final)
     except OSError as error:
-        _raise_for_cache(final.parent, error)
+        raise_for_cache(final.parent, error)
     finally:
         if building.exists():
             shutil.rmtree(building, ignore_errors=True)
@@ -494,18 +494,27 @@ def _create_images(path: Path, capacity: int, resolution: int, n_attributes: int
     """
     image_bytes = capacity * resolution * resolution * 3
     needed = image_bytes + capacity * (1 + 2 * n_attributes) + max(SPACE_MARGIN, image_bytes // 100)
-    free = shutil.disk_usage(path.parent).free
+    check_space(path.parent, needed, f"preparing {capacity:,} images at {resolution}px")
+    return reserved_memmap(path, np.uint8, (capacity, resolution, resolution, 3))
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    """A one-line UserError when the disk under the cache folder `folder` has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
     if free < needed:
         raise UserError(
-            f"not enough disk space for the data cache in {path.parent.parent}: preparing "
-            f"{capacity:,} images at {resolution}px needs about {_size(needed)}, {_size(free)} is free; "
+            f"not enough disk space for the data cache in {folder.parent}: {what} "
+            f"needs about {_size(needed)}, {_size(free)} is free; "
             f"free some space or point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a larger disk"
         )
-    images = np.lib.format.open_memmap(
-        path, mode="w+", dtype=np.uint8, shape=(capacity, resolution, resolution, 3), version=(1, 0)
-    )
+
+
+def reserved_memmap(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A writable memory-mapped .npy file whose disk blocks are reserved before it is written (a full disk
+    is then an OSError here, not a bus error while writing the map)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, version=(1, 0))
     _reserve(path, path.stat().st_size)
-    return images
+    return array
 
 
 def _reserve(path: Path, size: int) -> None:
@@ -623,7 +632,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _raise_for_cache(folder: Path, error: OSError) -> NoReturn:
+def raise_for_cache(folder: Path, error: OSError) -> NoReturn:
     """Re-raise a failed cache write as a one-line UserError: full disk, read-only or unwritable.
 
     Other errors (and permission errors outside the cache, e.g. reading the source) go on as they are.
