@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import load_batch, prepare_dataset
+from ..data import prepare_dataset
 from ..errors import UserError
-from ..images import to_uint8
 from ..pipeline import Pipeline, SamplingRequest, generate
 from .attributes import agreement, classifier_accuracy, target_labels
 from .features import InceptionFeatures
-from .reconstruction import reconstruction_metrics
+from .reconstruction import reconstruct, reconstruction_metrics
 from .reference import evaluate_images, reference_stats, spread
 
 METRIC_NAMES = ("fid", "kid_mean", "kid_std", "precision", "recall", "face_rate")
@@ -48,14 +47,9 @@ def evaluate_codec(codec, *, reference: str, split: str = "val", num: int | None
     if len(rows) < 2:
         raise UserError(f"the {split} split of {reference} has {len(rows)} image(s): at least 2 are needed")
     device = next(codec.parameters()).device
-    originals, recons = [], []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            images = load_batch(data, rows[start:start + batch_size])["images"].to(device)
-            originals.append(to_uint8(images))
-            recons.append(to_uint8(codec.decode(codec.encode(images))))
+    originals, recons = reconstruct(lambda images: codec.decode(codec.encode(images)), data, rows, batch_size, device)
     extractor = extractor or InceptionFeatures(device, progress=progress)
-    metrics = reconstruction_metrics(np.concatenate(originals), np.concatenate(recons), extractor)
+    metrics = reconstruction_metrics(originals, recons, extractor)
     return {**metrics, "reference": reference, "split": split, "resolution": codec.image_size}
 
 

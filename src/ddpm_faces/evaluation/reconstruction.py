@@ -13,7 +13,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data import load_batch
+from ..images import to_uint8
 from .metrics import FeatureStats, fid_from_stats
+
+
+@torch.no_grad()
+def reconstruct(round_trip, data, rows: np.ndarray, batch_size: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """(originals, reconstructions) as uint8 pictures of the prepared images `rows`, with `round_trip` mapping
+    (B, 3, H, W) images in [-1, 1] to their reconstructions."""
+    originals, recons = [], []
+    for start in range(0, len(rows), batch_size):
+        images = load_batch(data, rows[start:start + batch_size])["images"].to(device)
+        originals.append(to_uint8(images))
+        recons.append(to_uint8(round_trip(images)))
+    return np.concatenate(originals), np.concatenate(recons)
 
 
 def psnr(original: np.ndarray, recon: np.ndarray) -> np.ndarray:

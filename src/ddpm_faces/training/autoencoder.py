@@ -26,9 +26,9 @@ from ..config import Config
 from ..data import BatchLoader, PreparedData, load_batch
 from ..errors import UserError
 from ..evaluation import InceptionFeatures
-from ..evaluation.reconstruction import reconstruction_metrics
+from ..evaluation.reconstruction import reconstruct, reconstruction_metrics
 from ..evaluation.reference import spread
-from ..images import make_grid, save_image, to_uint8
+from ..images import make_grid, save_image
 from ..models.autoencoder import Autoencoder
 from ..models.codec import LatentCodec
 from ..models.discriminator import DiscriminatorConfig, PatchDiscriminator
@@ -81,16 +81,10 @@ class ReconstructionCheck:
         self.data, self.rows = data, spread(data.indices("val"), cfg.reconstruction.eval_images)
         self.size = len(self.rows)
 
-    @torch.no_grad()
     def reconstruct(self, ae: Autoencoder, rows: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(originals, reconstructions) as uint8 pictures; decoded from the posterior mean."""
-        device = next(ae.parameters()).device
-        originals, recons = [], []
-        for start in range(0, len(rows), batch_size):
-            images = load_batch(self.data, rows[start:start + batch_size])["images"].to(device)
-            originals.append(to_uint8(images))
-            recons.append(to_uint8(ae(images, sample=False)[0]))
-        return np.concatenate(originals), np.concatenate(recons)
+        return reconstruct(lambda images: ae(images, sample=False)[0], self.data, rows, batch_size,
+                           next(ae.parameters()).device)
 
     def __call__(self, ae: Autoencoder, batch_size: int, extractor=None) -> dict[str, float]:
         originals, recons = self.reconstruct(ae, self.rows, batch_size)
