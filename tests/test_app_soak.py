@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
+from conftest import free_port
 from ddpm_faces.config import load_config
 from ddpm_faces.models import UNet
 from ddpm_faces.runs import export_model
@@ -30,12 +30,6 @@ REQUESTS = 240                   # in all; the first WARM_UP set the memory base
 WARM_UP = 60
 ANSWER_TIMEOUT = 60.0            # seconds: a request without an answer by then is lost
 RSS_GROWTH_MB = 40.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
