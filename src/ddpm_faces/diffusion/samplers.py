@@ -187,14 +187,13 @@ class SamplerSpec:
     spacing: str                          # default timestep spacing (see schedules.sampling_timesteps)
     calls_per_step: int = 1               # network calls per step; every sampler's last step makes one
     options: tuple[str, ...] = ()         # its own keyword options, e.g. DDIM's eta
-    deterministic: bool = True            # draws no fresh noise after the start (DDIM: only with eta = 0)
 
     def network_evaluations(self, steps: int) -> int:
         return self.calls_per_step * steps - (self.calls_per_step - 1)
 
 
 REGISTRY: dict[str, SamplerSpec] = {spec.name: spec for spec in (
-    SamplerSpec("ddpm", sample_ddpm, "trailing", deterministic=False),
+    SamplerSpec("ddpm", sample_ddpm, "trailing"),
     SamplerSpec("ddim", sample_ddim, "trailing", options=("eta",)),
     SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "karras"),
     SamplerSpec("heun", sample_heun, "karras", calls_per_step=2),
