@@ -67,6 +67,7 @@ def test_image_i_of_a_seed_does_not_depend_on_how_many_are_asked_for(tmp_path):
     (["sample", "--device", "toaster"], "toaster"),
     (["sample", "--sampler", "euler"], "euler"),
     (["train", "--config", "runs/none"], "runs/none"),
+    (["train", "--until-step", "0"], "--until-step"),
 ])
 def test_bad_input_gives_one_line_error_and_exit_2(args, words):
     out = run_cli(*args)
@@ -91,10 +92,15 @@ def test_train_then_sample_and_export_from_the_command_line(tmp_path, face_folde
     full, half = np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "h.png"))
     assert np.abs(full.astype(int) - half.astype(int)).mean() < 3     # fp16 export samples the same faces
 
+    paused = run_cli("train", "--no-progress", "--resume", "--config", str(run / "config.yaml"),
+                     "--set", "train.max_steps=9", "--until-step", "8")
+    assert paused.returncode == 0, paused.stderr
+    assert "resuming from step-6" in paused.stderr and "paused after 8 steps" in paused.stdout
+    assert (run / "checkpoints" / "step-8").is_dir()
     resumed = run_cli("train", "--no-progress", "--resume", "--config", str(run / "config.yaml"),
                       "--set", "train.max_steps=9")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step-6" in resumed.stderr and "trained 9 steps" in resumed.stdout
+    assert "resuming from step-8" in resumed.stderr and "trained 9 steps" in resumed.stdout
 
 
 def test_data_command_describes_the_prepared_set(tmp_path, face_folder, capsys):

@@ -28,14 +28,17 @@ def _train(args) -> None:
         cfg.data.source = args.data                  # taken as it is: a path is not YAML
     if args.compile:
         cfg.train.compile = True
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if args.until_step is not None and args.until_step < 1:
+        raise UserError(f"--until-step must be a positive step number, got {args.until_step}")
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, until_step=args.until_step)
     if not result.is_main:
         return
     metric = cfg.train.best_metric.replace("_", " ").replace("fid", "FID")
     best = f", best {metric} {result.best:.5f}" if result.best is not None else ""
     skipped = f" ({result.skipped_steps} skipped for a non-finite loss)" if result.skipped_steps else ""
-    if result.interrupted:
-        print(f"interrupted after {result.step} steps{skipped}; checkpoint saved. Continue with: ddpm-faces train "
+    if result.interrupted or result.step < cfg.train.max_steps and not result.stopped_early:
+        why = "interrupted" if result.interrupted else "paused"
+        print(f"{why} after {result.step} steps{skipped}; checkpoint saved. Continue with: ddpm-faces train "
               f"--config {result.run_dir} --resume")
         return
     print(f"trained {result.step} steps{skipped}{best}; model exported to {result.run_dir / 'export'}")
@@ -394,6 +397,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. train.lr=2e-4")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (same as --set train.compile=true)")
+    p.add_argument("--until-step", type=int, metavar="N",
+                   help="pause after step N with a checkpoint (the learning-rate schedule still runs to "
+                        "train.max_steps): short runs that compare like with like, resumable later")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
