@@ -105,6 +105,8 @@ def test_yes_no_words_stay_text_and_only_true_false_are_booleans(tmp_path):
     (["data.resolution=34", "model.resolution=34"], ["model.resolution", "34", "channel_mults", "4"]),
     (["train.ema_decay=1"], ["train.ema_decay", "[0, 1)"]),
     (["model.dropout=-0.1"], ["model.dropout"]),
+    (["reconstruction.disc_start=100", "reconstruction.disc_warmup=200"], ["disc_warmup", "disc_start (100)"]),
+    (["reconstruction.disc_warmup=-1"], ["reconstruction.disc_warmup", "0 or more"]),
     (["data.resolution.x=1"], ["data.resolution", "section"]),
     (["train.lr"], ["--set", "section.key=value", "train.lr"]),
     (["train=5"], ["train", "mapping"]),

@@ -63,6 +63,21 @@ def test_the_autoencoder_export_is_a_codec_with_its_latent_statistics(autoencode
             "val/ssim"} <= tags and "reconstructions" in acc.Tags()["images"]
 
 
+def test_the_discriminator_warm_up_trains_it_alone(tmp_path, face_folder):
+    """From disc_start - disc_warmup the discriminator steps, but its term is not yet in the autoencoder's loss:
+    the autoencoder stays bit-identical to a run without a warm-up, the discriminator does not."""
+    checkpoints = {}
+    for warmup in (0, 3):
+        root = tmp_path / f"w{warmup}"
+        cfg = load_config("quickstart", tiny_overrides(root, face_folder, **{
+            **AE, "reconstruction.disc_start": 4, "reconstruction.disc_warmup": warmup, "train.max_steps": 8}))
+        assert train(cfg, progress=False, until_step=3).step == 3
+        checkpoints[warmup] = RunFolder(root / "runs" / "ae").checkpoint(3)
+    for name, same in (("model.safetensors", True), ("discriminator.safetensors", False)):
+        a, b = (load_file(checkpoints[w] / name) for w in (0, 3))
+        assert all(torch.equal(a[k], b[k]) for k in a) is same, name
+
+
 def test_latent_diffusion_trains_on_cached_latents_and_samples_at_image_size(tmp_path, face_folder, autoencoder_run):
     cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
         RunFolder(autoencoder_run).export, **{"train.max_steps": 6})))

@@ -98,6 +98,7 @@ class ReconstructionConfig:
     kl_weight: float = 1e-6                   # KL(q(z|x) || N(0, I)); the papers use ~1e-6
     disc_weight: float = 0.5                  # scale of VQGAN's adaptive weight; 0 = no discriminator
     disc_start: int = 2000                    # optimizer steps before the GAN term is switched on
+    disc_warmup: int = 0                      # steps the discriminator trains alone before disc_start
     disc_lr: float = 2e-4
     disc_channels: int = 32
     disc_layers: int = 3
@@ -273,7 +274,7 @@ def _int_list(key: str, values, allow_empty: bool = False) -> None:
 
 def _check_ranges(cfg: Config) -> None:
     """Values that have the right type but would fail later, perhaps hours into a run."""
-    m, d, tc = cfg.model, cfg.diffusion, cfg.train
+    m, d, tc, rc = cfg.model, cfg.diffusion, cfg.train, cfg.reconstruction
     if not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.name) or cfg.name in (".", ".."):
         raise UserError(f"invalid name {cfg.name!r}: use letters, digits, '.', '_' or '-' (it names runs/<name>)")
     _int_list("model.channel_mults", m.channel_mults)
@@ -289,9 +290,13 @@ def _check_ranges(cfg: Config) -> None:
             raise UserError(f"invalid {key} {value}: must be positive")
     for key, value in (("train.val_images", tc.val_images), ("train.fid_every", tc.fid_every),
                        ("train.warmup_steps", tc.warmup_steps), ("train.patience", tc.patience),
-                       ("train.weight_decay", tc.weight_decay), ("train.min_lr_ratio", tc.min_lr_ratio)):
+                       ("train.weight_decay", tc.weight_decay), ("train.min_lr_ratio", tc.min_lr_ratio),
+                       ("reconstruction.disc_start", rc.disc_start), ("reconstruction.disc_warmup", rc.disc_warmup)):
         if value < 0:
             raise UserError(f"invalid {key} {value}: must be 0 or more")
+    if rc.disc_warmup > rc.disc_start:
+        raise UserError(f"invalid reconstruction.disc_warmup {rc.disc_warmup}: at most disc_start ({rc.disc_start}), "
+                        "the step its term switches on")
     if tc.threads is not None and tc.threads < 1:
         raise UserError(f"invalid train.threads {tc.threads}: a positive number, or null for torch's default")
     if tc.fid_every and tc.fid_images < 4:
