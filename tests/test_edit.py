@@ -55,6 +55,21 @@ def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(bundled, pho
     assert psnr(image[None], inverted)[0] > psnr(image[None], fresh)[0] + 3
 
 
+def test_the_inversion_can_be_stopped_between_its_steps(bundled, photo):
+    _, x = photo
+    seen = []
+
+    def stop_after_three():
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    plan = EditPlan(bundled, x, strength=0.5, invert=True, between_steps=stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        generate(bundled, SamplingRequest(num=1, steps=20, sampler="ddim"), plan=plan, progress=False)
+    assert len(seen) == 3
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
 def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(bundled, photo, sampler):
     image, x = photo
@@ -67,9 +82,28 @@ def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(bundled
     assert (out[:, ~keep] != image[~keep]).any() and (out[0] != out[1]).any()
 
 
+def test_resampled_inpainting_keeps_the_black_region_and_takes_more_network_calls(bundled, photo):
+    image, x = photo
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 8:24] = 1
+    calls, outs = [], {}
+    hook = bundled.net.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for r in (1, 3):
+            calls.clear()
+            outs[r] = generate(bundled, SamplingRequest(num=1, steps=6, sampler="ddpm"), progress=False,
+                               plan=EditPlan(bundled, x, strength=1.0, mask=mask, resample=r))
+            assert len(calls) == (6 if r == 1 else 5 * 3 + 1), r          # the last step is not resampled
+    finally:
+        hook.remove()
+    keep = ~mask[0, 0].bool().numpy()
+    assert (outs[3][:, keep] == image[keep]).all() and (outs[1] != outs[3]).any()
+
+
 def test_edit_inputs_are_checked(bundled, photo):
     _, x = photo
-    for bad, words in ((dict(strength=1.5), "strength"), (dict(strength=0.5, mask=torch.full((1, 1, 32, 32), 0.5)),
+    for bad, words in ((dict(strength=0.5, resample=3), "give a mask"), (dict(strength=0.5, resample=0), "resample"),
+                       (dict(strength=1.5), "strength"), (dict(strength=0.5, mask=torch.full((1, 1, 32, 32), 0.5)),
                                                            "black and white"),
                        (dict(strength=0.5, mask=torch.zeros(1, 1, 16, 16)), "mask must be")):
         with pytest.raises(UserError, match=words):

@@ -20,6 +20,7 @@ from ddpm_faces.diffusion import (
     get_sampler,
     sample_ddim,
     sample_ddpm,
+    sample_repaint,
     spaced_timesteps,
 )
 
@@ -325,3 +326,70 @@ def test_sampler_errors():
     with pytest.raises(ValueError):
         sample_ddpm(den, torch.randn(SHAPE), [999, 0], variance="large")
     assert get_sampler("ddpm") is sample_ddpm and get_sampler("ddim") is sample_ddim
+
+
+# ---------------------------------------------------------------------------------------------
+# RePaint's resampling on a correlated Gaussian: pairs (a, b) ~ N(0, [[1, r], [r, 1]]) with a known, so
+# E[b | a] = r a. Re-imposing a after every step alone lets b lag behind (its early steps saw a noisier a);
+# resampling harmonises, bringing b's mean closer to r a.
+# ---------------------------------------------------------------------------------------------
+R, A_KNOWN = 0.9, 1.5
+
+
+def _pair_oracle(schedule):
+    """Exact eps for zero-mean Gaussian pairs with covariance C: E[x0 | x_t] = sqrt(ab) C (ab C + (1-ab) I)^-1 x_t."""
+    cov = torch.tensor([[1.0, R], [R, 1.0]], dtype=torch.float64)
+
+    def net(x, t):
+        ab = schedule.alpha_bar[t].double().view(-1, 1, 1)
+        gain = ab.sqrt() * cov @ torch.linalg.inv(ab * cov + (1 - ab) * torch.eye(2, dtype=torch.float64))
+        x0 = (gain @ x.double().flatten(1).unsqueeze(-1)).squeeze(-1)
+        eps = (x.double().flatten(1) - ab.view(-1, 1).sqrt() * x0) / (1 - ab.view(-1, 1)).sqrt()
+        return eps.to(x.dtype).view_as(x)
+    return net
+
+
+def _repaint(resample, steps=50, n=4096):
+    sched = NoiseSchedule.from_config("linear", T)
+    den = Denoiser(_pair_oracle(sched), sched, "eps")
+    ts = spaced_timesteps(T, steps)
+    known = torch.tensor([[A_KNOWN, 0.0]]).view(1, 2, 1, 1).expand(n, 2, 1, 1)
+    mask = torch.tensor([0.0, 1.0]).view(1, 2, 1, 1)                   # 1 = redraw b, 0 = keep a
+    g = torch.Generator().manual_seed(5)
+
+    def project(x, s):
+        if s < 0:
+            return mask * x + (1 - mask) * known
+        ab = float(sched.alpha_bar[int(s)])
+        noised = math.sqrt(ab) * known + math.sqrt(1 - ab) * torch.randn(x.shape, generator=g)
+        return mask * x + (1 - mask) * noised
+
+    calls = []
+    counted = Denoiser(lambda x, t: (calls.append(1), den.net(x, t))[1], sched, "eps")
+    x_T = torch.randn(n, 2, 1, 1, generator=torch.Generator().manual_seed(6))
+    out = sample_repaint(counted, x_T, ts, project=project, resample=resample, clip_x0=False,
+                         noise=lambda like: torch.randn(like.shape, generator=g))
+    return out, len(calls)
+
+
+def test_repaint_resampling_brings_the_redrawn_part_to_agree_with_the_kept_one():
+    plain, calls1 = _repaint(1)
+    resampled, calls5 = _repaint(5)
+    assert calls1 == 50 and calls5 == 49 * 5 + 1                         # the last step is not resampled
+    for out in (plain, resampled):
+        assert torch.equal(out[:, 0], torch.full_like(out[:, 0], A_KNOWN))   # the kept part is the photo's
+    target = R * A_KNOWN
+    gap_plain, gap_resampled = (abs(float(o[:, 1].mean()) - target) for o in (plain, resampled))
+    # measured at 50 steps: 0.45 -> 0.10 (at 10 steps resampling saturates near 0.37: the steps are too coarse)
+    assert gap_resampled < 0.5 * gap_plain, (gap_plain, gap_resampled)
+
+
+def test_repaint_with_one_pass_is_ddpm_with_projection():
+    sched = NoiseSchedule.from_config("linear", T)
+    den = Denoiser(_pair_oracle(sched), sched, "eps")
+    ts = spaced_timesteps(T, 10)
+    x_T = torch.randn(8, 2, 1, 1, generator=torch.Generator().manual_seed(1))
+    project = lambda x, s: x * torch.tensor([1.0, 0.5]).view(1, 2, 1, 1)            # noqa: E731
+    a = sample_repaint(den, x_T, ts, project=project, resample=1, clip_x0=False, noise=PerImageNoise(3, 0, 8))
+    b = sample_ddpm(den, x_T, ts, project=project, clip_x0=False, noise=PerImageNoise(3, 0, 8))
+    assert torch.equal(a, b)

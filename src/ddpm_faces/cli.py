@@ -210,13 +210,16 @@ def _edit(args) -> None:
         print(f"{framed.faces} faces found: editing the largest", file=sys.stderr)
     photo = to_model_range(torch.from_numpy(framed.image.copy())[None])
     mask = read_mask(args.mask, framed, size) if args.mask else None
-    plan = EditPlan(pipe, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed)
+    plan = EditPlan(pipe, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
+                    resample=args.resample)
     images = generate(pipe, request, plan=plan, progress=not args.no_progress)
     if args.compare:
         images = np.concatenate([framed.image[None], images])
     flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {args.image}",
                                  f"--strength {args.strength:g}", "--invert" if args.invert else "",
-                                 f"--mask {args.mask}" if args.mask else "", "--no-detect" if args.no_detect else "",
+                                 f"--mask {args.mask}" if args.mask else "",
+                                 f"--resample {args.resample}" if args.resample > 1 else "",
+                                 "--no-detect" if args.no_detect else "",
                                  request.cli_flags()) if f)
     text = provenance(f"ddpm-faces edit {flags}", str(pipe.source), pipe.step, note=EDITED)
     nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
@@ -430,6 +433,10 @@ def _edit_parser(sub) -> None:
     p.add_argument("--invert", action="store_true",
                    help="start from the photo's DDIM inversion instead of fresh noise (keeps more of the person)")
     p.add_argument("--mask", help="black and white image of the photo's size: white = redraw, black = keep")
+    p.add_argument("--resample", type=positive_int, default=1, metavar="N",
+                   help="with --mask: RePaint's resampling, N ancestral (DDPM) steps per timestep of the sampler's "
+                        "schedule, so the redrawn region fits the kept one better (N times the network calls; "
+                        "default 1 = off)")
     p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
                                                             "the face")
     p.add_argument("--compare", action="store_true", help="put the framed photo first in the output")

@@ -30,7 +30,7 @@ from ..images import EDITED, make_grid, provenance, save_image
 from ..pipeline import EditPlan, generate
 from . import outputs as out
 from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
-from .job import Job
+from .job import Cancelled, Job
 
 CANVAS_PX = 512                  # the painting canvas's longer side (the strokes are stretched to the photo's)
 MAX_LAYERS = 4                   # painted layers one request may send
@@ -168,8 +168,14 @@ class PhotoEditing:
         framing = frame(picture, pipe.codec.image_size, detect)
         painted = painted_mask(layers, picture.image.size)
         mask = framed_mask(painted, framing, pipe.codec.image_size)
+        job = None
+
+        def stop_inverting():                     # Cancel also stops the DDIM inversion, between its steps
+            if job is not None and job.stop.is_set():
+                raise Cancelled()
+
         plan = EditPlan(pipe, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
-                        mask=mask, invert=invert, seed=request.seed)
+                        mask=mask, invert=invert, seed=request.seed, between_steps=stop_inverting)
         steps_run = len(plan.timesteps(sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)))
         scale = out.display_scale(pipe.codec.image_size)
         before = (out.enlarge(framing.image, scale), FRAMED)

@@ -69,14 +69,46 @@ def sample_ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *
         raise ValueError(f"unknown DDPM variance {variance!r}: choose beta_tilde or beta")
     noise = noise or torch.randn_like
     for i, (t, s) in enumerate(_pairs(timesteps)):
-        eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
-        abar_t, abar_s = _abar(denoiser, t), _abar(denoiser, s)
-        beta = 1 - abar_t / abar_s
-        mean = (math.sqrt(abar_s) * beta / (1 - abar_t)) * x0 \
-            + (math.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)) * x
-        var = (1 - abar_s) / (1 - abar_t) * beta if variance == "beta_tilde" else beta
-        x = mean + math.sqrt(var) * noise(x) if s >= 0 else mean
+        x, x0 = ddpm_step(denoiser, x, t, s, noise=noise, cond=cond, clip_x0=clip_x0, variance=variance)
         x = project(x, s) if project is not None else x
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def ddpm_step(denoiser: Denoiser, x: torch.Tensor, t: float, s: float, *, noise: Callable, cond=None,
+              clip_x0: bool = True, variance: str = "beta_tilde") -> tuple[torch.Tensor, torch.Tensor]:
+    """One ancestral step from timestep t to s < t (s = -1: to the clean image): (x_s, the x0 estimate)."""
+    eps, x0 = denoiser.predict(x, t, cond, clip_x0=clip_x0)
+    abar_t, abar_s = _abar(denoiser, t), _abar(denoiser, s)
+    beta = 1 - abar_t / abar_s
+    mean = (math.sqrt(abar_s) * beta / (1 - abar_t)) * x0 + (math.sqrt(1 - beta) * (1 - abar_s) / (1 - abar_t)) * x
+    var = (1 - abar_s) / (1 - abar_t) * beta if variance == "beta_tilde" else beta
+    return (mean + math.sqrt(var) * noise(x) if s >= 0 else mean), x0
+
+
+# ---------------------------------------------------------------------------------------------
+# RePaint's resampling (Lugmayr et al. 2022, https://arxiv.org/abs/2201.09865, sec. 4.2, jump length 1):
+# after each ancestral step t -> s and the re-imposition of the known region, diffuse x_s back to t,
+#   x_t = sqrt(abar_t / abar_s) x_s + sqrt(1 - abar_t / abar_s) z     (q(x_t | x_s), Ho et al. 2020, eq. 2)
+# and take the step again, `resample` times in all, so the generated region catches up with the known one
+# instead of only being pasted next to it. resample = 1 is sample_ddpm.
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_repaint(denoiser: Denoiser, x: torch.Tensor, timesteps: Sequence[int], *, project: Callable,
+                   resample: int, noise: Callable | None = None, cond=None, clip_x0: bool = True,
+                   callback: Callable | None = None):
+    if resample < 1:
+        raise ValueError(f"resample must be 1 or more, got {resample}")
+    noise = noise or torch.randn_like
+    for i, (t, s) in enumerate(_pairs(timesteps)):
+        for u in range(resample if s >= 0 else 1):
+            if u:
+                keep = _abar(denoiser, t) / _abar(denoiser, s)
+                x = math.sqrt(keep) * x_s + math.sqrt(1 - keep) * noise(x_s)
+            x_s, x0 = ddpm_step(denoiser, x, t, s, noise=noise, cond=cond, clip_x0=clip_x0)
+            x_s = project(x_s, s)
+        x = x_s
         if callback is not None:
             callback(i, t, x, x0)
     return x

@@ -17,7 +17,9 @@
   redraw, 0 = keep), after every step to timestep s the kept region is replaced by the photo noised to s,
   x_s = m x_s + (1 - m) q(x_s | x0), and at the end by the photo itself. For a latent model the mask is taken
   down to the latent grid (a cell is redrawn if any of its pixels is) and the decoded faces are blended with
-  the photo at full resolution.
+  the photo at full resolution. `resample` > 1 adds RePaint's resampling (sec. 4.2): each ancestral step is
+  taken `resample` times, diffusing the result back in between (diffusion.sample_repaint), so the redrawn
+  region is made to agree with the kept one, at `resample` times the network calls.
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import image_seed, q_sample
+from ..diffusion import image_seed, q_sample, sample_repaint
 from ..errors import UserError
 from .model import Pipeline
 
+MAX_RESAMPLE = 20           # RePaint used 10 (on 250 steps)
 MASK_SEED = 2**40            # the noise that re-imposes the kept region has its own seeds, apart from the image's
 
 
@@ -38,9 +41,11 @@ class EditPlan:
     projection of the kept region and the final blend."""
 
     def __init__(self, pipe: Pipeline, photo: torch.Tensor, *, strength: float, mask: torch.Tensor | None = None,
-                 invert: bool = False, seed: int = 0):
-        check_edit(pipe, photo, strength, mask)
+                 invert: bool = False, seed: int = 0, resample: int = 1, between_steps=None):
+        check_edit(pipe, photo, strength, mask, resample)
         self.pipe, self.strength, self.invert, self.seed = pipe, float(strength), invert, seed
+        self.resample = resample
+        self.between_steps = between_steps      # called between DDIM inversion steps; raise from it to stop
         self.photo = photo.to(pipe.device, torch.float32)
         with torch.inference_mode():
             self.x0 = pipe.codec.encode(self.photo)
@@ -58,7 +63,7 @@ class EditPlan:
         if not timesteps:
             return x0.clone()
         if self.invert:
-            return ddim_invert(denoiser, x0, timesteps)
+            return ddim_invert(denoiser, x0, timesteps, between_steps=self.between_steps)
         t = torch.full((len(x0),), timesteps[0])
         return q_sample(self.pipe.schedule, x0, t, noise_x)
 
@@ -79,6 +84,13 @@ class EditPlan:
             return self.latent_mask * x + keep * known
         return project
 
+    def sample(self, sampler, denoiser, x: torch.Tensor, timesteps: list[float], *, project, **kwargs) -> torch.Tensor:
+        """Run `sampler` from the start, or with resample > 1 RePaint's resampled ancestral steps."""
+        if self.resample > 1:
+            kwargs = {k: v for k, v in kwargs.items() if k in ("noise", "cond", "callback")}
+            return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **kwargs)
+        return sampler(denoiser, x, timesteps, project=project, **kwargs)
+
     def finish(self, images: torch.Tensor, rows: slice) -> torch.Tensor:
         """With a mask, the kept pixels come from the photo itself (the codec may have changed them)."""
         if self.mask is None:
@@ -87,11 +99,14 @@ class EditPlan:
 
 
 @torch.no_grad()
-def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float]) -> torch.Tensor:
+def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float], between_steps=None) -> torch.Tensor:
     """x at timesteps[0] from the clean x0 by the DDIM update run backwards (eta = 0), visiting the timesteps in
-    increasing order; the network is evaluated at the point reached so far (at the lowest timestep for x0)."""
+    increasing order; the network is evaluated at the point reached so far (at the lowest timestep for x0).
+    `between_steps()`, when given, is called before every step (a caller stops the inversion by raising)."""
     schedule, x, prev = denoiser.schedule, x0, -1.0
     for t in reversed(timesteps):
+        if between_steps is not None:
+            between_steps()
         eps, _ = denoiser.predict(x, t if prev < 0 else prev, None, clip_x0=False)
         abar_prev = float(schedule.alpha_bar_at(torch.tensor([prev]))[0])
         abar_t = float(schedule.alpha_bar_at(torch.tensor([t]))[0])
@@ -100,11 +115,15 @@ def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float]) -> torch.Ten
     return x
 
 
-def check_edit(pipe: Pipeline, photo: torch.Tensor, strength, mask: torch.Tensor | None) -> None:
+def check_edit(pipe: Pipeline, photo: torch.Tensor, strength, mask: torch.Tensor | None, resample: int = 1) -> None:
     """One-line errors for what an edit cannot work with."""
     size = pipe.codec.image_size
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
         raise UserError(f"strength must be a number from 0 (the photo back) to 1 (a fresh sample), got {strength!r}")
+    if not isinstance(resample, int) or isinstance(resample, bool) or not 1 <= resample <= MAX_RESAMPLE:
+        raise UserError(f"resample must be a whole number from 1 (off) to {MAX_RESAMPLE}, got {resample!r}")
+    if resample > 1 and mask is None:
+        raise UserError("resampling (RePaint) redraws a masked region: give a mask, or leave resample at 1")
     if tuple(photo.shape) != (1, 3, size, size):
         raise UserError(f"the photo must be (1, 3, {size}, {size}) for this model, got {tuple(photo.shape)}")
     if mask is None:

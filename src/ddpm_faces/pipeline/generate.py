@@ -76,11 +76,13 @@ class Run:
             x = self.initial_noise[rows].to(pipe.device, torch.float32)
         cond = self.labels[rows].to(pipe.device) if self.labels is not None else \
             None if self.shared is None else self.shared[:n]
-        project = None
-        if plan is not None:
-            x, project = plan.start(x, rows, self.denoiser, cond, self.timesteps), plan.project(rows, self.timesteps)
-        x = request.spec.fn(self.denoiser, x, self.timesteps, noise=noise, cond=cond, callback=callback,
-                            project=project, **request.sampler_options())
+        options = dict(noise=noise, cond=cond, callback=callback, **request.sampler_options())
+        if plan is None:
+            x = request.spec.fn(self.denoiser, x, self.timesteps, **options)
+        else:
+            x = plan.start(x, rows, self.denoiser, cond, self.timesteps)
+            x = plan.sample(request.spec.fn, self.denoiser, x, self.timesteps,
+                            project=plan.project(rows, self.timesteps), **options)
         images = pipe.codec.decode(x)
         return to_uint8(plan.finish(images, rows) if plan is not None else images)
 
