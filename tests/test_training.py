@@ -118,7 +118,7 @@ def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
 def test_resuming_a_run_that_does_not_exist_names_the_runs_there(tmp_path, face_folder):
     train(load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 1})), progress=False)
     typo = load_config("quickstart", tiny_overrides(tmp_path, face_folder, name="tiyn"))
-    with pytest.raises(UserError, match=r"no run 'tiyn' in .*the runs there: tiny\. .*leave out --resume") as err:
+    with pytest.raises(UserError, match=r"no run 'tiyn' in .*the runs there: tiny\)\. .*leave out --resume") as err:
         train(typo, resume=True, progress=False)
     assert "\n" not in str(err.value) and not (tmp_path / "runs" / "tiyn").exists()
     elsewhere = load_config("quickstart", tiny_overrides(tmp_path / "empty", face_folder))

@@ -46,16 +46,13 @@ def _train(args) -> None:
 
 def check_resumed_run_exists(config: str) -> None:
     """--resume --config runs/<name> (or its config.yaml) for a run that is not there: name the runs that are."""
-    from .runs import list_runs
+    from .runs import missing_run_error
 
     path = Path(config)
     if path.exists() or (str(path) == path.name and not path.suffix):      # a bundled config's name
         return
     folder = path.parent.parent if path.name == "config.yaml" else path.parent
-    runs = list_runs(folder)
-    there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there"
-    raise UserError(f"--resume: there is no run {config} ({there}); check the name, or leave out --resume to start "
-                    "a new run")
+    raise missing_run_error(config, folder)
 
 
 def _set_threads(threads: int | None) -> None:

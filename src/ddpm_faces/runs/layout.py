@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..errors import UserError
 from ..io import recover_folder
 
 CONFIG_FILE = "config.yaml"
@@ -75,3 +76,11 @@ def list_runs(out_dir: str | Path) -> list[str]:
     """Names of the run folders under `out_dir` (those with a config.yaml), sorted."""
     out = Path(out_dir)
     return sorted(p.name for p in out.iterdir() if (p / CONFIG_FILE).is_file()) if out.is_dir() else []
+
+
+def missing_run_error(run: str, out_dir: str | Path) -> UserError:
+    """The one-line error of --resume for a run that is not in `out_dir`, naming the runs that are."""
+    runs = list_runs(out_dir)
+    there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there yet"
+    return UserError(f"--resume: there is no run {run} in {out_dir} ({there}). Check the run name, or leave out "
+                     "--resume to start a new run")

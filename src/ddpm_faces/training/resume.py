@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, TrainConfig, yaml_load
 from ..errors import UserError
-from ..runs import RunFolder, list_runs, load_checkpoint
+from ..runs import RunFolder, load_checkpoint, missing_run_error
 from .monitors import EarlyStopping
 
 log = logging.getLogger("ddpm_faces.train")
@@ -27,10 +27,7 @@ def check_run_exists(cfg: Config, resume: bool) -> None:
     folder = RunFolder(cfg.run_dir)
     if not resume or folder.checkpoints() or folder.config.is_file():
         return
-    runs = list_runs(cfg.train.out_dir)
-    there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there yet"
-    raise UserError(f"--resume: there is no run {cfg.name!r} in {cfg.train.out_dir} (no checkpoint, no config.yaml "
-                    f"in {folder.root}); {there}. Check the run name, or leave out --resume to start a new run")
+    raise missing_run_error(repr(cfg.name), cfg.train.out_dir)
 
 
 def check_run_folder(cfg: Config, resume: bool) -> Path | None:
