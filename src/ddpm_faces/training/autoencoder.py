@@ -125,8 +125,12 @@ class AutoencoderRun(Run):
     def __init__(self, cfg: Config, accelerator, trainees: Trainees, adversary: Adversary, *, data: PreparedData,
                  check: ReconstructionCheck, extractor=None, **kwargs):
         self.adversary, self.data, self.check, self.extractor = adversary, data, check, extractor
-        super().__init__(cfg, accelerator, trainees, validation=check, **kwargs)
+        super().__init__(cfg, accelerator, trainees, **kwargs)
         self.raw_disc = accelerator.unwrap_model(adversary.net)
+
+    @property
+    def val_images(self) -> int:
+        return self.check.size
 
     def reset_sums(self) -> None:
         super().reset_sums()
@@ -260,5 +264,4 @@ def prepare_autoencoder_run(cfg: Config, accelerator, data: PreparedData, restor
     extractor = InceptionFeatures(accelerator.device) if (tc.fid_every and accelerator.is_main_process) else None
     return AutoencoderRun(cfg, accelerator, trainees, adversary, data=data, check=ReconstructionCheck(data, cfg),
                           extractor=extractor, loader=loader, writer=writer, step=step, stopper=stopper,
-                          until_step=until_step, progress=progress,
-                          quality=True if tc.fid_every else None)
+                          until_step=until_step, progress=progress)

@@ -1,6 +1,6 @@
 """A run in progress: its state between optimizer steps, and each periodic event as a method.
 
-    run = Run(cfg, accelerator, trainees, loader=loader, validation=validation, writer=writer)
+    run = DiffusionRun(cfg, accelerator, trainees, loader=loader, validation=validation, writer=writer)
     while not run.finished:
         finite = run.micro_step(next(batches))          # None between optimizer steps (gradient accumulation)
         if finite is not None:
@@ -90,22 +90,18 @@ def write_failure(err: Exception, what: str, folder: RunFolder, step: int) -> Us
 
 
 class Run:
-    """A run between optimizer steps: counters, running sums, and the periodic events."""
+    """A run between optimizer steps, whatever it trains: counters, running sums, the periodic events and the
+    checkpoints. A subclass says what one step does and what is measured, drawn and exported: DiffusionRun
+    below, AutoencoderRun in autoencoder.py."""
 
-    def __init__(self, cfg: Config, accelerator, trainees: Trainees, *, loader, validation: Validation,
-                 quality: SampleQuality | None = None, writer=None, codec: Codec | None = None, step: int = 0,
-                 stopper: EarlyStopping | None = None, label_columns: list[int] | tuple = (),
-                 until_step: int | None = None, progress: bool = False):
+    def __init__(self, cfg: Config, accelerator, trainees: Trainees, *, loader, writer=None, step: int = 0,
+                 stopper: EarlyStopping | None = None, until_step: int | None = None, progress: bool = False):
         self.cfg, self.tc, self.acc = cfg, cfg.train, accelerator
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         self.folder = RunFolder(cfg.run_dir)
         self.trainees, self.model, self.ema = trainees, trainees.model, trainees.ema
         self.raw_model = accelerator.unwrap_model(trainees.model, keep_torch_compile=False)
-        codec = codec if codec is not None else build_codec(cfg).to(accelerator.device).eval()
-        self.live = Pipeline(trainees.model, cfg, self.folder.root, codec=codec)      # trained on
-        self.averaged = Pipeline(trainees.ema.model, cfg, self.folder.root, codec=codec)  # evaluated, exported
-        self.loader, self.validation, self.quality, self.writer = loader, validation, quality, writer
-        self.label_columns = list(label_columns)
+        self.loader, self.writer = loader, writer
         self.step = self.start_step = step
         self.last_step = min(self.tc.max_steps, until_step or self.tc.max_steps)
         self.stopper = stopper or EarlyStopping(self.tc.patience, self.tc.min_delta)
@@ -116,6 +112,38 @@ class Run:
         self.reset_sums()
         self.bar = tqdm(total=self.tc.max_steps, initial=step, desc=cfg.name, unit="step",
                         disable=not (progress and self.main), dynamic_ncols=True)
+
+    # ---- what a subclass defines -----------------------------------------------------------------------------
+
+    def micro_step(self, batch: dict) -> bool | None:
+        """Forward and backward one micro-batch; at an optimizer step, whether the loss and gradient were
+        finite (the step is skipped when not), else None."""
+        raise NotImplementedError
+
+    def validation_loss(self) -> float | None:
+        """The value logged as val/loss (and picked by best_metric val_loss), on every rank; None without one."""
+        raise NotImplementedError
+
+    @property
+    def val_images(self) -> int:
+        """How many val images validation_loss sees (0: it has none)."""
+        raise NotImplementedError
+
+    def measure_quality(self) -> None:
+        """The train.fid_every measurements."""
+        raise NotImplementedError
+
+    def save_samples(self) -> None:
+        """The train.sample_every picture (main process)."""
+        raise NotImplementedError
+
+    def export(self, folder: Path) -> None:
+        """The EMA weights as an export in `folder` (main process)."""
+        raise NotImplementedError
+
+    def checkpoint_extras(self) -> dict:
+        """Other networks trained beside the model, saved in its checkpoints: name -> (network, optimizer)."""
+        return {}
 
     # ---- helpers ---------------------------------------------------------------------------------------------
 
@@ -140,24 +168,6 @@ class Run:
         return self.step >= self.last_step or self.stopped_early or self.interrupted
 
     # ---- one optimizer step ----------------------------------------------------------------------------------
-
-    def micro_step(self, batch: dict) -> bool | None:
-        """Forward and backward one micro-batch. At the last of train.grad_accum micro-batches the optimizer
-        steps, if the loss and gradient are finite: returns whether they were; None between optimizer steps."""
-        if self.world > 1 and not self.sharding_checked:
-            check_sharding(self.acc, batch["rows"], self.main)
-            self.sharding_checked = True
-        labels = batch["labels"][:, self.label_columns] if self.label_columns else None
-        with self.acc.accumulate(self.model):
-            loss = diffusion_step(self.live, batch.get("images"), x0=batch.get("x"), labels=labels,
-                                  label_dropout=self.tc.label_dropout)
-            self.acc.backward(loss)
-            self.micro_loss += loss.detach().float() / self.tc.grad_accum   # stays on the device until a log step
-            finite = self.clip_and_check() if self.acc.sync_gradients else True
-            if finite:
-                self.trainees.optimizer.step()
-            self.trainees.optimizer.zero_grad(set_to_none=True)
-        return finite if self.acc.sync_gradients else None
 
     def clip_and_check(self) -> bool:
         """Clip the gradient norm; False when it or the step's loss is not finite (fp16 checks by itself)."""
@@ -211,7 +221,7 @@ class Run:
             self.log()
         if self.due(tc.eval_every):
             self.validate()
-        if self.quality is not None and self.due(tc.fid_every):
+        if tc.fid_every and self.due(tc.fid_every):
             self.measure_quality()
         if self.main and self.due(tc.sample_every):
             self.save_samples()
@@ -239,13 +249,6 @@ class Run:
             self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.1f}")
         self.reset_sums()
 
-    def validation_loss(self) -> float | None:
-        """Mean per-image loss of the EMA weights on the validation images (fixed t and noise); None without any."""
-        if self.validation.size == 0:
-            return None
-        total = self.acc.reduce(self.validation(self.averaged, self.tc.batch_size), "sum")
-        return float(total) / self.validation.size
-
     def validate(self) -> None:
         """The validation loss to TensorBoard; with best_metric val_loss it also picks the best and may stop."""
         value = self.validation_loss()
@@ -255,20 +258,6 @@ class Run:
             self.track_best("val loss", value)
         elif value is not None:
             self.say(f"step {self.step}: val loss {value:.5f}")
-
-    def measure_quality(self) -> None:
-        """Small-sample FID, KID, precision/recall and face rate; with best_metric fid it picks the best."""
-        tc = self.tc
-        metrics = self.quality(self.averaged, self.acc)
-        if self.main:
-            for key in QUALITY_KEYS:
-                self.writer.add_scalar(f"quality/{key}", metrics[key], self.step)
-            if tc.best_metric != "fid":
-                self.say(f"step {self.step}: FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f}, "
-                         f"face rate {metrics['face_rate']:.2f} ({tc.fid_images} samples)")
-        if tc.best_metric == "fid":
-            fid = self.acc.gather(torch.tensor([metrics["fid"] if self.main else 0.0], device=self.acc.device))
-            self.track_best(f"FID ({tc.fid_images} samples)", fid[0].item())
 
     def track_best(self, label: str, value: float | None) -> None:
         """Record an evaluation of the best metric: export runs/<name>/best on an improvement, stop early after
@@ -281,18 +270,6 @@ class Run:
         if improved and self.main:
             self.write("the best model", lambda: self.export(self.folder.best))
         self.stopped_early = self.stopped_early or self.stopper.should_stop
-
-    def checkpoint_extras(self) -> dict:
-        """Other networks trained beside the model, saved in its checkpoints: name -> (network, optimizer)."""
-        return {}
-
-    def export(self, folder: Path) -> None:
-        """The EMA weights (with the codec they were trained through) as an export in `folder`."""
-        export_model(self.ema.model, self.cfg, folder, step=self.step, codec=self.averaged.codec)
-
-    def save_samples(self) -> None:
-        """The fixed-seed sample grid of the EMA weights (main process)."""
-        sample_grid(self.averaged, self.tc, self.folder.sample_grid(self.step), self.writer, self.step)
 
     def checkpoint(self) -> None:
         """Save the training state as checkpoints/step-N (pruning old ones) and export the EMA weights."""
@@ -344,3 +321,69 @@ class Run:
         self.acc.wait_for_everyone()
         return TrainResult(self.folder.root, self.step, self.stopper.best, self.stopped_early, self.main,
                            self.interrupted, self.skipped)
+
+
+class DiffusionRun(Run):
+    """A diffusion model's run: the denoising loss on images or cached latents, the validation loss of the EMA
+    weights at fixed timesteps and noise, sample FID, the fixed-seed sample grid, and the export."""
+
+    def __init__(self, cfg: Config, accelerator, trainees: Trainees, *, validation: Validation,
+                 quality: SampleQuality | None = None, codec: Codec | None = None,
+                 label_columns: list[int] | tuple = (), **kwargs):
+        super().__init__(cfg, accelerator, trainees, **kwargs)
+        codec = codec if codec is not None else build_codec(cfg).to(accelerator.device).eval()
+        self.live = Pipeline(trainees.model, cfg, self.folder.root, codec=codec)      # trained on
+        self.averaged = Pipeline(trainees.ema.model, cfg, self.folder.root, codec=codec)  # evaluated, exported
+        self.validation, self.quality = validation, quality
+        self.label_columns = list(label_columns)
+
+    @property
+    def val_images(self) -> int:
+        return self.validation.size
+
+    def micro_step(self, batch: dict) -> bool | None:
+        """Forward and backward one micro-batch. At the last of train.grad_accum micro-batches the optimizer
+        steps, if the loss and gradient are finite: returns whether they were; None between optimizer steps."""
+        if self.world > 1 and not self.sharding_checked:
+            check_sharding(self.acc, batch["rows"], self.main)
+            self.sharding_checked = True
+        labels = batch["labels"][:, self.label_columns] if self.label_columns else None
+        with self.acc.accumulate(self.model):
+            loss = diffusion_step(self.live, batch.get("images"), x0=batch.get("x"), labels=labels,
+                                  label_dropout=self.tc.label_dropout)
+            self.acc.backward(loss)
+            self.micro_loss += loss.detach().float() / self.tc.grad_accum   # stays on the device until a log step
+            finite = self.clip_and_check() if self.acc.sync_gradients else True
+            if finite:
+                self.trainees.optimizer.step()
+            self.trainees.optimizer.zero_grad(set_to_none=True)
+        return finite if self.acc.sync_gradients else None
+
+    def validation_loss(self) -> float | None:
+        """Mean per-image loss of the EMA weights on the validation images (fixed t and noise); None without any."""
+        if self.validation.size == 0:
+            return None
+        total = self.acc.reduce(self.validation(self.averaged, self.tc.batch_size), "sum")
+        return float(total) / self.validation.size
+
+    def measure_quality(self) -> None:
+        """Small-sample FID, KID, precision/recall and face rate; with best_metric fid it picks the best."""
+        tc = self.tc
+        metrics = self.quality(self.averaged, self.acc)
+        if self.main:
+            for key in QUALITY_KEYS:
+                self.writer.add_scalar(f"quality/{key}", metrics[key], self.step)
+            if tc.best_metric != "fid":
+                self.say(f"step {self.step}: FID {metrics['fid']:.2f}, KID {metrics['kid_mean']:.4f}, "
+                         f"face rate {metrics['face_rate']:.2f} ({tc.fid_images} samples)")
+        if tc.best_metric == "fid":
+            fid = self.acc.gather(torch.tensor([metrics["fid"] if self.main else 0.0], device=self.acc.device))
+            self.track_best(f"FID ({tc.fid_images} samples)", fid[0].item())
+
+    def export(self, folder: Path) -> None:
+        """The EMA weights (with the codec they were trained through) as an export in `folder`."""
+        export_model(self.ema.model, self.cfg, folder, step=self.step, codec=self.averaged.codec)
+
+    def save_samples(self) -> None:
+        """The fixed-seed sample grid of the EMA weights (main process)."""
+        sample_grid(self.averaged, self.tc, self.folder.sample_grid(self.step), self.writer, self.step)

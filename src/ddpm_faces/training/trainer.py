@@ -34,7 +34,7 @@ from .interrupt import Interrupt
 from .lr import make_scheduler
 from .monitors import SampleQuality, Validation
 from .resume import check_run_exists, check_run_folder, restore
-from .run import Run, Trainees, TrainResult
+from .run import DiffusionRun, Run, Trainees, TrainResult
 
 log = logging.getLogger("ddpm_faces.train")
 PROCESS_GROUP_TIMEOUT = timedelta(hours=4)      # how long the other ranks wait while the main process writes
@@ -157,9 +157,9 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None 
     if main:
         save_config(cfg, RunFolder(cfg.run_dir).config)
         writer = writer if writer is not None else open_writer(cfg, step)
-    run = Run(cfg, accelerator, trainees, loader=loader, validation=validation, quality=quality, writer=writer,
-              codec=codec, step=step, stopper=stopper, label_columns=label_columns, until_step=until_step,
-              progress=progress)
+    run = DiffusionRun(cfg, accelerator, trainees, loader=loader, validation=validation, quality=quality,
+                       writer=writer, codec=codec, step=step, stopper=stopper, label_columns=label_columns,
+                       until_step=until_step, progress=progress)
     describe(run, resume_from)
     return run
 
@@ -186,10 +186,10 @@ def describe(run: Run, resume_from: Path | None) -> None:
     if not run.main:
         return
     log.info("model: %s parameters; data: %d train / %d val images at %d px; %d process(es); %s",
-             f"{count_parameters(run.raw_model):,}", len(run.loader.indices), run.validation.size,
+             f"{count_parameters(run.raw_model):,}", len(run.loader.indices), run.val_images,
              run.cfg.data.resolution, run.world,
              f"resuming from {resume_from.name}" if resume_from else f"run folder {run.folder.root}")
-    if run.validation.size == 0:
+    if run.val_images == 0:
         log.warning("no validation images: %s off", "validation loss and early stopping are"
                     if run.tc.best_metric == "val_loss" else "validation loss is")
 
