@@ -75,7 +75,7 @@ def time_four(pipe, labels: torch.Tensor) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", required=True, help="runs, exports, or bundled32")
+    p.add_argument("--models", nargs="+", required=True, help="runs, exports, or bundled models' names")
     p.add_argument("--names", nargs="+", help="a short name per model (default: the folder names)")
     p.add_argument("--num", type=int, default=500)
     p.add_argument("--reference", default="../shared/data/faces")
@@ -98,7 +98,7 @@ def main() -> None:
     classifier = load_classifier()
     results = {}
     for name, source in zip(names, args.models):
-        pipe = load_pipeline(None if source == "bundled32" else source)
+        pipe = load_pipeline(source)
         assert pipe.cfg.model.attributes == attributes, f"{source}: a model conditional on {attributes} is needed"
         labels = torch.from_numpy(model_labels(pipe, data, asked_data))
         request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance, precision="bf16")
