@@ -27,6 +27,7 @@ from PIL import Image
 from conftest import free_port
 from ddpm_faces.app import MAX_IMAGES, FaceApp, discover_models
 from ddpm_faces.app.guard import RequestGuard
+from ddpm_faces.app.models import bundled_models
 from ddpm_faces.app.outputs import GENERATE_OUTPUTS, STOPPED
 from ddpm_faces.app.page import gradio_handler
 from ddpm_faces.cli import build_parser, main
@@ -37,7 +38,7 @@ from ddpm_faces.models import UNet, UNetConfig
 from ddpm_faces.pipeline import SamplingRequest, generate
 from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL, export_model
 
-BUNDLED = str(BUNDLED_DIR / DEFAULT_MODEL)
+BUNDLED = str(BUNDLED_DIR / "faces32")
 VOCAB = {"age": ["0-2", "20-29"], "gender": ["Female", "Male"]}
 
 
@@ -93,8 +94,10 @@ def test_discovery_offers_the_bundled_model_first_then_exported_runs(tmp_path, c
     (runs / "unfinished" / "checkpoints").mkdir(parents=True)                # no export yet: not listed
     models = discover_models(None, runs)
     labels = list(models)
-    assert labels[0] == "faces32 (bundled)" and models[labels[0]].cli_checkpoint is None
-    assert labels[1:] == [str(runs / "cond")]
+    bundled = [f"{folder.name} (bundled)" for folder in bundled_models()]
+    assert "faces32 (bundled)" in bundled and labels[0] == f"{DEFAULT_MODEL} (bundled)"
+    assert models[labels[0]].cli_checkpoint is None and all(models[b].cli_checkpoint for b in bundled[1:])
+    assert labels[:len(bundled)] == bundled and labels[len(bundled):] == [str(runs / "cond")]
     assert all("attributes32" not in label for label in labels)            # the attribute classifier is no model
     only = discover_models([conditional_export], runs)
     assert list(only) == [conditional_export]

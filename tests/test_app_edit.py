@@ -31,17 +31,17 @@ from ddpm_faces.cli import main
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.framing import frame_photo, open_photo
 from ddpm_faces.images import EDITED
-from ddpm_faces.runs import DEFAULT_MODEL
 
-MODEL = f"{DEFAULT_MODEL} (bundled)"      # how the page names the bundled model
+MODEL = "faces32 (bundled)"              # how the page names the bundled 32 px model
+LATENT = "latent128 (bundled)"           # and the bundled 128 px latent one
 SCALE = 4                        # the bundled model's 32 px faces are shown 4x
 REAL_FACE = SHARED_DATA / "faces" / "fairface_train-1.jpg"
 
 
 def edit_args(photo, mask=None, *, strength=0.6, sampler="ddim", steps=10, num=2, seed=5, guidance=1.0,
-              precision="fp32", invert=False, detect=False, attributes=("any", "any", "any")) -> list:
+              precision="fp32", invert=False, detect=False, attributes=("any", "any", "any"), model=MODEL) -> list:
     """The edit endpoint's inputs, in the page's order."""
-    return [MODEL, photo, mask, strength, sampler, steps, num, seed, guidance, precision, invert, detect,
+    return [model, photo, mask, strength, sampler, steps, num, seed, guidance, precision, invert, detect,
             *attributes]
 
 
@@ -156,6 +156,16 @@ def test_strength_zero_gives_the_framed_photo_back(app, photos):
     assert np.array_equal(edit, framed) and "0 of 10 ddim steps" in final["edit_status"]
 
 
+def test_the_latent_model_edits_at_128_px_and_keeps_the_unpainted_part(app, photos, tmp_path):
+    strokes = layer(tmp_path / "strokes.png", (96, 96), (0, 0, 48, 96))               # the left half
+    final = outputs(app.edit(*edit_args(str(photos["face"]), [str(strokes)], strength=1.0, num=1, model=LATENT)))[-1]
+    (framed, caption), (edited, _) = final["edit_gallery"]
+    framing = frame_photo(open_photo(photos["face"]), 128, detect=False)
+    assert caption == FRAMED and framed.shape == (128, 128, 3) and np.array_equal(framed, framing.image)
+    assert np.array_equal(edited[:, 64:], framed[:, 64:]) and not np.array_equal(edited[:, :64], framed[:, :64])
+    assert "--checkpoint latent128" in final["edit_command"]
+
+
 def test_cancel_ends_the_edit_with_stopped(app, photos):
     token = app.arm()
     stream = app.edit(*edit_args(str(photos["face"]), strength=1.0, sampler="ddpm", steps=1000, num=MAX_IMAGES),
@@ -214,7 +224,7 @@ def test_server_edits_a_photo_and_the_printed_line_writes_the_same_picture(serve
     assert "--age '60-69'" in line and "--guidance 2" in line and line.endswith("--compare --upscale 4 --out "
                                                                                 "edited-seed5.png")
     assert png.text["Description"] == EDITED and png.text["ddpm-faces command"] == line
-    assert png.text["ddpm-faces step"] == "9000" and DEFAULT_MODEL in png.text["ddpm-faces model"]
+    assert png.text["ddpm-faces step"] == "9000" and "faces32" in png.text["ddpm-faces model"]
     picture = np.asarray(png)
     assert picture.shape == ((32 + 4) * SCALE, (4 * 34 + 2) * SCALE, 3)            # the photo, then 3 edits
     assert np.array_equal(reproduce(command, photos["face"], tmp_path / "again.png"), picture)

@@ -14,29 +14,54 @@ from conftest import draw_face
 from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.reconstruction import psnr
-from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline
+from ddpm_faces.images import to_uint8
+from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline, read_config
+from ddpm_faces.runs import bundled_folders
+
+
+BUNDLED_MODELS = [f.name for f in bundled_folders() if read_config(f).task == "diffusion"]
 
 
 @pytest.fixture(scope="module")
 def bundled():
-    return load_pipeline(None)
+    """The 32 px pixel model (the checks that pin its images)."""
+    return load_pipeline("faces32")
+
+
+@pytest.fixture(scope="module", params=BUNDLED_MODELS)
+def each_bundled(request):
+    """Every bundled diffusion model: the 32 px pixel one and the 128 px latent one."""
+    return load_pipeline(request.param)
+
+
+def face_photo(size: int):
+    """A face-like picture of `size` px as uint8 and as a (1, 3, size, size) tensor in [-1, 1]."""
+    image = draw_face(np.random.default_rng(3), size)
+    return image, to_model_range(torch.from_numpy(image.copy())[None])
 
 
 @pytest.fixture(scope="module")
 def photo():
-    """A face-like 32 px picture (the bundled model's size) as uint8 and as a (1, 3, 32, 32) tensor."""
-    image = draw_face(np.random.default_rng(3), 32)
-    return image, to_model_range(torch.from_numpy(image.copy())[None])
+    return face_photo(32)
+
+
+def test_both_bundled_models_are_edited():
+    assert {"faces32", "latent128"} <= set(BUNDLED_MODELS)
 
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "ddpm_faces", *args], capture_output=True, text=True)
 
 
-def test_strength_zero_gives_the_photo_back(bundled, photo):
-    image, x = photo
-    out = generate(bundled, SamplingRequest(num=2, steps=10), plan=EditPlan(bundled, x, strength=0.0), progress=False)
-    assert (out == image).all()
+def test_strength_zero_gives_the_photo_back_up_to_the_codec(each_bundled):
+    pipe = each_bundled
+    image, x = face_photo(pipe.codec.image_size)
+    out = generate(pipe, SamplingRequest(num=2, steps=10), plan=EditPlan(pipe, x, strength=0.0), progress=False)
+    with torch.inference_mode():
+        round_trip = to_uint8(pipe.codec.decode(pipe.codec.encode(x)))
+    assert (out == round_trip).all()
+    if pipe.codec.shape[0] == 3:                                         # pixels: the photo itself
+        assert (out == image).all()
 
 
 def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
@@ -47,11 +72,12 @@ def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
     assert close[0] > close[1] > close[2]
 
 
-def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(bundled, photo):
-    image, x = photo
-    request = SamplingRequest(num=1, steps=50, sampler="ddim")
-    inverted = generate(bundled, request, plan=EditPlan(bundled, x, strength=0.8, invert=True), progress=False)
-    fresh = generate(bundled, request, plan=EditPlan(bundled, x, strength=0.8), progress=False)
+def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(each_bundled):
+    pipe = each_bundled
+    image, x = face_photo(pipe.codec.image_size)
+    request = SamplingRequest(num=1, steps=50, sampler="ddim", guidance=1.0)
+    inverted = generate(pipe, request, plan=EditPlan(pipe, x, strength=0.8, invert=True), progress=False)
+    fresh = generate(pipe, request, plan=EditPlan(pipe, x, strength=0.8), progress=False)
     assert psnr(image[None], inverted)[0] > psnr(image[None], fresh)[0] + 3
 
 
@@ -71,12 +97,13 @@ def test_the_inversion_can_be_stopped_between_its_steps(bundled, photo):
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
-def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(bundled, photo, sampler):
-    image, x = photo
-    mask = torch.zeros(1, 1, 32, 32)
-    mask[..., 8:24, 8:24] = 1
-    out = generate(bundled, SamplingRequest(num=2, steps=6, sampler=sampler),
-                   plan=EditPlan(bundled, x, strength=1.0, mask=mask), progress=False)
+def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(each_bundled, sampler):
+    pipe, size = each_bundled, each_bundled.codec.image_size
+    image, x = face_photo(size)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    out = generate(pipe, SamplingRequest(num=2, steps=6, sampler=sampler),
+                   plan=EditPlan(pipe, x, strength=1.0, mask=mask), progress=False)
     keep = ~mask[0, 0].bool().numpy()
     assert (out[:, keep] == image[keep]).all()
     assert (out[:, ~keep] != image[~keep]).any() and (out[0] != out[1]).any()
@@ -115,19 +142,21 @@ def test_edit_inputs_are_checked(bundled, photo):
 def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_path):
     face = Image.fromarray(draw_face(np.random.default_rng(1), 96))
     face.save(tmp_path / "photo.png")
-    out = run("edit", "--image", str(tmp_path / "photo.png"), "--no-detect", "--gender", "Female", "--guidance", "2",
+    out = run("edit", "--checkpoint", "faces32", "--image", str(tmp_path / "photo.png"), "--no-detect", "--gender",
+              "Female", "--guidance", "2",
               "--strength", "0.5", "--num", "2", "--steps", "6", "--compare", "--out", str(tmp_path / "e.png"),
               "--no-progress")
     assert out.returncode == 0, out.stderr
     picture = Image.open(tmp_path / "e.png")
     assert picture.size == (2 + 3 * 34, 2 + 34)                       # the photo, then the two edits
     text = picture.text
-    assert text["ddpm-faces command"].startswith("ddpm-faces edit --image") and "--gender 'Female'" in \
+    assert text["ddpm-faces command"].startswith("ddpm-faces edit --checkpoint faces32 --image") and "--gender 'Female'" in \
         text["ddpm-faces command"] and "edited" in text["Description"] and text["ddpm-faces step"] == "9000"
 
 
 def test_sample_pngs_say_how_to_make_them_again(tmp_path):
-    out = run("sample", "--num", "2", "--steps", "5", "--seed", "4", "--age", "20-29", "--out", str(tmp_path / "a.png"),
+    out = run("sample", "--checkpoint", "faces32", "--num", "2", "--steps", "5", "--seed", "4", "--age", "20-29",
+              "--out", str(tmp_path / "a.png"),
               "--no-progress")
     assert out.returncode == 0, out.stderr
     text = Image.open(tmp_path / "a.png").text

@@ -85,7 +85,7 @@ def one_thread():
 
 
 def test_one_tiny_edit_through_each_script(tmp_path, one_thread):
-    pipe = load_pipeline(None)
+    pipe = load_pipeline("faces32")
     request = SamplingRequest(num=1, steps=2, guidance=3.0, precision="bf16", attributes={"age": "60-69"})
     face = speed.frame_photo(speed.drawn_face(), 32, detect=False).image
     for invert in (False, True):

@@ -23,7 +23,7 @@ PINNED = {
 
 @pytest.fixture(scope="module")
 def bundled():
-    return load_pipeline(None)
+    return load_pipeline("faces32")
 
 
 @pytest.mark.parametrize("digest", list(PINNED))
