@@ -15,10 +15,12 @@ from torch import nn
 
 
 class Codec(nn.Module):
-    """The interface: `shape` of one encoded image, `image_size` in pixels, `encode`, `decode`."""
+    """The interface: `shape` of one encoded image, `image_size` in pixels, `encode`, `decode`, and whether x
+    is bounded to [-1, 1] (`bounded`: samplers may then clip their x0 estimates to that range)."""
 
     shape: tuple[int, int, int]            # (channels, height, width) of x
     image_size: int                        # side of the images it encodes and decodes
+    bounded: bool                          # every x lies in [-1, 1]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -29,6 +31,8 @@ class Codec(nn.Module):
 
 class PixelCodec(Codec):
     """Diffusion in pixel space: encode and decode return their input (RGB in [-1, 1])."""
+
+    bounded = True                         # pixels in [-1, 1]: clipping x0 estimates there is right
 
     def __init__(self, channels: int, resolution: int):
         super().__init__()
@@ -45,7 +49,10 @@ class LatentCodec(Codec):
     """Diffusion on an autoencoder's latents (Rombach et al. 2022, sec. 3 and 4.3.2): x = (mu(E(images)) - shift)
     / scale, images = D(x * scale + shift). `shift` and `scale` (per channel, measured on the training
     latents) give x roughly zero mean and unit variance, as the noise schedule assumes; they are buffers, so
-    they travel with the autoencoder's weights."""
+    they travel with the autoencoder's weights. The latents are not bounded: about a third of them lie outside
+    [-1, 1], so clipping x0 estimates there (right for pixels) would shrink every sample toward grey."""
+
+    bounded = False
 
     def __init__(self, autoencoder):
         super().__init__()

@@ -87,7 +87,7 @@ class EditPlan:
     def sample(self, sampler, denoiser, x: torch.Tensor, timesteps: list[float], *, project, **kwargs) -> torch.Tensor:
         """Run `sampler` from the start, or with resample > 1 RePaint's resampled ancestral steps."""
         if self.resample > 1:
-            kwargs = {k: v for k, v in kwargs.items() if k in ("noise", "cond", "callback")}
+            kwargs = {k: v for k, v in kwargs.items() if k in ("noise", "cond", "callback", "clip_x0")}
             return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **kwargs)
         return sampler(denoiser, x, timesteps, project=project, **kwargs)
 

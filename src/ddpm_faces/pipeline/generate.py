@@ -76,7 +76,8 @@ class Run:
             x = self.initial_noise[rows].to(pipe.device, torch.float32)
         cond = self.labels[rows].to(pipe.device) if self.labels is not None else \
             None if self.shared is None else self.shared[:n]
-        options = dict(noise=noise, cond=cond, callback=callback, **request.sampler_options())
+        options = dict(noise=noise, cond=cond, callback=callback, clip_x0=pipe.codec.bounded,
+                       **request.sampler_options())
         if plan is None:
             x = request.spec.fn(self.denoiser, x, self.timesteps, **options)
         else:
