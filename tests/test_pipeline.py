@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +37,10 @@ def test_batch_size_does_not_change_the_images(bundled):
     request = SamplingRequest(num=3, sampler="ddim", steps=4, eta=1.0, seed=5)
     whole = generate(bundled, request, progress=False)
     split = generate(bundled, request.replace(batch_size=2), progress=False)
-    assert (whole == split).all()
+    # the noise is drawn per image, so only float rounding may differ: the CPU's matmul kernels can sum in
+    # another order for another batch size (measured: at most 1 level of 255 on some machines)
+    diff = np.abs(whole.astype(int) - split.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
 
 
 @pytest.mark.parametrize("change, field", [

@@ -41,7 +41,7 @@ class SamplingRequest:
     guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
     precision: str = "fp32"                      # fp32 | bf16
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
-    batch_size: int = 16                         # images per network batch (does not change the images)
+    batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
 
     @property
     def spec(self) -> SamplerSpec:
