@@ -112,7 +112,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
         f"{s.spacing} for {s.name}" for s in REGISTRY.values()))
     p.add_argument("--eta", type=float, default=default.eta, help="DDIM noise: 0 deterministic, 1 like DDPM")
     p.add_argument("--batch-size", type=positive_int, default=batch_size,
-                   help=f"images per network batch (default {batch_size}; the images do not depend on it, up to float rounding)")
+                   help=f"images per network batch (default {batch_size}; the images do not depend on it, up to "
+                        "float rounding)")
     p.add_argument("--precision", default=default.precision, choices=SAMPLING_PRECISIONS,
                    help="bf16: the network under bf16 autocast (about 2x faster on CPUs with bf16 units)")
     for name in ATTRIBUTE_FLAGS:
