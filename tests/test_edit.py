@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 from conftest import draw_face
+from ddpm_faces.app.models import bundled_models
 from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.reconstruction import psnr
 from ddpm_faces.images import to_uint8
-from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline, read_config
-from ddpm_faces.runs import bundled_folders
+from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline
 
 
-BUNDLED_MODELS = [f.name for f in bundled_folders() if read_config(f).task == "diffusion"]
+BUNDLED_MODELS = [folder.name for folder in bundled_models()]       # the diffusion models among the weights
 
 
 @pytest.fixture(scope="module")
