@@ -59,7 +59,8 @@ def test_strength_zero_gives_the_photo_back_up_to_the_codec(each_bundled):
     out = generate(pipe, SamplingRequest(num=2, steps=10), plan=EditPlan(pipe, x, strength=0.0), progress=False)
     with torch.inference_mode():
         round_trip = to_uint8(pipe.codec.decode(pipe.codec.encode(x)))
-    assert (out == round_trip).all()
+    # the decoder's float rounding may differ between a batch of 2 and of 1 (at most one level of 255)
+    assert np.abs(out.astype(int) - round_trip.astype(int)).max() <= 1
     if pipe.codec.shape[0] == 3:                                         # pixels: the photo itself
         assert (out == image).all()
 
