@@ -384,7 +384,11 @@ def test_server_refuses_a_streamed_body_over_the_limit(server, path, content_typ
             yield b"x" * 65536
     reply = httpx.post(demo.local_url + "gradio_api/" + path, content=chunks(), timeout=30,
                        headers={"content-type": content_type})
-    assert reply.status_code == 413 and f"too large: at most {most} bytes" in reply.json()["detail"]
+    # newer Gradio releases refuse an upload over their own 50 MB max_file_size first, in plain text
+    ours = reply.headers.get("content-type", "").startswith("application/json") and \
+        f"too large: at most {most} bytes" in reply.json()["detail"]
+    gradios = path == "upload" and "exceeded maximum allowed size" in reply.text
+    assert reply.status_code == 413 and (ours or gradios) and len(reply.content) < 300, reply.text[:300]
 
 
 def test_server_cancel_stops_a_running_generation(server, app):
