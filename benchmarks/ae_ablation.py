@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.config import load_config
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.model_eval import evaluate_codec
@@ -85,7 +86,7 @@ def discriminator_logits(run_dir: Path, last: int = 200) -> dict | None:
 def draw_faces(model: str, num: int, seed: int) -> torch.Tensor:
     """`num` faces by a 128 px model as (num, 3, H, W) in [-1, 1]."""
     pipe = load_pipeline(model)
-    images = generate(pipe, SamplingRequest(num=num, seed=seed, guidance=3.0, precision="bf16"), progress=False)
+    images = generate(pipe, SamplingRequest(num=num, seed=seed, guidance=3.0), progress=False)
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -141,7 +142,7 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"data": args.data, "val_faces": args.num, "threads": args.threads,
-                                        "variants": results}, indent=2) + "\n")
+                                        "machine": machine_info(threads=args.threads), "variants": results}, indent=2) + "\n")
     if args.picture:
         codecs = {name: load_codec(variant_config(name, args.data, args.steps, args.runs_dir).run_dir)
                   for name in args.variants}

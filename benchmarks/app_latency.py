@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.app import FaceApp
 from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest,
                                  default_threads, generate)
@@ -215,6 +216,7 @@ def main() -> None:
           f"{result['first_preview_median_s']:.2f} s")
     print(f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           "(another job may be using a core: compare with sampler only)")
+    result["machine"] = machine_info(precision=precision)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.framing import frame_photo, open_photo
@@ -80,7 +81,7 @@ def one_edit(pipe: Pipeline, source: Path | None, request: SamplingRequest, stre
 
 
 def time_model(pipe: Pipeline, kind: str, label: str, source: Path | None, args) -> list[dict]:
-    request = SamplingRequest(num=1, seed=0, steps=args.steps, guidance=args.guidance, precision="bf16",
+    request = SamplingRequest(num=1, seed=0, steps=args.steps, guidance=args.guidance, precision="auto",
                               attributes=ASK if pipe.conditional else {})
     rows = []
     for invert in (False, True):
@@ -143,8 +144,9 @@ def main() -> None:
     rows = []
     for pipe, kind, label in models:
         rows += time_model(pipe, kind, label, source, args)
-    result = {"threads": torch.get_num_threads(), "steps": args.steps, "strength": args.strength,
-              "guidance": args.guidance, "precision": "bf16", "repeats": args.repeats,
+    used = SamplingRequest().validate(models[0][0]).precision
+    result = {"machine": machine_info(precision=used), "threads": torch.get_num_threads(), "steps": args.steps,
+              "strength": args.strength, "guidance": args.guidance, "precision": used, "repeats": args.repeats,
               "photo": str(source) if source is not None else "drawn face, detect=False",
               "detection": source is not None, "torch": torch.__version__, "rows": rows}
     if args.out:

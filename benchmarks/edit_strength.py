@@ -41,13 +41,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.data import prepare_dataset, resolve_source
 from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
-from ddpm_faces.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, EditPlan, SamplingRequest, generate, load_pipeline
+from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, SamplingRequest,
+                                 generate, load_pipeline)
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 MIN_AGE_GAP = 3                  # bins between the photo's age label and the one asked for
@@ -195,6 +197,7 @@ def run(args) -> dict:
         "model": str(pipe.source), "step": pipe.step, "image_size": size, "data": args.data, "num": len(rows),
         "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "precision": args.precision,
         "seed": args.seed, "keep_race": args.keep_race, "threads": torch.get_num_threads(),
+        "machine": machine_info(precision=resolve_precision(args.precision)),
         "min_age_gap": MIN_AGE_GAP, "psnr_size": PSNR_SIZE, "psnr_cap": PSNR_CAP,
         "faces": [names[r] or int(r) for r in rows],
         "asked_age_counts": {b: asked_age.count(b) for b in vocab["age"]},
@@ -390,7 +393,7 @@ def main() -> None:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-race", action="store_true", help="also ask for the photo's own race label")
     p.add_argument("--threads", type=int, default=1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_faces.hardware import bf16_native, machine_info
 from ddpm_faces.config import load_config
 from ddpm_faces.diffusion import Denoiser, sample_dpmpp_2m, sampling_timesteps
 from ddpm_faces.models import UNet, count_parameters
@@ -80,7 +81,7 @@ def _bf16(net):
 def encode_rate(codec: LatentCodec, precision: str, repeats: int) -> float:
     """Images per second through the path the latent cache uses (bf16: LatentCodec.fast_encoder) or plain fp32."""
     images = torch.rand(64, 3, 128, 128) * 2 - 1
-    encode = codec.fast_encoder() if precision == "bf16" else codec.encode
+    encode = codec.fast_encoder("bf16") if precision == "bf16" else codec.encode
 
     def run():
         with torch.inference_mode():
@@ -121,7 +122,9 @@ def main() -> None:
     pixels = diffusers_pixel_unet(latent, 128)
     rows = {"threads": args.threads, "steps": args.steps, "latent_unet_parameters": count_parameters(unet),
             "autoencoder_parameters": count_parameters(codec)}
-    for precision in ("fp32", "bf16"):                 # bf16 last: fast_encoder leaves the codec channels-last
+    rows["machine"] = machine_info(threads=args.threads)
+    precisions = ("fp32", "bf16") if bf16_native("cpu") else ("fp32",)   # bf16 without bf16 units: ~20x slower
+    for precision in precisions:                       # bf16 last: fast_encoder leaves the codec channels-last
         rows[f"latent128_4_faces_s_{precision}"] = sample_seconds(unet, codec.shape, latent, precision, args.steps,
                                                                   codec.decode, args.repeats)
         rows[f"diffusers_pixel128_4_faces_s_{precision}"] = sample_seconds(pixels, (3, 128, 128), latent, precision,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.data import BatchLoader, prepare_dataset
 from ddpm_faces.data.loader import load_batch
 from ddpm_faces.diffusion import diffusion_loss
@@ -116,7 +117,8 @@ def main() -> None:
         data = prepare_dataset(args.data, 32, progress=False)
         results = [run(kind, prec, data, args.steps, args.eval_every, args.batch) for kind, prec in RUNS]
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({"threads": args.threads, "steps": args.steps, "batch": args.batch,
+        RESULTS.write_text(json.dumps({"machine": machine_info(threads=args.threads), "threads": args.threads,
+                                       "steps": args.steps, "batch": args.batch,
                                        "runs": results}, indent=1))
         print(f"wrote {RESULTS}")
     results = json.loads(RESULTS.read_text())["runs"]

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ddpm_faces.hardware import machine_info, resolve_precision
+
 BUSY = "import torch; torch.set_num_threads(1); a = torch.randn(512, 512)\nwhile True: a = (a @ a).tanh()"
 
 
@@ -63,7 +65,8 @@ def main() -> None:
                   f"for {args.num} faces (runs: {rows[-1]['runs_s']})", flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"cpu_count": os.cpu_count(), "num": args.num, "rows": rows}, indent=2))
+        Path(args.out).write_text(json.dumps({"machine": machine_info(precision=resolve_precision("auto")),
+                                             "cpu_count": os.cpu_count(), "num": args.num, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.diffusion import SAMPLERS, network_evaluations
 from ddpm_faces.evaluation import InceptionFeatures, evaluate_images, reference_stats
 from ddpm_faces.evaluation.model_eval import format_table
@@ -49,7 +50,8 @@ def run(args) -> list[dict]:
             steps = steps_for(sampler, nfe)
             rows.append({"sampler": sampler, "steps": steps, "nfe_budget": nfe,
                          "nfe": network_evaluations(sampler, steps), **metrics,
-                         "sample_seconds": round(seconds, 1), "threads": torch.get_num_threads()})
+                         "sample_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                         "machine": machine_info(precision=request.validate(pipe).precision)})
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(rows, indent=2))
             print(format_table(rows[-1:]), flush=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.data import prepare_dataset
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import agreement, load_classifier, target_labels
@@ -63,7 +64,7 @@ def parameters(pipe) -> dict:
 
 
 def time_four(pipe, labels: torch.Tensor) -> float:
-    request = SamplingRequest(num=4, seed=0, guidance=3.0, precision="bf16")
+    request = SamplingRequest(num=4, seed=0, guidance=3.0)
     generate(pipe, request, labels=labels[:4], progress=False)                          # warm-up
     times = []
     for _ in range(3):
@@ -101,7 +102,7 @@ def main() -> None:
         pipe = load_pipeline(source)
         assert pipe.cfg.model.attributes == attributes, f"{source}: a model conditional on {attributes} is needed"
         labels = torch.from_numpy(model_labels(pipe, data, asked_data))
-        request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance, precision="bf16")
+        request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance)
         start = time.perf_counter()
         images = generate(pipe, request, labels=labels, progress=True)
         sampling = time.perf_counter() - start
@@ -124,7 +125,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"reference": args.reference, "split": "val", "resolution": args.resolution,
                                         "num": args.num, "guidance": args.guidance, "sampler": "dpmpp-2m",
-                                        "steps": 20, "threads": args.threads, "models": results}, indent=2) + "\n")
+                                        "steps": 20, "threads": args.threads, "models": results,
+                                        "machine": machine_info(threads=args.threads,
+                                                                precision=resolve_precision("auto"))},
+                                       indent=2) + "\n")
 
 
 if __name__ == "__main__":

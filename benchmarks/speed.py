@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_faces.hardware import machine_info
 from ddpm_faces.diffusion import sample_ddim
 from ddpm_faces.diffusion.process import Denoiser
 from ddpm_faces.diffusion.schedules import NoiseSchedule, cosine_betas, sampling_timesteps
@@ -269,6 +270,7 @@ def main() -> None:
     out = Path(args.out or Path(__file__).parent / "results" / f"speed-{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": name, "threads": args.threads, "torch": torch.__version__,
+                               "machine": machine_info(threads=args.threads),
                                "rows": rows, "data_loading_img_s": loading}, indent=1))
     print(f"wrote {out}")
 

@@ -154,8 +154,8 @@ def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
     assert final["strip"].shape == ((32 + 4) * 4, (8 * 34 + 2) * 4, 3)      # one face, 8 columns
     assert final["status"].startswith("3 faces in")
     # the grid is what the sampler makes, and the printed command writes the same picture
-    images = generate(app.pipeline(app.models[BUNDLED]), SamplingRequest(num=3, seed=5, sampler="ddpm", steps=10),
-                      progress=False)
+    images = generate(app.pipeline(app.models[BUNDLED]), SamplingRequest(num=3, seed=5, sampler="ddpm", steps=10,
+                                                                         precision="fp32"), progress=False)
     grid = np.asarray(Image.open(final["grid_file"]))
     assert np.array_equal(grid[::4, ::4], make_grid(images))
     assert np.array_equal(reproduce(final["seeds"], tmp_path / "again.png"), grid)
@@ -179,7 +179,7 @@ HUGE_NAME = "m" * 500_000
 @pytest.mark.parametrize("position, value, message", [
     (0, "nope", "unknown model 'nope'"),
     (0, HUGE_NAME, "unknown model 'mmmm"),
-    (1, "euler", "unknown sampler 'euler': choose one of ddpm, ddim, dpmpp-2m, heun"),
+    (1, "euler", "unknown sampler 'euler': choose one of ddpm, ddim, dpmpp-2m"),
     (2, 0, "steps must be from 1 to 1000, got 0"),
     (2, 1001, "steps must be from 1 to 1000, got 1001"),
     (2, 2.5, "steps must be a whole number"),
@@ -197,7 +197,8 @@ HUGE_NAME = "m" * 500_000
     (5, 10**400, "guidance scale must be a number from 0 to 20"),
     (5, math.nan, "guidance scale must be a number from 0 to 20"),
     (5, "lots", "guidance scale must be a number from 0 to 20"),
-    (6, "fp16", "unknown precision 'fp16': choose one of fp32, bf16"),
+    (6, "fp8", "unknown precision 'fp8': choose one of auto, fp32, bf16, fp16"),
+    (6, "fp16", "fp16 needs a CUDA GPU"),
     (7, "200-300", "unknown age '200-300': choose one of any, 0-2, 3-9"),
     (7, ["a list"], "unknown age ['a list']"),
 ])

@@ -84,9 +84,8 @@ def click_generate_and_capture(driver, url: str, screenshot: Path, timeout: floa
         if " faces in " in status:
             break
         time.sleep(0.1)
+    loaded = wait_for_loaded_images(driver, "#faces img", 4)
     captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#faces img")]
-    loaded = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#faces img')).filter(i => i.naturalWidth > 0).length")
     time.sleep(0.5)                                          # let the strip and the file box settle
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
@@ -95,6 +94,19 @@ def click_generate_and_capture(driver, url: str, screenshot: Path, timeout: floa
     driver.save_screenshot(str(screenshot))
     driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     return {"status": status, "previews": sorted(previews), "captions": captions, "loaded": loaded}
+
+
+def wait_for_loaded_images(driver, selector: str, expected: int, timeout: float = 20.0) -> int:
+    """How many images under `selector` have arrived (decoded, naturalWidth > 0), waiting up to `timeout` s for
+    `expected` of them: the gallery fills after the status line says done, later on a loaded machine."""
+    script = f"return Array.from(document.querySelectorAll('{selector}')).filter(i => i.naturalWidth > 0).length"
+    deadline, loaded = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        loaded = driver.execute_script(script)
+        if loaded >= expected:
+            break
+        time.sleep(0.1)
+    return loaded
 
 
 def start_long_generation_and_cancel(driver, app, timeout: float = 30.0) -> list[str]:
@@ -190,10 +202,8 @@ def edit_a_photo(driver, url: str, photo: Path, timeout: float = 120.0) -> dict:
         if " of the photo in " in status or driver.find_elements(By.CSS_SELECTOR, ".toast-body"):
             break
         time.sleep(0.1)
-    time.sleep(0.3)                                          # let the gallery's pictures load
+    loaded = wait_for_loaded_images(driver, "#edits img", 5)
     captions = [img.get_attribute("alt") for img in driver.find_elements(By.CSS_SELECTOR, "#edits img")]
-    loaded = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#edits img')).filter(i => i.naturalWidth > 0).length")
     return {"status": status, "captions": captions, "loaded": loaded,
             "errors": [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".toast-body")],
             "files": "".join(driver.find_element(By.CSS_SELECTOR, "#edit-files").text.split()),

@@ -1,7 +1,7 @@
 """The pipeline seam: one sampling request, the codec, and the bundled model's images pinned."""
 from __future__ import annotations
 
-import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,15 +11,20 @@ from ddpm_faces.errors import UserError
 from ddpm_faces.models import PixelCodec
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 
-# sha256 (first 16 hex digits) of generate(bundled model, SamplingRequest(num=3, **case)).tobytes(), taken
-# before the seams were reshaped: the same seed, sampler, steps and precision must keep giving these bytes.
+# The bundled model's fp32 images for these requests, taken before the seams were reshaped: the same seed,
+# sampler, steps and precision must keep giving them. Not byte for byte: the CPU's kernels round differently
+# per instruction set (AVX2, AVX-512, AMX sum in other orders), which moves a few pixels by one grey level
+# (measured: at most 1 level, in 0.01% of the values, between AVX2 and AVX-512 on one AMD EPYC). Any change
+# to the sampler, the schedule or the network moves far more than that.
+REFERENCE = Path(__file__).parent / "data" / "faces32-fp32-reference.npz"
 PINNED = {
-    "a898caf941f124fa": dict(sampler="dpmpp-2m", steps=20),
-    "177fd8acb121e1ea": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0),
-    "2ee5a4ac411cfafe": dict(sampler="ddim", steps=10, eta=0.5, seed=7),
-    "556c9037ab7d2aac": dict(sampler="heun", steps=6, attributes={"age": "60-69"}, guidance=2.0,
-                             guidance_interval=(100.0, 900.0)),
+    "dpmpp-2m": dict(sampler="dpmpp-2m", steps=20),
+    "ddpm-guided": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0),
+    "ddim-eta": dict(sampler="ddim", steps=10, eta=0.5, seed=7),
+    "heun-interval": dict(sampler="heun", steps=6, attributes={"age": "60-69"}, guidance=2.0,
+                          guidance_interval=(100.0, 900.0)),
 }
+MAX_LEVELS, MAX_SHARE = 2, 0.005        # at most 2 grey levels apart, in at most 0.5% of the values
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +32,21 @@ def bundled():
     return load_pipeline("faces32")
 
 
-@pytest.mark.parametrize("digest", list(PINNED))
-def test_bundled_model_images_are_unchanged(bundled, digest):
-    images = generate(bundled, SamplingRequest(num=3, **PINNED[digest]), progress=False)
-    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == digest
+def matches(images: np.ndarray, reference: np.ndarray) -> bool:
+    diff = np.abs(images.astype(int) - reference.astype(int))
+    return images.shape == reference.shape and diff.max() <= MAX_LEVELS and (diff > 0).mean() <= MAX_SHARE
+
+
+@pytest.mark.parametrize("case", list(PINNED))
+def test_bundled_model_images_are_unchanged(bundled, case):
+    images = generate(bundled, SamplingRequest(num=3, precision="fp32", **PINNED[case]), progress=False)
+    assert matches(images, np.load(REFERENCE)[case])
+
+
+def test_the_pinned_images_tell_a_changed_sampler_apart(bundled):
+    """The tolerance is far below what a real change does: one step fewer already fails it."""
+    images = generate(bundled, SamplingRequest(num=3, precision="fp32", sampler="dpmpp-2m", steps=19), progress=False)
+    assert not matches(images, np.load(REFERENCE)["dpmpp-2m"])
 
 
 def test_batch_size_does_not_change_the_images(bundled):

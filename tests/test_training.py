@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from conftest import tiny_overrides
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
+from ddpm_faces.hardware import bf16_native
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 from ddpm_faces.runs import RunFolder
 from ddpm_faces.training import EMA, EarlyStopping, train
@@ -63,6 +64,11 @@ def test_resume_gives_bit_identical_weights(tmp_path, face_folder):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     state = json.loads((tmp_path / "b" / "runs" / "tiny" / "checkpoints" / "step-12" / "state.json").read_text())
     assert state["step"] == 12 and state["ema"]["num_updates"] == 12
+    # each start records the machine and the precision "auto" chose on it (bf16 only where it is native)
+    starts = json.loads((tmp_path / "b" / "runs" / "tiny" / "machines.json").read_text())
+    assert [s["step"] for s in starts] == [0, 6]
+    assert {s["precision"] for s in starts} == {"bf16" if bf16_native("cpu") else "fp32"}
+    assert all(s["cpu"] and s["torch"] == torch.__version__ for s in starts)
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, face_folder):

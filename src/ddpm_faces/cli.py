@@ -115,7 +115,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
                    help=f"images per network batch (default {batch_size}; the images do not depend on it, up to "
                         "float rounding)")
     p.add_argument("--precision", default=default.precision, choices=SAMPLING_PRECISIONS,
-                   help="bf16: the network under bf16 autocast (about 2x faster on CPUs with bf16 units)")
+                   help="auto (default): bf16 where the CPU or GPU has bf16 units (AMX, AVX512-BF16), else fp32; "
+                        "bf16 on a CPU without them is many times slower; fp16 needs a GPU")
     for name in ATTRIBUTE_FLAGS:
         p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
     if guidance_scales:

@@ -21,7 +21,7 @@ from .io import atomic_file
 from .models import UNetConfig
 from .models.autoencoder import AutoencoderConfig
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")     # train.mixed_precision (sampling: pipeline.SAMPLING_PRECISIONS)
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")   # train.mixed_precision (sampling: pipeline.SAMPLING_PRECISIONS)
 FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -57,7 +57,7 @@ class TrainConfig:
     max_steps: int = 10000                    # optimizer steps; the cosine decay ends here
     min_lr_ratio: float = 0.0                 # final lr = lr * min_lr_ratio
     grad_clip: float = 1.0
-    mixed_precision: str = "no"               # no | fp16 | bf16 (bf16 doubles CPU speed with AMX/AVX512-bf16)
+    mixed_precision: str = "auto"             # auto (bf16 where the CPU/GPU has bf16 units, else no) | no | fp16 (GPU) | bf16
     compile: bool = False                     # torch.compile the model (about +10% on CPU after ~2 min compiling)
     seed: int = 0
     ema_decay: float = 0.9999

@@ -133,7 +133,7 @@ def edit_status(request, strength: float, steps_run: int, invert: bool, mask: bo
     how = ([f"strength {strength:g}: {steps_run} of {r.steps} {r.sampler} steps"]
            + (["DDIM inversion"] if invert else []) + (["inpainting the painted region"] if mask else [])
            + [f"{k} {v}" for k, v in r.attributes.items()] + ([f"guidance {r.guidance:g}"] if conditional else [])
-           + ([r.precision] if r.precision != "fp32" else []))
+           + [r.precision])
     found = f"; {faces} faces found, the largest edited" if faces > 1 else ""
     return f"{r.num} edit{'s' if r.num > 1 else ''} of the photo in {seconds:.2f} s ({', '.join(how)}){found}"
 
@@ -153,7 +153,7 @@ class PhotoEditing:
         path = str(save_image(np.asarray(canvas), out.new_folder(self.out_dir) / "photo.png"))
         return {"edit_canvas": {"background": path, "layers": [], "composite": path}}
 
-    def edit(self, model, photo, layers, strength, sampler, steps, num, seed, guidance=1.0, precision="fp32",
+    def edit(self, model, photo, layers, strength, sampler, steps, num, seed, guidance=1.0, precision="auto",
              invert=False, detect=True, *attributes, token: str | None = None):
         """Yields outputs by name (out.EDIT_OUTPUTS): the framed photo at once, the current estimates every
         few steps, then the framed photo and the edits side by side, the PNG of them (with the command, the

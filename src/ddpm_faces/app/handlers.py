@@ -177,7 +177,7 @@ class FaceApp(PhotoEditing):
                     return event.images
         return None
 
-    def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="fp32", *attributes,
+    def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="auto", *attributes,
                  token: str | None = None) -> Iterator[Outputs]:
         """Yields outputs by name (out.GENERATE_OUTPUTS): every few steps the preview shows the current
         clean-image estimates as one picture; at the end the grid, the faces with their seeds, the denoising
@@ -209,7 +209,7 @@ class FaceApp(PhotoEditing):
                 "seeds": out.seeds_text(entry, request, scale), "strip": out.enlarge(strip.picture(), scale),
                 "status": out.generate_status(request, seconds, pipe.conditional)}
 
-    def interpolate(self, model, sampler, steps, num, seed_a, seed_b, guidance=1.0, precision="fp32",
+    def interpolate(self, model, sampler, steps, num, seed_a, seed_b, guidance=1.0, precision="auto",
                     *attributes, token: str | None = None) -> Iterator[Outputs]:
         """Yields outputs by name (out.INTERPOLATE_OUTPUTS): faces along the spherical path between the
         starting noise of two seeds, as one row."""

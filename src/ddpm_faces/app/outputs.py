@@ -61,7 +61,7 @@ def generate_status(request: SamplingRequest, seconds: float, conditional: bool)
     asked = ", ".join(f"{k} {v}" for k, v in r.attributes.items())
     return (f"{r.num} face{'s' if r.num > 1 else ''} in {seconds:.2f} s ({r.sampler}, {r.steps} steps"
             + (f", {asked}" if asked else "") + (f", guidance {r.guidance:g}" if conditional else "")
-            + (f", {r.precision}" if r.precision != "fp32" else "") + ")")
+            + f", {r.precision})")
 
 
 def interpolate_status(request: SamplingRequest, seed_b: int, seconds: float) -> str:

@@ -96,9 +96,9 @@ def _controls(app: FaceApp, c: dict) -> None:
     c["guidance"] = gr.Slider(0, MAX_GUIDANCE, value=1.0, step=0.5, label="Guidance scale",
                               info="1 = plain conditional; larger = attributes more strongly",
                               visible=bool(m.attributes), elem_id="guidance")
-    c["precision"] = gr.Dropdown(list(SAMPLING_PRECISIONS), value="fp32", label="Precision",
-                                 info="bf16: the network under bf16 autocast, about 2x faster on CPUs with bf16 "
-                                      "units (AMX, AVX512-bf16)", elem_id="precision")
+    c["precision"] = gr.Dropdown(list(SAMPLING_PRECISIONS), value="auto", label="Precision",
+                                 info="auto: bf16 where the CPU or GPU has bf16 units (AMX, AVX512-BF16), else "
+                                      "fp32; bf16 without them is many times slower", elem_id="precision")
     for name in app.attribute_names:
         values = m.vocab[name] if name in m.attributes else []
         c[f"attribute_{name}"] = gr.Dropdown([ANY, *values], value=ANY, label=name.capitalize(),

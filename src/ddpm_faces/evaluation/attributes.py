@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import BatchLoader
 from ..errors import UserError
+from ..hardware import DTYPES, resolve_precision
 from ..io import atomic_folder
 from ..runs import DEFAULT_CLASSIFIER, bundled
 
@@ -94,6 +95,7 @@ class ClassifierTraining:
     weight_decay: float = 0.05
     seed: int = 0
     width: int = 32
+    precision: str = "auto"                   # auto: bf16 autocast where the CPU has bf16 units, else fp32
 
 
 def train_classifier(data, attributes: list[str] | None = None, settings: ClassifierTraining = ClassifierTraining(),
@@ -109,13 +111,14 @@ def train_classifier(data, attributes: list[str] | None = None, settings: Classi
     opt = torch.optim.AdamW(clf.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=settings.steps, pct_start=0.1)
     loader = iter(BatchLoader(data, "train", settings.batch_size, seed=settings.seed, hflip=True))
+    dtype = DTYPES[resolve_precision(settings.precision)]         # auto: bf16 only where the CPU has bf16 units
     clf.train()
     bar = tqdm(range(settings.steps), desc="attribute classifier", unit="step", disable=not progress)
     t0 = time.perf_counter()
     for step in bar:
         batch = next(loader)
         labels = batch["labels"][:, cols]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             logits = clf(batch["images"])
         loss = sum(F.cross_entropy(logits[a].float(), labels[:, i], ignore_index=-1) for i, a in enumerate(attributes))
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import Denoiser, PerImageNoise, sampling_timesteps
 from ..errors import UserError
+from ..hardware import DTYPES
 from ..images import to_uint8
 from .model import Pipeline
 from .request import SamplingRequest
@@ -89,13 +90,14 @@ class Run:
 
 
 def autocast_net(net, precision: str):
-    """The network, under bf16 autocast for precision "bf16" (the sampler's arithmetic stays in fp32)."""
+    """The network, under bf16 or fp16 autocast for a resolved precision other than "fp32" (the sampler's
+    arithmetic stays in fp32)."""
     if precision == "fp32":
         return net
-    device_type = next(net.parameters()).device.type
+    device_type, dtype = next(net.parameters()).device.type, DTYPES[precision]
 
     def run(*args):
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=dtype):
             return net(*args)
     return run
 

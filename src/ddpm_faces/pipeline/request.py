@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from ..diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, REGISTRY, SAMPLERS, SPACINGS, SamplerSpec, sampler_spec,
                          sampling_timesteps)
 from ..errors import UserError
+from ..hardware import PRECISIONS, resolve_precision
 
-SAMPLING_PRECISIONS = ("fp32", "bf16")           # bf16: the network under bf16 autocast, the sampler in fp32
+SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: the network's; the sampler stays fp32
 MAX_SEED = 2**63 - 1
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
 
@@ -39,7 +40,7 @@ class SamplingRequest:
     eta: float = 0.0                             # DDIM only: 0 deterministic, 1 like DDPM
     guidance: float = 1.0                        # classifier-free guidance scale w; 1 = plain conditional
     guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
-    precision: str = "fp32"                      # fp32 | bf16
+    precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
     batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
 
@@ -65,7 +66,8 @@ class SamplingRequest:
 
     def validate(self, pipe) -> SamplingRequest:
         """Check every field against the model `pipe` (a Pipeline); returns the request with the attributes
-        left to the model ('any', '' or None) dropped. Raises UserError naming the field."""
+        left to the model ('any', '' or None) dropped and the precision resolved ("auto" -> "bf16" or "fp32").
+        Raises UserError naming the field."""
         self._check_counts()
         if self.sampler not in SAMPLERS:
             raise UserError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
@@ -80,11 +82,10 @@ class SamplingRequest:
             raise UserError(f"{self.steps} steps do not work with the {self.sampler} sampler on this model: {err}"
                             ) from None
         self._check_guidance()
-        if self.precision not in SAMPLING_PRECISIONS:
-            raise UserError(f"unknown precision {self.precision!r}: use {' or '.join(SAMPLING_PRECISIONS)}")
+        precision = resolve_precision(self.precision, pipe.device)     # "auto" becomes what this device computes
         wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
         pipe.labels(wanted, 1)                   # unknown names or values, or an unconditional model
-        return self.replace(attributes=wanted)
+        return self.replace(attributes=wanted, precision=precision)
 
     def _check_counts(self) -> None:
         if not _is_int(self.num) or self.num < 1:

@@ -2,6 +2,7 @@
 
     runs/<name>/
         config.yaml                 the run's resolved config
+        machines.json               each (re)start: the CPU or GPU, torch, threads and the precision used
         train.lock                  held by the process training it (runs/lock.py)
         checkpoints/step-N/         training state (runs/checkpoints.py), the newest few kept
         export/                     EMA weights + config of the newest checkpoint, and a latent model's
@@ -38,6 +39,7 @@ class RunFolder:
         self.root = Path(root)
 
     config = property(lambda self: self.root / CONFIG_FILE)
+    machines = property(lambda self: self.root / "machines.json")
     export = property(lambda self: self.root / "export")
     best = property(lambda self: self.root / "best")
     checkpoints_dir = property(lambda self: self.root / "checkpoints")

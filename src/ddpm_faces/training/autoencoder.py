@@ -99,7 +99,7 @@ class ReconstructionCheck:
 @torch.no_grad()
 def latent_statistics(ae: Autoencoder, data: PreparedData, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the posterior means of STATS_IMAGES train images (both flips), encoded the way
-    the latent cache encodes (bf16, channels-last: a few seconds per export)."""
+    the latent cache encodes (channels-last, bf16 where the CPU has bf16 units: a few seconds per export)."""
     device = next(ae.parameters()).device
     encode = LatentCodec(copy.deepcopy(ae)).fast_encoder()          # shift 0, scale 1: the raw latents
     rows = spread(data.indices("train"), STATS_IMAGES)

@@ -9,6 +9,7 @@ is long enough for that work.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import nullcontext
@@ -24,6 +25,8 @@ from ..config import Config, TrainConfig, save_config
 from ..data import BatchLoader, PreparedData, prepare_dataset
 from ..data.latents import LatentLoader, encode_latents
 from ..errors import UserError
+from ..hardware import machine_info, training_precision
+from ..io import atomic_file
 from ..models import Codec, count_parameters
 from ..pipeline import build_codec, build_model
 from ..runs import RunFolder, tensors_key
@@ -81,10 +84,26 @@ def check_writable(folder: Path) -> None:
 
 
 def make_accelerator(tc: TrainConfig) -> Accelerator:
-    """Accelerate for this machine: CUDA when present, else the CPU (several CPU processes then use gloo)."""
-    return Accelerator(mixed_precision=tc.mixed_precision, gradient_accumulation_steps=tc.grad_accum,
-                       dynamo_backend="inductor" if tc.compile else None, cpu=not torch.cuda.is_available(),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+    """Accelerate for this machine: CUDA when present, else the CPU (several CPU processes then use gloo);
+    train.mixed_precision "auto" is bf16 where the device has bf16 units, else none."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Accelerator(mixed_precision=training_precision(tc.mixed_precision, device),
+                       gradient_accumulation_steps=tc.grad_accum, dynamo_backend="inductor" if tc.compile else None,
+                       cpu=device == "cpu", kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+
+
+def record_machine(folder: RunFolder, accelerator: Accelerator, step: int) -> None:
+    """Append this (re)start's machine and the precision actually used to the run's machines.json."""
+    path = folder.machines
+    try:
+        starts = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        starts = []
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    starts.append({"step": step, "processes": accelerator.num_processes,
+                   **machine_info(precision=precision, device=accelerator.device)})
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(starts, indent=1) + "\n")
 
 
 def load_data(cfg: Config, accelerator: Accelerator, progress: bool) -> PreparedData:
@@ -185,9 +204,11 @@ def describe(run: Run, resume_from: Path | None) -> None:
     """The run's one-line summary, and a warning when there are no validation images."""
     if not run.main:
         return
-    log.info("model: %s parameters; data: %d train / %d val images at %d px; %d process(es); %s",
+    record_machine(run.folder, run.acc, run.step)
+    log.info("model: %s parameters; data: %d train / %d val images at %d px; %d process(es), %s; %s",
              f"{count_parameters(run.raw_model):,}", len(run.loader.indices), run.val_images,
-             run.cfg.data.resolution, run.world,
+             run.cfg.data.resolution, run.world, {"no": "fp32"}.get(run.acc.mixed_precision,
+                                                                    run.acc.mixed_precision),
              f"resuming from {resume_from.name}" if resume_from else f"run folder {run.folder.root}")
     if run.val_images == 0:
         log.warning("no validation images: %s off", "validation loss and early stopping are"
