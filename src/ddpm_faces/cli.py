@@ -98,7 +98,7 @@ ATTRIBUTE_FLAGS = ("age", "gender", "race")
 def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False):
     """The flags of a SamplingRequest, declared once for every command that samples."""
     from .diffusion import REGISTRY, SAMPLERS, SPACINGS
-    from .pipeline import SAMPLING_PRECISIONS, SamplingRequest
+    from .pipeline import RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
 
     default = SamplingRequest()
     p.add_argument("--num", type=positive_int, default=num, help=f"number of faces (default {num})")
@@ -117,6 +117,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
     p.add_argument("--precision", default=default.precision, choices=SAMPLING_PRECISIONS,
                    help="auto (default): bf16 where the CPU or GPU has bf16 units (AMX, AVX512-BF16), else fp32; "
                         "bf16 on a CPU without them is many times slower; fp16 needs a GPU")
+    p.add_argument("--runtime", default=default.runtime, choices=RUNTIMES,
+                   help="onnx: the network through ONNX Runtime in fp32 on the CPU, 1.3-1.4x faster than plain "
+                        "fp32 after a few seconds of export (pip install 'ddpm-faces[fast]'); plain by default")
     for name in ATTRIBUTE_FLAGS:
         p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
     if guidance_scales:
@@ -145,7 +148,7 @@ def request_from_args(args, **changes):
     interval = tuple(args.guidance_interval) if args.guidance_interval is not None else None
     request = SamplingRequest(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
                               spacing=args.spacing, eta=args.eta, guidance=guidance, guidance_interval=interval,
-                              precision=args.precision, batch_size=args.batch_size,
+                              precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
                               attributes={name: getattr(args, name) for name in ATTRIBUTE_FLAGS
                                           if getattr(args, name) is not None})
     return request.replace(**changes)
@@ -365,7 +368,8 @@ def _serve(args) -> None:
 
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, got {args.port}")
-    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, threads=args.threads)
+    serve(args.checkpoint, host=args.host, port=args.port, share=args.share, threads=args.threads,
+          runtime=args.runtime)
 
 
 def _data(args) -> None:
@@ -497,6 +501,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public share link (off unless given)")
     p.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: all cores but one)")
+    p.add_argument("--runtime", default="plain", choices=("plain", "onnx"),
+                   help="onnx: requests that run in fp32 go through ONNX Runtime, 1.3-1.4x faster after a few "
+                        "seconds of export per model (pip install 'ddpm-faces[fast]')")
     p.set_defaults(func=_serve)
 
 

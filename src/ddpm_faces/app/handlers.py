@@ -24,7 +24,8 @@ from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
 from ..images import DenoisingStrip, make_grid
-from ..pipeline import SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline
+from ..hardware import resolve_precision
+from ..pipeline import RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline
 from . import outputs as out
 from .inputs import (ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, check_attributes, check_choice,
                      check_int, check_number)
@@ -52,7 +53,8 @@ class FaceApp(PhotoEditing):
     the "Edit a photo" tab in edit.py)."""
 
     def __init__(self, models: dict[str, ModelEntry], *, concurrency_limit: int = 1, max_queue: int = 32,
-                 threads: int | None = None, device: str = "cpu", out_dir: str | Path | None = None):
+                 threads: int | None = None, device: str = "cpu", out_dir: str | Path | None = None,
+                 runtime: str = "plain"):
         if not models:
             raise UserError("no model to serve")
         if concurrency_limit < 1:
@@ -60,6 +62,7 @@ class FaceApp(PhotoEditing):
         self.models, self.default = models, next(iter(models))
         self.concurrency_limit, self.max_queue = concurrency_limit, max_queue
         self.threads, self.device = threads, device
+        self.runtime = check_choice(runtime, RUNTIMES, "runtime")   # onnx: used for the requests that run in fp32
         self.attribute_names: list[str] = []        # one dropdown each, shown when the model has it
         for entry in models.values():
             self.attribute_names += [a for a in entry.cfg.model.attributes if a not in self.attribute_names]
@@ -142,7 +145,9 @@ class FaceApp(PhotoEditing):
         known = {a: entry.cfg.model.vocab[a] for a in entry.cfg.model.attributes}
         wanted = check_attributes(entry.label, known, self.attribute_names, attributes)
         pipe = self.pipeline(entry)
+        fp32 = resolve_precision(precision, pipe.device) == "fp32"
         request = SamplingRequest(num=num, seed=seed, sampler=sampler, steps=steps, precision=precision,
+                                  runtime=self.runtime if fp32 else "plain",
                                   guidance=guidance if pipe.conditional else 1.0,   # the hidden slider means nothing
                                   attributes=wanted, batch_size=MAX_IMAGES)
         return entry, pipe, request.validate(pipe)

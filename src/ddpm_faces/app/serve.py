@@ -74,7 +74,8 @@ def stop_signals() -> Iterator[threading.Event]:
 
 
 def serve(checkpoints: list[str] | None = None, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          threads: int | None = None, runs_dir: str | Path = "runs", concurrency_limit: int = 1) -> None:
+          threads: int | None = None, runs_dir: str | Path = "runs", concurrency_limit: int = 1,
+          runtime: str = "plain") -> None:
     """`ddpm-faces serve`: discover the models, build the page, serve it until SIGINT or SIGTERM. Its temporary
     files (the grid PNGs and Gradio's cache) live in one folder, removed when the server stops."""
     import torch
@@ -84,7 +85,7 @@ def serve(checkpoints: list[str] | None = None, *, host: str = "127.0.0.1", port
     logging.getLogger("httpx").setLevel(logging.WARNING)      # no line per request Gradio makes to itself
     with stop_signals(), scratch_folder() as scratch:         # a second signal cannot cut the cleanup short
         app = FaceApp.from_paths(checkpoints, runs_dir, threads=threads, concurrency_limit=concurrency_limit,
-                                 out_dir=scratch)
+                                 out_dir=scratch, runtime=runtime)
         try:
             print(f"models: {', '.join(app.models)} (default {app.default}); {threads} torch thread(s)", flush=True)
             _serve_page(app, host, port, share)

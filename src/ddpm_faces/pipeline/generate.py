@@ -17,6 +17,7 @@ from ..hardware import DTYPES
 from ..images import to_uint8
 from .model import Pipeline
 from .request import SamplingRequest
+from .runtime import fast_net
 
 
 def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
@@ -61,7 +62,8 @@ class Run:
     def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise):
         self.pipe, self.request, self.plan, self.labels, self.initial_noise = pipe, request, plan, labels, initial_noise
         self.shared = pipe.labels(request.attributes, min(request.num, request.batch_size))
-        self.denoiser = Denoiser(autocast_net(pipe.net, request.precision), pipe.schedule,
+        net = fast_net(pipe.net, (min(request.num, request.batch_size), *pipe.codec.shape), request.runtime)
+        self.denoiser = Denoiser(autocast_net(net, request.precision), pipe.schedule,
                                  pipe.cfg.diffusion.prediction, request.guidance, request.guidance_interval)
         timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
         self.timesteps = plan.timesteps(timesteps) if plan is not None else timesteps
@@ -94,7 +96,7 @@ def autocast_net(net, precision: str):
     arithmetic stays in fp32)."""
     if precision == "fp32":
         return net
-    device_type, dtype = next(net.parameters()).device.type, DTYPES[precision]
+    device_type, dtype = next(net.parameters()).device.type, DTYPES[precision]   # runtime onnx is fp32 only
 
     def run(*args):
         with torch.autocast(device_type, dtype=dtype):

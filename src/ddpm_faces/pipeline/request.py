@@ -16,6 +16,7 @@ from ..diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, REGISTRY, SAMPLERS, SPA
                          sampling_timesteps)
 from ..errors import UserError
 from ..hardware import PRECISIONS, resolve_precision
+from .runtime import KINDS as RUNTIMES
 
 SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: the network's; the sampler stays fp32
 MAX_SEED = 2**63 - 1
@@ -41,6 +42,7 @@ class SamplingRequest:
     guidance: float = 1.0                        # classifier-free guidance scale w; 1 = plain conditional
     guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
     precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
+    runtime: str = "plain"                       # plain (PyTorch) | onnx (ONNX Runtime, fp32 on the CPU: pipeline/runtime.py)
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
     batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
 
@@ -82,10 +84,24 @@ class SamplingRequest:
             raise UserError(f"{self.steps} steps do not work with the {self.sampler} sampler on this model: {err}"
                             ) from None
         self._check_guidance()
-        precision = resolve_precision(self.precision, pipe.device)     # "auto" becomes what this device computes
+        precision = self._check_runtime(pipe)
         wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
         pipe.labels(wanted, 1)                   # unknown names or values, or an unconditional model
         return self.replace(attributes=wanted, precision=precision)
+
+    def _check_runtime(self, pipe) -> str:
+        """The precision this request runs in: "auto" becomes what the device computes natively, or fp32 for
+        ONNX Runtime, which runs the network in fp32 on the CPU."""
+        if self.runtime not in RUNTIMES:
+            raise UserError(f"unknown runtime {self.runtime!r}: choose one of {', '.join(RUNTIMES)}")
+        if self.runtime == "plain":
+            return resolve_precision(self.precision, pipe.device)
+        if pipe.device.type != "cpu":
+            raise UserError(f"runtime onnx runs on the CPU; the model is on {pipe.device}: use runtime plain")
+        if self.precision not in ("auto", "fp32"):
+            raise UserError(f"runtime onnx runs fp32, not {self.precision}: use precision auto or fp32, or runtime "
+                            "plain")
+        return "fp32"
 
     def _check_counts(self) -> None:
         if not _is_int(self.num) or self.num < 1:
@@ -112,7 +128,7 @@ class SamplingRequest:
         """The `ddpm-faces sample` flags that ask for this request (defaults left out)."""
         default = SamplingRequest()
         parts = [f"--seed {self.seed} --num {self.num} --sampler {self.sampler} --steps {self.steps}"]
-        for name in ("spacing", "eta", "guidance", "precision"):
+        for name in ("spacing", "eta", "guidance", "precision", "runtime"):
             value = getattr(self, name)
             if value != getattr(default, name):
                 parts.append(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}")
