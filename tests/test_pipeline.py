@@ -88,7 +88,7 @@ def test_one_default_for_every_entry_point():
     for command in (["sample"], ["eval"], ["eval", "--attributes"]):
         request = request_from_args(build_parser().parse_args(command))
         assert request.replace(num=default.num, batch_size=default.batch_size) == default
-    assert default.nfe == 20 and SamplingRequest(sampler="heun", steps=10).nfe == 19
+    assert default.nfe == 8 and SamplingRequest(sampler="heun", steps=10).nfe == 19
 
 
 def test_cli_flags_reproduce_the_request():

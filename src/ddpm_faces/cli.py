@@ -95,7 +95,8 @@ def positive_int(text: str) -> int:
 ATTRIBUTE_FLAGS = ("age", "gender", "race")
 
 
-def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False):
+def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False,
+                       steps: int | None = None):
     """The flags of a SamplingRequest, declared once for every command that samples."""
     from .diffusion import REGISTRY, SAMPLERS, SPACINGS
     from .pipeline import RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
@@ -106,8 +107,8 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
     p.add_argument("--sampler", default=default.sampler, choices=SAMPLERS,
                    help="; ".join(f"{s.name}: {s.calls_per_step} network call(s) per step" for s in REGISTRY.values())
                         + f" (default {default.sampler})")
-    p.add_argument("--steps", type=positive_int, default=default.steps,
-                   help=f"denoising steps (default {default.steps})")
+    steps = steps or default.steps
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"denoising steps (default {steps})")
     p.add_argument("--spacing", choices=SPACINGS, help="where the steps fall; default: " + ", ".join(
         f"{s.spacing} for {s.name}" for s in REGISTRY.values()))
     p.add_argument("--eta", type=float, default=default.eta, help="DDIM noise: 0 deterministic, 1 like DDPM")
@@ -427,6 +428,8 @@ def _sample_parser(sub) -> None:
 
 
 def _edit_parser(sub) -> None:
+    from .diffusion import DEFAULT_EDIT_STEPS
+
     p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
     p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "
                                                   "the training faces")
@@ -443,7 +446,7 @@ def _edit_parser(sub) -> None:
     p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
                                                             "the face")
     p.add_argument("--compare", action="store_true", help="put the framed photo first in the output")
-    add_sampling_flags(p, num=4, batch_size=16)
+    add_sampling_flags(p, num=4, batch_size=16, steps=DEFAULT_EDIT_STEPS)
     p.add_argument("--out", default="edited.png", help="image to write (default edited.png)")
     p.add_argument("--nrow", type=positive_int, help="images per row (default: a square)")
     p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved image (nearest)")

@@ -23,7 +23,7 @@ from gradio.components.base import server
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
-from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
+from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
 from . import outputs as out
 from .edit import LOST_CANVAS, MAX_LAYERS
 from .handlers import FaceApp
@@ -163,7 +163,7 @@ def _edit_tab(c: dict, most: int) -> None:
         c["edit_strength"] = gr.Slider(0, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
                                        info="0 = the photo back, 1 = a fresh sample", elem_id="edit-strength")
         c["edit_sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
-        c["edit_steps"] = gr.Slider(1, most, value=min(DEFAULT_STEPS, most), step=1, label="Steps",
+        c["edit_steps"] = gr.Slider(1, most, value=min(DEFAULT_EDIT_STEPS, most), step=1, label="Steps",
                                     info="the strength's share of them runs", elem_id="edit-steps")
         c["edit_num"] = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM, step=1, label="Number of faces")
     with gr.Row():

@@ -8,13 +8,13 @@ from .edit import EditPlan
 from .generate import autocast_net, generate, interpolate, slerp, starting_noise
 from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
                     load_codec, load_pipeline, read_config)
-from .request import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
+from .request import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
 from .runtime import fast_net
 
 __all__ = [
     "EditPlan",
     "autocast_net", "generate", "interpolate", "slerp", "starting_noise",
     "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config",
-    "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "RUNTIMES", "SAMPLING_PRECISIONS", "SamplingRequest",
+    "DEFAULT_EDIT_STEPS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "RUNTIMES", "SAMPLING_PRECISIONS", "SamplingRequest",
     "fast_net",
 ]

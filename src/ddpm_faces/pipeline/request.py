@@ -12,7 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..diffusion import (DEFAULT_SAMPLER, DEFAULT_STEPS, REGISTRY, SAMPLERS, SPACINGS, SamplerSpec, sampler_spec,
+from ..diffusion import (DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, REGISTRY, SAMPLERS, SPACINGS, SamplerSpec, sampler_spec,
                          sampling_timesteps)
 from ..errors import UserError
 from ..hardware import PRECISIONS, resolve_precision
