@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 
 from ddpm_faces.evaluation import InceptionFeatures, evaluate_images, reference_stats  # noqa: E402
 from ddpm_faces.hardware import machine_info  # noqa: E402
+from ddpm_faces.io import atomic_file  # noqa: E402
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline  # noqa: E402
 
 MODELS = ("faces32", "latent128")
@@ -34,16 +34,9 @@ BASELINE = ("dpmpp-2m", 20)                       # the default sampler and step
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    """The whole JSON file, written to a temporary file beside it and moved into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(rows, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The whole JSON file, written to a temporary file beside it and moved into place (os.replace)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 def key(row: dict) -> tuple:

@@ -2,6 +2,8 @@
 the latent cache."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,189 @@ def test_latent_cache_holds_both_flips_is_keyed_and_rebuilt_when_damaged(tmp_pat
     assert batch["x"].shape == (8, 4, 4, 4)
     for x, row in zip(batch["x"].numpy(), rows):                                   # each is one of its two flips
         assert any(np.allclose(x, rebuilt.latents[f, row].astype(np.float32)) for f in (0, 1))
+
+
+# ---- a sharper decoder for a trained latent model: init_from, a frozen encoder, a fixed GAN weight, LeCAM -------
+
+AE_TINY = {"task": "autoencoder", "name": "dec", "autoencoder.resolution": 16, "autoencoder.channels": "[8,16,16]",
+           "autoencoder.groups": 4, "reconstruction.crop": 0, "reconstruction.disc_channels": 8,
+           "reconstruction.disc_layers": 2, "reconstruction.eval_images": 8, "reconstruction.kl_weight": 0.01,
+           "train.adam_betas": "[0.5,0.9]", "train.lr": 2e-3}
+
+
+def tiny_autoencoder_config(tmp_path, face_folder, **extra):
+    from conftest import tiny_overrides
+    from ddpm_faces.config import load_config
+
+    return load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{**AE_TINY, **extra}))
+
+
+@pytest.fixture(scope="module")
+def source_export(tmp_path_factory, face_folder):
+    """A tiny autoencoder export (random weights, made-up latent statistics): what init_from starts from."""
+    from ddpm_faces.runs import export_model
+
+    root = tmp_path_factory.mktemp("source")
+    cfg = tiny_autoencoder_config(root, face_folder)
+    torch.manual_seed(123)
+    codec = LatentCodec(Autoencoder(cfg.autoencoder))
+    codec.set_statistics(torch.tensor([0.1, -0.2, 0.3, 0.05]), torch.tensor([1.5, 0.7, 2.0, 1.1]))
+    return export_model(codec, cfg, root / "export")
+
+
+def source_codec(export) -> LatentCodec:
+    from ddpm_faces.pipeline import load_codec
+
+    return load_codec(export)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["reconstruction.disc_weight_mode=constant"], ["reconstruction.disc_weight_mode", "adaptive", "fixed"]),
+    (["reconstruction.lecam_weight=-0.1"], ["reconstruction.lecam_weight", "0 or more"]),
+    (["reconstruction.lecam_decay=1"], ["reconstruction.lecam_decay", "[0, 1)"]),
+    (["reconstruction.disc_weight=-1"], ["reconstruction.disc_weight", "0 or more"]),
+    (["reconstruction.disc_lr=0"], ["reconstruction.disc_lr", "positive"]),
+    (["reconstruction.freeze_encoder=true"], ["freeze_encoder", "init_from"]),
+    (["reconstruction.freeze_encoder=yes"], ["reconstruction.freeze_encoder", "bool"]),
+    (["reconstruction.init_from=' '"], ["reconstruction.init_from"]),
+])
+def test_new_reconstruction_keys_are_validated_in_one_line(overrides, words):
+    from ddpm_faces.config import load_config
+    from ddpm_faces.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        load_config("quickstart", overrides)
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_the_gan_weight_is_fixed_or_adaptive():
+    from ddpm_faces.training.reconstruction import gan_weight
+
+    w = torch.randn(5, requires_grad=True)
+    rec, gan = (3.0 * w).sum(), (0.5 * w).pow(2).sum()
+    fixed = ReconstructionConfig(disc_weight=0.1, disc_weight_mode="fixed")
+    assert float(gan_weight(rec, gan, w, fixed)) == pytest.approx(0.1)
+    adaptive = ReconstructionConfig(disc_weight=0.5, disc_weight_mode="adaptive")
+    assert torch.equal(gan_weight(rec, gan, w, adaptive), adaptive_weight(rec, gan, w, 0.5))
+
+
+def test_lecam_penalty_and_its_running_means_follow_the_formulas():
+    from ddpm_faces.training.reconstruction import lecam_penalty
+
+    real, fake = torch.tensor([[1.0, 2.0], [3.0, 0.0]]), torch.tensor([[-1.0, 0.5], [0.0, -2.5]])
+    means = torch.tensor([0.5, -0.25])                             # [alpha_R, alpha_F]
+    # Tseng et al. 2021 eq. 3, by hand: mean (D(x) - alpha_F)^2 + mean (D(x~) - alpha_R)^2
+    by_hand = ((1.25 ** 2 + 2.25 ** 2 + 3.25 ** 2 + 0.25 ** 2) / 4) + ((1.5 ** 2 + 0 + 0.5 ** 2 + 3.0 ** 2) / 4)
+    assert float(lecam_penalty(real, fake, means)) == pytest.approx(by_hand)
+    d = PatchDiscriminator(DiscriminatorConfig(channels=8, layers=2, groups=4))
+    assert torch.equal(d.logit_means, torch.zeros(2))
+    d.update_logit_means(real, fake, decay=0.9)                  # alpha <- 0.9 alpha + 0.1 mean
+    d.update_logit_means(real, fake, decay=0.9)
+    expected = torch.tensor([1.5, -0.75]) * (1 - 0.9 ** 2)
+    assert torch.allclose(d.logit_means, expected)
+    state = {k: v for k, v in d.state_dict().items() if k != "logit_means"}    # a checkpoint from before LeCAM
+    fresh = PatchDiscriminator(DiscriminatorConfig(channels=8, layers=2, groups=4))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.logit_means, torch.zeros(2))
+
+
+def test_init_from_starts_from_the_source_and_freezes_only_the_encoder(tmp_path, face_folder, source_export):
+    from ddpm_faces.training.autoencoder import build_autoencoder_trainees, read_initial_weights
+
+    cfg = tiny_autoencoder_config(tmp_path, face_folder, **{"reconstruction.init_from": str(source_export),
+                                                            "reconstruction.freeze_encoder": True})
+    source = source_codec(source_export)
+    initial = read_initial_weights(cfg)
+    trainees, _ = build_autoencoder_trainees(cfg, 0, initial)
+    for net in (trainees.model, trainees.ema.model):                  # the decoder starts equal to the source's
+        expected = source.autoencoder.state_dict()
+        assert all(torch.equal(v, expected[k]) for k, v in net.state_dict().items())
+    assert torch.equal(initial.statistics[0], source.shift) and torch.equal(initial.statistics[1], source.scale)
+    optimized = {id(p) for group in trainees.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in trainees.model.decoder.parameters()}
+    assert not any(p.requires_grad for p in trainees.model.encoder.parameters())
+
+
+def test_init_from_reads_the_bundled_latent_models_autoencoder():
+    from safetensors.torch import load_file
+
+    from ddpm_faces.config import load_config
+    from ddpm_faces.runs import CODEC_FILE, bundled
+    from ddpm_faces.training.autoencoder import read_initial_weights
+
+    initial = read_initial_weights(load_config("decoder128"))           # init_from: latent128
+    shipped = load_file(bundled("latent128") / CODEC_FILE)
+    assert initial.source == bundled("latent128") / CODEC_FILE
+    assert all(torch.equal(v, shipped[f"autoencoder.{k}"].float()) for k, v in initial.state.items())
+    assert torch.equal(initial.statistics[0], shipped["shift"]) and torch.equal(initial.statistics[1], shipped["scale"])
+
+
+def test_a_bad_init_from_is_one_line(tmp_path, face_folder, source_export):
+    from ddpm_faces.errors import UserError
+    from ddpm_faces.training import train
+
+    missing = tiny_autoencoder_config(tmp_path, face_folder, **{"reconstruction.init_from": str(tmp_path / "nope")})
+    with pytest.raises(UserError) as err:
+        train(missing, progress=False)
+    assert "\n" not in str(err.value) and "nope" in str(err.value) and "latent128" in str(err.value)
+    other = tiny_autoencoder_config(tmp_path, face_folder, **{"reconstruction.init_from": str(source_export),
+                                                              "autoencoder.channels": "[8,8,16]"})
+    with pytest.raises(UserError, match="another autoencoder section") as err:
+        train(other, progress=False)
+    assert "\n" not in str(err.value)
+
+
+def test_the_fixed_gan_weight_is_what_the_training_loss_adds(tmp_path, face_folder, source_export):
+    """One generator step with the GAN on: loss = L_rec + w_kl KL + 0.1 L_G, by value, and the LeCAM term sits
+    in the discriminator's loss."""
+    from ddpm_faces.training.trainer import make_accelerator, prepare_run
+
+    cfg = tiny_autoencoder_config(tmp_path, face_folder, **{
+        "reconstruction.init_from": str(source_export), "reconstruction.freeze_encoder": True,
+        "reconstruction.disc_weight": 0.1, "reconstruction.disc_weight_mode": "fixed",
+        "reconstruction.disc_start": 0, "reconstruction.lecam_weight": 0.5, "reconstruction.fft_weight": 0.1})
+    run = prepare_run(cfg, make_accelerator(cfg.train))
+    assert run.gan_on
+    run.micro_step(next(iter(run.loader)))
+    t = {k: float(v) for k, v in run.terms.items()}
+    assert t["gan_weight"] == pytest.approx(0.1) and t["gan_g"] != 0 and t["kl"] > 0 and t["rec"] > t["l1"]
+    assert float(run.micro_loss) == pytest.approx(t["rec"] + 0.01 * t["kl"] + 0.1 * t["gan_g"], rel=1e-5)
+    assert t["lecam"] > 0 and not torch.equal(run.raw_disc.logit_means, torch.zeros(2))
+    run.finish()
+
+
+def test_a_frozen_encoder_and_its_latents_stay_bit_identical(tmp_path, face_folder, source_export):
+    from safetensors.torch import load_file
+
+    from ddpm_faces.data import load_batch, prepare_dataset
+    from ddpm_faces.runs import RunFolder
+    from ddpm_faces.training import train
+
+    cfg = tiny_autoencoder_config(tmp_path, face_folder, **{
+        "reconstruction.init_from": str(source_export), "reconstruction.freeze_encoder": True,
+        "reconstruction.disc_weight": 0.1, "reconstruction.disc_weight_mode": "fixed",
+        "reconstruction.disc_start": 3, "reconstruction.disc_warmup": 2, "reconstruction.lecam_weight": 0.1,
+        "train.max_steps": 6, "train.checkpoint_every": 6})
+    folder = RunFolder(train(cfg, progress=False).run_dir)
+    source = source_codec(source_export)
+    data = prepare_dataset(str(face_folder), 16, cache_dir=tmp_path / "cache", progress=False)
+    images = load_batch(data, np.arange(8))["images"]
+    for name in ("model.safetensors", "ema.safetensors"):
+        ae = Autoencoder(cfg.autoencoder)
+        ae.load_state_dict(load_file(folder.checkpoint(6) / name))
+        for k, v in source.autoencoder.encoder.state_dict().items():
+            assert torch.equal(ae.encoder.state_dict()[k], v), (name, k)
+        with torch.no_grad():
+            assert torch.equal(ae.encode(images).mean, source.autoencoder.encode(images).mean), name
+        before = source.autoencoder.decoder.state_dict()
+        assert any(not torch.equal(v, before[k]) for k, v in ae.decoder.state_dict().items()), f"{name}: no training"
+    exported = load_file(folder.export / "model.safetensors")            # the source's statistics, not re-measured
+    assert torch.equal(exported["shift"], source.shift) and torch.equal(exported["scale"], source.scale)
+    # paused after step 4 and resumed: bit for bit the same, LeCAM's running means (in the discriminator) included
+    paused = dataclasses.replace(cfg, name="dec-paused")
+    assert train(paused, progress=False, until_step=4).step == 4
+    assert train(paused, progress=False, resume=True).step == 6
+    for name in ("model.safetensors", "ema.safetensors", "discriminator.safetensors"):
+        a, b = (load_file(f.checkpoint(6) / name) for f in (folder, RunFolder(paused.run_dir)))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert not torch.equal(load_file(folder.checkpoint(6) / "discriminator.safetensors")["logit_means"], torch.zeros(2))

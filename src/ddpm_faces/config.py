@@ -96,14 +96,19 @@ class ReconstructionConfig:
     mse_weight: float = 0.0
     fft_weight: float = 0.0                   # L1 between amplitude spectra; 0 = off
     kl_weight: float = 1e-6                   # KL(q(z|x) || N(0, I)); the papers use ~1e-6
-    disc_weight: float = 0.5                  # scale of VQGAN's adaptive weight; 0 = no discriminator
+    disc_weight: float = 0.5                  # the GAN term's weight (see disc_weight_mode); 0 = no discriminator
+    disc_weight_mode: str = "adaptive"        # adaptive: disc_weight x VQGAN's gradient-norm ratio | fixed: disc_weight
     disc_start: int = 2000                    # optimizer steps before the GAN term is switched on
     disc_warmup: int = 0                      # steps the discriminator trains alone before disc_start
     disc_lr: float = 2e-4
     disc_channels: int = 32
     disc_layers: int = 3
+    lecam_weight: float = 0.0                 # LeCAM regulariser of the discriminator (Tseng et al. 2021); 0 = off
+    lecam_decay: float = 0.99                 # EMA decay of the discriminator's mean logits that LeCAM anchors to
     crop: int = 64                            # train on random crops of this side; 0 = whole images
     eval_images: int = 256                    # val images for PSNR / SSIM / reconstruction FID
+    init_from: str | None = None              # autoencoder export/run or latent model (e.g. latent128) to start from
+    freeze_encoder: bool = False              # train the decoder only: encoder, latents and their statistics stay
 
 
 TASKS = ("diffusion", "autoencoder")
@@ -140,6 +145,7 @@ CHOICES = {
     "train.fid_sampler": SAMPLERS,
     "train.sample_sampler": SAMPLERS,
     "train.best_metric": ("val_loss", "fid"),
+    "reconstruction.disc_weight_mode": ("adaptive", "fixed"),
     "task": TASKS,
 }
 POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train.grad_accum", "train.max_steps",
@@ -297,6 +303,7 @@ def _check_ranges(cfg: Config) -> None:
     if rc.disc_warmup > rc.disc_start:
         raise UserError(f"invalid reconstruction.disc_warmup {rc.disc_warmup}: at most disc_start ({rc.disc_start}), "
                         "the step its term switches on")
+    _check_reconstruction(rc)
     if tc.threads is not None and tc.threads < 1:
         raise UserError(f"invalid train.threads {tc.threads}: a positive number, or null for torch's default")
     if tc.fid_every and tc.fid_images < 4:
@@ -304,6 +311,24 @@ def _check_ranges(cfg: Config) -> None:
     for key, steps in (("train.fid_steps", tc.fid_steps), ("train.sample_steps", tc.sample_steps)):
         if steps > d.timesteps:
             raise UserError(f"invalid {key} {steps}: at most diffusion.timesteps ({d.timesteps})")
+
+
+def _check_reconstruction(rc: ReconstructionConfig) -> None:
+    """The adversarial weights, LeCAM and starting from another autoencoder."""
+    for key, value in (("reconstruction.disc_weight", rc.disc_weight),
+                       ("reconstruction.lecam_weight", rc.lecam_weight)):
+        if value < 0:
+            raise UserError(f"invalid {key} {value}: must be 0 or more")
+    if rc.disc_lr <= 0:
+        raise UserError(f"invalid reconstruction.disc_lr {rc.disc_lr}: must be positive")
+    if not 0 <= rc.lecam_decay < 1:
+        raise UserError(f"invalid reconstruction.lecam_decay {rc.lecam_decay}: must be in [0, 1), e.g. 0.99")
+    if rc.init_from is not None and not rc.init_from.strip():
+        raise UserError("invalid reconstruction.init_from '': name an autoencoder export or run, or a latent model "
+                        "such as latent128, or null to start from random weights")
+    if rc.freeze_encoder and not rc.init_from:
+        raise UserError("reconstruction.freeze_encoder needs reconstruction.init_from: a frozen encoder must come "
+                        "from a trained autoencoder (e.g. init_from: latent128)")
 
 
 class _Loader(yaml.SafeLoader):

@@ -119,10 +119,11 @@ class DiagonalGaussian:
         return self.mean + (0.5 * self.logvar).exp() * noise
 
     def kl(self) -> torch.Tensor:
-        """Per-image KL divergence, (B,)."""
+        """Per-image KL divergence, (B,), in float32 (a sum over every element of z: in bf16 it would round)."""
         if self.deterministic:
             return torch.zeros(self.mean.shape[0], device=self.mean.device)
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(1)
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
 
 
 class Autoencoder(nn.Module):
