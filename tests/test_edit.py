@@ -97,7 +97,7 @@ def test_the_inversion_can_be_stopped_between_its_steps(bundled, photo):
     assert len(seen) == 3
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"])
 def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(each_bundled, sampler):
     pipe, size = each_bundled, each_bundled.codec.image_size
     image, x = face_photo(size)

@@ -80,7 +80,7 @@ def _fast_sampler(denoiser, x, timesteps, **kwargs):
 SAMPLE_FLAGS = {
     "--num": st.integers(-3, 40).map(str), "--steps": st.one_of(st.integers(-5, 2000).map(str), words),
     "--seed": st.one_of(st.integers(-5, 2**70).map(str), words), "--sampler": st.one_of(st.sampled_from(
-        ["ddpm", "ddim", "dpmpp-2m", "heun"]), words), "--spacing": st.one_of(st.sampled_from(
+        ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"]), words), "--spacing": st.one_of(st.sampled_from(
             ["trailing", "karras", "leading"]), words),
     "--eta": st.one_of(st.floats(allow_nan=True).map(str), words), "--batch-size": st.integers(-2, 40).map(str),
     "--guidance": st.one_of(st.floats(allow_nan=True).map(str), words), "--age": words, "--gender": words,
@@ -174,7 +174,7 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 120), st.integer
                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
 
 
-VALID = {"sampler": st.sampled_from(["ddpm", "ddim", "dpmpp-2m", "heun"]), "steps": st.integers(1, 12),
+VALID = {"sampler": st.sampled_from(["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"]), "steps": st.integers(1, 12),
          "num": st.integers(1, 3), "seed": st.integers(0, 2**31 - 1), "guidance": st.floats(0, 20),
          "precision": st.sampled_from(["fp32", "bf16"]),
          "attributes": st.tuples(st.sampled_from(["any", "0-2", "20-29"]), st.sampled_from(["any", "Female", "Male"]))}

@@ -202,7 +202,7 @@ class _ConstantX0(torch.nn.Module):
         return torch.full_like(x, 2.0)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "heun"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"])
 def test_x0_is_clipped_to_the_pixel_range_only_for_pixels(sampler):
     """About a third of the normalised training latents lie outside [-1, 1]; clipping the x0 estimates there,
     right for pixels, shrank latent samples to a std of 0.6 (washed-out faces). Samplers clip only when the
