@@ -281,8 +281,8 @@ def test_a_bad_init_from_is_one_line(tmp_path, face_folder, source_export):
 
 
 def test_the_fixed_gan_weight_is_what_the_training_loss_adds(tmp_path, face_folder, source_export):
-    """One generator step with the GAN on: loss = L_rec + w_kl KL + 0.1 L_G, by value, and the LeCAM term sits
-    in the discriminator's loss."""
+    """One generator step with the GAN on: loss = L_rec + w_kl KL + 0.1 L_G, by value (not the adaptive weight);
+    then the discriminator's step, with LeCAM's term and its running means."""
     from ddpm_faces.training.trainer import make_accelerator, prepare_run
 
     cfg = tiny_autoencoder_config(tmp_path, face_folder, **{
