@@ -4,7 +4,7 @@
         --out benchmarks/results/side-by-side.json --grid-dir docs
 
 For every model (a run, an export, or `bundled32` for the bundled 32 px model): --num conditional samples with
-DPM-Solver++ (20 steps) at guidance 3, bf16, asking for attribute combinations drawn from the val labels (the
+DPM-Solver++ (--steps, default 8; a cascade's stage 2 its own) at guidance 3, in --precision (auto), asking for attribute combinations drawn from the val labels (the
 same for every model); samples smaller than --resolution are enlarged with bicubic interpolation. Against the
 val split at --resolution: FID, KID, precision, recall (the project's Inception features), the face rate (the
 face detector) and the share of samples in which the bundled attribute classifier reads the asked age, gender
@@ -29,7 +29,7 @@ from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import agreement, load_classifier, target_labels
 from ddpm_faces.evaluation.reference import evaluate_images, reference_stats
 from ddpm_faces.images import make_grid, save_image
-from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
+from ddpm_faces.pipeline import DEFAULT_STEPS, SamplingRequest, generate, load_pipeline
 from ddpm_faces.runs import find_model
 
 
@@ -49,22 +49,25 @@ def model_labels(pipe, data, asked_data: np.ndarray) -> np.ndarray:
                      for i, a in enumerate(m.attributes)], 1)
 
 
-def weight_bytes(source) -> int:
-    files = find_model(source)
-    folder = Path(files.weights).parent
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+def weight_bytes(pipe) -> int:
+    """The safetensors files of every stage."""
+    return sum(p.stat().st_size for stage in pipe.stages
+               for p in Path(find_model(stage.source).weights).parent.glob("*.safetensors"))
 
 
 def parameters(pipe) -> dict:
-    out = {"denoiser": sum(p.numel() for p in pipe.net.parameters())}
+    """Parameters that draw a face: every stage's denoiser (stage 1 first) and the decoder."""
+    out = {}
+    for k, stage in enumerate(pipe.stages):
+        out["denoiser" if k == 0 else f"denoiser_stage{k + 1}"] = sum(p.numel() for p in stage.net.parameters())
     autoencoder = getattr(pipe.codec, "autoencoder", None)
     if autoencoder is not None:
         out["decoder"] = sum(p.numel() for p in autoencoder.decoder.parameters())
     return out
 
 
-def time_four(pipe, labels: torch.Tensor) -> float:
-    request = SamplingRequest(num=4, seed=0, guidance=3.0)
+def time_four(pipe, labels: torch.Tensor, request: SamplingRequest) -> float:
+    request = request.replace(num=4, seed=0)
     generate(pipe, request, labels=labels[:4], progress=False)                          # warm-up
     times = []
     for _ in range(3):
@@ -84,6 +87,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="stage 1's steps (a cascade's stage 2 takes its own)")
+    p.add_argument("--precision", default="auto")
     p.add_argument("--grid-faces", type=int, default=16)
     p.add_argument("--out", type=Path)
     p.add_argument("--grid-dir", type=Path)
@@ -102,7 +107,8 @@ def main() -> None:
         pipe = load_pipeline(source)
         assert pipe.cfg.model.attributes == attributes, f"{source}: a model conditional on {attributes} is needed"
         labels = torch.from_numpy(model_labels(pipe, data, asked_data))
-        request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance)
+        request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance, steps=args.steps,
+                                  precision=args.precision)
         start = time.perf_counter()
         images = generate(pipe, request, labels=labels, progress=True)
         sampling = time.perf_counter() - start
@@ -113,8 +119,8 @@ def main() -> None:
                          **{k: metrics[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
                                                     "face_rate", "num_fake", "num_real")},
                          "agreement": agree, "parameters": parameters(pipe),
-                         "weight_bytes": weight_bytes(pipe.source),
-                         "seconds_4_faces_1_thread": round(time_four(pipe, labels), 3),
+                         "weight_bytes": weight_bytes(pipe),
+                         "seconds_4_faces_1_thread": round(time_four(pipe, labels, request), 3),
                          "seconds_per_face_sampling": round(sampling / args.num, 4)}
         print(json.dumps({name: results[name]}), flush=True)
         if args.grid_dir:
@@ -125,9 +131,9 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"reference": args.reference, "split": "val", "resolution": args.resolution,
                                         "num": args.num, "guidance": args.guidance, "sampler": "dpmpp-2m",
-                                        "steps": 20, "threads": args.threads, "models": results,
+                                        "steps": args.steps, "threads": args.threads, "models": results,
                                         "machine": machine_info(threads=args.threads,
-                                                                precision=resolve_precision("auto"))},
+                                                                precision=resolve_precision(args.precision))},
                                        indent=2) + "\n")
 
 

@@ -39,7 +39,11 @@ def test_bundled_config_loads_and_builds_a_model_of_its_resolution(name):
     by_name.model.vocab = {a: ["a", "b"] for a in by_name.model.attributes}
     with torch.device("meta"):                          # shapes only: faces128 has > 100 M parameters
         model = UNet(by_name.model)
-        out = model(torch.zeros(2, c, res, res), torch.zeros(2))
+        lowres = {}
+        if m.lowres_channels:                           # a super-resolution stage also sees its low-res image
+            r = by_name.lowres.resolution
+            lowres = {"lowres": torch.zeros(2, m.lowres_channels, r, r), "lowres_t": torch.zeros(2)}
+        out = model(torch.zeros(2, c, res, res), torch.zeros(2), **lowres)
     assert out.shape == (2, c, res, res)
     if name == "faces64":                               # its header says "about 44 M parameters"
         assert 40e6 < count_parameters(model) < 48e6

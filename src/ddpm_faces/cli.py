@@ -132,6 +132,11 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
                        help="classifier-free guidance scale w (1 = plain conditional, larger = stronger attributes)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only at timesteps LO <= t <= HI (default: every step)")
+    p.add_argument("--sr-steps", type=positive_int, help="a cascade's super-resolution stage: its steps "
+                                                          "(default: the stage's lowres.sample_steps)")
+    p.add_argument("--sr-level", type=int, help="... the noise level (timestep) its low-resolution image is "
+                                                "augmented to (default: lowres.sample_level)")
+    p.add_argument("--sr-guidance", type=float, help="... its guidance scale (default: lowres.guidance)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--threads", type=positive_int,
                    help="CPU threads for torch (default: all cores but one, so that a busy machine does not "
@@ -150,6 +155,7 @@ def request_from_args(args, **changes):
     request = SamplingRequest(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
                               spacing=args.spacing, eta=args.eta, guidance=guidance, guidance_interval=interval,
                               precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
+                              sr_steps=args.sr_steps, sr_level=args.sr_level, sr_guidance=args.sr_guidance,
                               attributes={name: getattr(args, name) for name in ATTRIBUTE_FLAGS
                                           if getattr(args, name) is not None})
     return request.replace(**changes)
@@ -159,7 +165,7 @@ def _sample(args) -> None:
     import numpy as np
 
     from .images import DenoisingStrip, make_grid, provenance, save_image
-    from .pipeline import generate, load_pipeline
+    from .pipeline import generate, load_pipeline, stage_steps
 
     _set_threads(args.threads)
     check_image_path(args.out)
@@ -180,7 +186,7 @@ def _sample(args) -> None:
         out = save_image(grid, args.out, upscale=args.upscale, text=text)
         print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
         return
-    strip = DenoisingStrip(request.steps, request.num) if args.strip else None
+    strip = DenoisingStrip(stage_steps(pipe, request), request.num) if args.strip else None
     images = generate(pipe, request, callback=strip, progress=progress)
     out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale, text=text)
     print(f"wrote {len(images)} faces to {out}")
@@ -228,6 +234,44 @@ def _edit(args) -> None:
     nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
     out = save_image(make_grid(images, nrow=nrow), args.out, upscale=args.upscale, text=text)
     print(f"wrote {len(images) - bool(args.compare)} edited face(s){' after the photo' if args.compare else ''} to {out}")
+
+
+def _upscale(args) -> None:
+    """ddpm-faces upscale: a small real face to 128 px through a cascade's super-resolution stage (generative:
+    the detail is drawn by the model, not recovered from the photo)."""
+    import numpy as np
+    import torch
+
+    from .data.loader import to_model_range
+    from .evaluation.framing import frame_photo, open_photo
+    from .images import UPSCALED, enlarge, make_grid, provenance, save_image
+    from .pipeline import SamplingRequest, generate, load_pipeline
+    from .runs import DEFAULT_UPSCALER
+
+    _set_threads(args.threads)
+    check_image_path(args.out)
+    pipe = load_pipeline(args.checkpoint or DEFAULT_UPSCALER, device=args.device, stage1=False)
+    if not pipe.superres:
+        raise UserError(f"{pipe.source} is not a super-resolution stage: give a cascade (e.g. {DEFAULT_UPSCALER})")
+    request = SamplingRequest(num=args.num, seed=args.seed, sampler=args.sampler, precision=args.precision,
+                              sr_steps=args.steps, sr_level=args.level).validate(pipe)
+    side = pipe.cfg.lowres.resolution
+    framed = frame_photo(open_photo(args.photo), side, detect=not args.no_detect)
+    if framed.faces > 1:
+        print(f"{framed.faces} faces found: upscaling the largest", file=sys.stderr)
+    lowres = to_model_range(torch.from_numpy(framed.image.copy())[None]).repeat(args.num, 1, 1, 1)
+    images = generate(pipe, request, lowres=lowres, progress=not args.no_progress)
+    if args.compare:
+        images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
+    flags = " ".join(f for f in (args.photo, f"--checkpoint {args.checkpoint}" if args.checkpoint else "",
+                                 f"--seed {args.seed}", f"--num {args.num}" if args.num > 1 else "",
+                                 f"--steps {args.steps}" if args.steps else "", f"--level {args.level}"
+                                 if args.level is not None else "", "--no-detect" if args.no_detect else "") if f)
+    text = provenance(f"ddpm-faces upscale {flags}", str(pipe.source), pipe.step, note=UPSCALED)
+    picture = images[0] if len(images) == 1 else make_grid(images, nrow=len(images))
+    out = save_image(picture, args.out, text=text)
+    what = f"{args.num} upscaled face(s)" + (" after the bicubic enlargement" if args.compare else "")
+    print(f"wrote {what} ({side} -> {images.shape[1]} px) to {out}")
 
 
 def read_mask(path: str, framing, size: int):
@@ -453,6 +497,34 @@ def _edit_parser(sub) -> None:
     p.set_defaults(func=_edit)
 
 
+def _upscale_parser(sub) -> None:
+    from .diffusion import DEFAULT_SAMPLER, SAMPLERS
+    from .pipeline import SAMPLING_PRECISIONS
+    from .runs import DEFAULT_UPSCALER
+
+    p = sub.add_parser("upscale", help="a small face photo to a 128 px face (generative: the model draws the "
+                                       "detail, it does not recover it)")
+    p.add_argument("photo", help="the photo (JPEG, PNG ...); its largest face is framed like the training faces "
+                                 "and taken to the stage's low resolution (32 px)")
+    p.add_argument("--out", default="upscaled.png", help="image to write (default upscaled.png)")
+    p.add_argument("--checkpoint", help=f"a cascade (run, export or bundled name; default {DEFAULT_UPSCALER}); its "
+                                        "super-resolution stage is used")
+    p.add_argument("--seed", type=int, default=0, help="the upscaling's noise (default 0)")
+    p.add_argument("--num", type=positive_int, default=1, help="variants side by side (default 1)")
+    p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
+                                                            "the face")
+    p.add_argument("--compare", action="store_true", help="put the bicubic enlargement first")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the stage's lowres.sample_steps)")
+    p.add_argument("--level", type=int, help="noise level (timestep) the small face is augmented to: higher "
+                                             "invents more (default: the stage's lowres.sample_level)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    p.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_upscale)
+
+
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="FID, KID, precision/recall and face rate of generated samples vs real faces")
     p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
@@ -526,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="ddpm-faces", description="Denoising diffusion models for human faces.")
     parser.add_argument("--version", action="version", version=f"ddpm-faces {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train_parser, _sample_parser, _edit_parser, _eval_parser, _classifier_parser, _export_parser,
+    for add in (_train_parser, _sample_parser, _edit_parser, _upscale_parser, _eval_parser, _classifier_parser, _export_parser,
                 _serve_parser, _data_parser):
         add(sub)
     return parser

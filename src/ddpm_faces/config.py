@@ -82,6 +82,7 @@ class TrainConfig:
     threads: int | None = None                # torch.set_num_threads; None = torch's default
     max_bad_steps: int = 10                   # non-finite losses/gradients in a row before the run stops
     label_dropout: float = 0.1                # conditional models: P(a label is replaced by "unspecified")
+    init_from: str | None = None              # a diffusion model (export, run or bundled name) to start from
 
 
 @dataclass
@@ -111,6 +112,18 @@ class ReconstructionConfig:
     freeze_encoder: bool = False              # train the decoder only: encoder, latents and their statistics stay
 
 
+@dataclass
+class LowResConfig:
+    """A super-resolution stage (model.lowres_channels > 0): the cascade's second stage, conditioned on a
+    low-resolution image (diffusion/cascade.py)."""
+    resolution: int = 32                      # side of the low-resolution image it is conditioned on
+    stage1: str | None = None                 # the model that draws that image at sampling (bundled name or path)
+    train_max_level: int = 350                # augmentation levels drawn from 0 .. this (timesteps) in training
+    sample_level: int = 100                   # the level used at sampling
+    sample_steps: int = 5                     # this stage's sampling steps
+    guidance: float = 1.0                     # this stage's guidance with the labels stage 1 drew
+
+
 TASKS = ("diffusion", "autoencoder")
 
 
@@ -125,6 +138,7 @@ class Config:
     codec: CodecConfig = field(default_factory=CodecConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    lowres: LowResConfig = field(default_factory=LowResConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,7 +149,7 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": UNetConfig, "diffusion": DiffusionConfig, "train": TrainConfig,
-            "codec": CodecConfig, "autoencoder": AutoencoderConfig, "reconstruction": ReconstructionConfig}
+            "codec": CodecConfig, "autoencoder": AutoencoderConfig, "reconstruction": ReconstructionConfig, "lowres": LowResConfig}
 CHOICES = {
     "data.crop": ("center", "none"),
     "data.hf_config": ("0.25", "1.25"),
@@ -153,7 +167,8 @@ POSITIVE = ("data.resolution", "diffusion.timesteps", "train.batch_size", "train
             "train.keep_checkpoints", "train.sample_steps", "train.fid_images", "train.fid_steps",
             "train.sample_images", "train.max_bad_steps", "model.groups", "model.base_channels", "model.blocks_per_level",
             "model.head_channels", "autoencoder.resolution", "autoencoder.latent_channels",
-            "autoencoder.blocks_per_level", "reconstruction.disc_channels", "reconstruction.disc_layers")
+            "autoencoder.blocks_per_level", "reconstruction.disc_channels", "reconstruction.disc_layers",
+            "lowres.resolution", "lowres.sample_steps")
 
 
 def _build(cls, values: dict, prefix: str):
@@ -268,6 +283,12 @@ def _check_conditioning(cfg: Config) -> None:
     if m.vocab and sorted(m.vocab) != sorted(m.attributes):
         raise UserError(f"model.vocab covers {sorted(m.vocab)} but model.attributes is {m.attributes}: "
                         "they must name the same attributes")
+    if m.lowres_channels not in (0, 3):
+        raise UserError(f"invalid model.lowres_channels {m.lowres_channels}: 3 for a super-resolution stage "
+                        "conditioned on an RGB image, 0 for none")
+    lr, T = cfg.lowres, cfg.diffusion.timesteps
+    if m.lowres_channels and not (0 <= lr.train_max_level < T and 0 <= lr.sample_level < T):
+        raise UserError(f"lowres.train_max_level and lowres.sample_level must be timesteps from 0 to {T - 1}")
     if not 0 <= cfg.train.label_dropout < 1:
         raise UserError(f"invalid train.label_dropout {cfg.train.label_dropout}: a probability in [0, 1)")
 

@@ -18,6 +18,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def resize_images(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) images resized to size x size: antialiased bicubic (area-like when shrinking), values kept
+    in the input's range by clamping to its [-1, 1] model range."""
+    if x.shape[-2:] == (size, size):
+        return x
+    y = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False,
+                                        antialias=True)
+    return y.clamp(-1, 1)
+
+
 def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, fill: int = 255) -> np.ndarray:
     """Tile (N, H, W, 3) uint8 images into one picture, nrow images per row (default: a square)."""
     n, h, w, c = images.shape
@@ -51,6 +61,8 @@ def save_image(array: np.ndarray, path: str | Path, upscale: int = 1, text: dict
 
 SYNTHETIC = "synthetic: made by a diffusion model (ddpm-faces); not a photograph of a real person"
 EDITED = "edited: a photograph changed by a diffusion model (ddpm-faces); the changed parts are synthetic"
+UPSCALED = ("upscaled: a small photograph enlarged by a diffusion model (ddpm-faces); its fine detail is synthetic, "
+            "drawn by the model, not recovered from the photograph")
 
 
 def provenance(command: str, model: str, step: int | None, note: str = SYNTHETIC) -> dict[str, str]:
@@ -62,21 +74,35 @@ def provenance(command: str, model: str, step: int | None, note: str = SYNTHETIC
 
 class DenoisingStrip:
     """A sampler callback that keeps the predicted clean image x0 at `columns` evenly spaced steps;
-    `picture()` lays them out with one row per image, noise on the left, the face on the right."""
+    `picture()` lays them out with one row per image, noise on the left, the face on the right. For a cascade
+    `steps` lists each stage's steps: the columns are shared between the stages, and the smaller stages'
+    frames are enlarged (bicubic) to the last stage's size."""
 
-    def __init__(self, steps: int, num: int, columns: int = 8):
-        self.keep = {round(i * (steps - 1) / max(columns - 1, 1)) for i in range(columns)}
+    def __init__(self, steps: int | list[int], num: int, columns: int = 8):
+        self.stages = [steps] if isinstance(steps, int) else list(steps)
+        per_stage = columns if len(self.stages) == 1 else max(2, columns // len(self.stages))
+        self.keep = [{round(i * (s - 1) / max(per_stage - 1, 1)) for i in range(per_stage)} for s in self.stages]
         self.rows: list[list[np.ndarray]] = []
-        self.num = num
+        self.num, self.stage = num, -1
 
     def __call__(self, i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        if i == 0:
-            self.rows.append([])                         # a new batch of images starts
-        if i in self.keep:
+        if i == 0:                                       # a stage starts; at stage 1 a new batch of images
+            self.stage = (self.stage + 1) % len(self.stages)
+            if self.stage == 0:
+                self.rows.append([])
+        if i in self.keep[self.stage]:
             self.rows[-1].append(to_uint8(x0))
 
     def picture(self) -> np.ndarray:
-        per_batch = [np.stack(cols, axis=1) for cols in self.rows]       # (B, columns, H, W, 3)
-        frames = np.concatenate(per_batch)[: self.num]
+        size = max(frame.shape[1] for cols in self.rows for frame in cols)
+        per_batch = [np.stack([enlarge(frame, size) for frame in cols], axis=1) for cols in self.rows]
+        frames = np.concatenate(per_batch)[: self.num]                   # (N, columns, H, W, 3)
         n, cols = frames.shape[:2]
         return make_grid(frames.reshape(n * cols, *frames.shape[2:]), nrow=cols)
+
+
+def enlarge(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, h, w, 3) uint8 pictures resized to size x size (bicubic); unchanged when already that size."""
+    if images.shape[1] == size:
+        return images
+    return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)) for img in images])

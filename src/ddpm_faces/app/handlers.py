@@ -23,9 +23,10 @@ import gradio as gr
 from ..diffusion import SAMPLERS
 from ..errors import UserError
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
-from ..images import DenoisingStrip, make_grid
+from ..images import DenoisingStrip, enlarge, make_grid
 from ..hardware import resolve_precision
-from ..pipeline import RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline
+from ..pipeline import (RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline,
+                        stage_steps)
 from . import outputs as out
 from .inputs import (ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, check_attributes, check_choice,
                      check_int, check_number)
@@ -39,10 +40,16 @@ NAMES = {"generate": ("number of images", 1, "seed"), "interpolate": ("number of
 
 
 def sampling_with_strip(pipe: Pipeline, request: SamplingRequest, strip: DenoisingStrip) -> Callable:
-    """A job's work: `generate`, with the denoising strip of image 0 kept as it goes."""
+    """A job's work: `generate`, with the denoising strip of image 0 kept as it goes. The job counts the steps
+    of every stage of a cascade in one sequence (the strip, each stage's own)."""
+    total = sum(strip.stages)
+
     def work(callback):
+        done = [0]
+
         def both(i, t, x_i, x0):
-            callback(i, t, x_i, x0)
+            callback(done[0] % total, t, x_i, x0)
+            done[0] += 1
             strip(i, t, x_i[:1], x0[:1])
         return generate(pipe, request, progress=False, callback=both)
     return work
@@ -190,17 +197,19 @@ class FaceApp(PhotoEditing):
         out: not asked for). `token`: the name under which `cancel` finds this run."""
         entry, pipe, request = self.request(model, sampler, steps, num, seed, guidance, precision, attributes)
         scale = out.display_scale(pipe.codec.image_size)
-        strip = DenoisingStrip(request.steps, 1)
+        strip = DenoisingStrip(stage_steps(pipe, request), 1)
+        steps, size = sum(strip.stages), pipe.codec.image_size
         cleared = []
 
         def show(event) -> Outputs:
             first = {} if cleared else {"gallery": None, "grid_file": None, "seeds": "", "strip": None}
             cleared.append(True)                                # the last run's outputs go at the first preview
-            return {**first, "preview": out.enlarge(make_grid(event.images), scale),
-                    "status": out.preview_status(event.step, request.steps)}
+            # a cascade's stage-1 previews are smaller: shown at the final size
+            return {**first, "preview": out.enlarge(make_grid(enlarge(event.images, size)), scale),
+                    "status": out.preview_status(event.step, steps)}
 
         start = time.perf_counter()
-        job = self.jobs.start(Job("generate", request.steps, sampling_with_strip(pipe, request, strip),
+        job = self.jobs.start(Job("generate", steps, sampling_with_strip(pipe, request, strip),
                                   threads=self.threads), token)
         images = yield from self._follow(job, show, "status")
         if images is not None:

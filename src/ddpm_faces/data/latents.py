@@ -2,6 +2,7 @@
 
     latents = encode_latents(data, codec.encode, key=autoencoder_hash, cache_dir=...)
     loader = LatentLoader(latents, "train", batch_size=32, seed=0)       # {"x": (B, C, h, w), "labels", "rows"}
+    loader = LatentLoader(latents, "train", 32, lowres=32)   # + "lowres": each image at 32 px, flipped with its latent
 
 Every image is encoded twice, as it is and flipped left to right, so horizontal-flip augmentation costs
 nothing at training time. The array is float16, memory-mapped, (2, N, C, h, w); the folder is keyed by the
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..images import resize_images
 from ..io import atomic_folder
 from .loader import BatchLoader, to_model_range
 from .prepare import PreparedData, cache_root, check_space, raise_for_cache, reserved_memmap
@@ -92,14 +94,21 @@ def open_latents(folder: Path, data: PreparedData, key: str) -> LatentData | Non
 
 class LatentLoader(BatchLoader):
     """BatchLoader's order, sharding and resumable position over cached latents: {"x", "labels", "rows"}.
-    A flip picks the flipped copy of an image's latent instead of flipping the latent itself."""
+    A flip picks the flipped copy of an image's latent instead of flipping the latent itself. With `lowres`
+    (a side in pixels) each batch also holds "lowres": the prepared images, flipped as their latents, taken
+    down to that side in [-1, 1]: the training pairs of a super-resolution stage."""
 
-    def __init__(self, latents: LatentData, split: str, batch_size: int, **kwargs):
+    def __init__(self, latents: LatentData, split: str, batch_size: int, lowres: int | None = None, **kwargs):
         super().__init__(latents.data, split, batch_size, random_crop=False, **kwargs)
-        self.latents = latents.latents
+        self.latents, self.lowres = latents.latents, lowres
 
     def load(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> dict:
         flips = (rng.random(len(rows)) < 0.5).astype(np.int64) if (rng is not None and self.hflip) else \
             np.zeros(len(rows), dtype=np.int64)
         x = torch.from_numpy(np.stack([self.latents[f, r] for f, r in zip(flips, rows)]).astype(np.float32))
-        return {"x": x, "labels": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
+        batch = {"x": x, "labels": torch.from_numpy(self.data.labels[rows].astype(np.int64))}
+        if self.lowres:
+            images = to_model_range(torch.from_numpy(np.stack(
+                [self.data.images[r][:, ::-1] if f else self.data.images[r] for f, r in zip(flips, rows)])))
+            batch["lowres"] = resize_images(images, self.lowres)
+        return batch

@@ -21,11 +21,12 @@ from .process import Denoiser
 
 
 
-def image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` of a run seeded `seed`, mixed so that seeds s and s + 1 share no image."""
-    if seed < 0 or index < 0:
+def image_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The seed of image `index` of a run seeded `seed`, mixed so that seeds s and s + 1 share no image;
+    `stream` k > 0 gives each stage of a cascade its own noise (stage k + 1 of the same image)."""
+    if seed < 0 or index < 0 or stream < 0:
         raise ValueError(f"seeds must be 0 or more, got {seed}")
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+    return int(np.random.SeedSequence([seed, index] + ([stream] if stream else [])).generate_state(1)[0])
 
 
 class PerImageNoise:
@@ -35,8 +36,9 @@ class PerImageNoise:
     batch size: a batch of images (start, start + n) draws from generators start..start+n-1.
     """
 
-    def __init__(self, seed: int, start: int, count: int):
-        self.generators = [torch.Generator().manual_seed(image_seed(seed, i)) for i in range(start, start + count)]
+    def __init__(self, seed: int, start: int, count: int, stream: int = 0):
+        self.generators = [torch.Generator().manual_seed(image_seed(seed, i, stream))
+                           for i in range(start, start + count)]
 
     def __call__(self, like: torch.Tensor) -> torch.Tensor:
         if len(like) != len(self.generators):

@@ -23,6 +23,7 @@ class Codec(nn.Module):
     shape: tuple[int, int, int]            # (channels, height, width) of x
     image_size: int                        # side of the images it encodes and decodes
     bounded: bool                          # every x lies in [-1, 1]
+    ENCODING: tuple[str, ...] = ()         # names (prefixes) of the tensors that x depends on
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -55,6 +56,7 @@ class LatentCodec(Codec):
     [-1, 1], so clipping x0 estimates there (right for pixels) would shrink every sample toward grey."""
 
     bounded = False
+    ENCODING = ("autoencoder.encoder.", "shift", "scale")   # the tensors a latent depends on (not the decoder's)
 
     def __init__(self, autoencoder):
         super().__init__()

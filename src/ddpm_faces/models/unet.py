@@ -7,6 +7,11 @@ Levels are built from `channel_mults`; each level holds `blocks_per_level` resid
 resolution after it (except the last). Self-attention runs at every resolution listed in `attn_resolutions`.
 With `attributes` set (e.g. [age, gender, race], vocabularies in `vocab`), an embedding of the labels is
 added to the time embedding (models/conditioning.py); labels left out mean "unspecified".
+
+With `lowres_channels` set, the network is a super-resolution stage of a cascade (Ho et al. 2022,
+https://arxiv.org/abs/2106.15282, sec. 3): a low-resolution image is resized to the grid of x and concatenated
+to it, and the level of the noise it was augmented with, `lowres_t`, has its own timestep embedding, added
+to the time embedding:  f(x_t, t, labels, lowres, lowres_t).
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from .conditioning import AttributeEmbedding
 
 @dataclass
 class UNetConfig:
-    resolution: int = 32                       # image side in pixels
-    in_channels: int = 3
+    resolution: int = 32                       # side of x: the image in pixels, or the latent grid
+    in_channels: int = 3                       # channels of x (and of the prediction)
+    lowres_channels: int = 0                   # a super-resolution stage: channels of its low-resolution image
     base_channels: int = 64                    # channels at the first level
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
     blocks_per_level: int = 2                  # residual blocks per level on the way down
@@ -131,7 +137,10 @@ class UNet(nn.Module):
                                  "filled in from the data by training, or read from an export's config.yaml")
             cond_embedding = AttributeEmbedding([len(cfg.vocab[a]) for a in cfg.attributes], emb_dim)
         self.cond_embedding = cond_embedding                   # maps cond -> (B, emb_dim), or None
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.lowres_mlp = None                                 # embeds lowres_t, the augmentation level
+        if cfg.lowres_channels:
+            self.lowres_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), zero(nn.Linear(emb_dim, emb_dim)))
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.lowres_channels, ch, 3, padding=1)
 
         widths = [ch * m for m in cfg.channel_mults]
         skips, c, res = [ch], ch, cfg.resolution
@@ -179,8 +188,25 @@ class UNet(nn.Module):
             emb = emb + self.cond_embedding(cond)
         return emb
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    def add_lowres(self, x: torch.Tensor, emb: torch.Tensor, lowres: torch.Tensor | None,
+                   lowres_t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x with the low-resolution image (resized to x's grid) as extra channels; emb with the embedding of
+        its augmentation level (0 when not given)."""
+        if lowres is None or lowres.shape[1] != self.cfg.lowres_channels:
+            raise ValueError(f"this super-resolution stage needs a low-resolution image of {self.cfg.lowres_channels} "
+                             f"channels, got {None if lowres is None else tuple(lowres.shape)}")
+        if lowres.shape[-2:] != x.shape[-2:]:
+            lowres = F.interpolate(lowres.float(), size=x.shape[-2:], mode="bicubic", align_corners=False)
+        if lowres_t is None:
+            lowres_t = torch.zeros(len(x), device=x.device)
+        emb = emb + self.lowres_mlp(timestep_embedding(lowres_t, self.cfg.base_channels))
+        return torch.cat([x, lowres.to(x.dtype)], dim=1), emb
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None, lowres: torch.Tensor | None = None,
+                lowres_t: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.embed(t, cond)
+        if self.lowres_mlp is not None:
+            x, emb = self.add_lowres(x, emb, lowres, lowres_t)
         h = self.conv_in(x)
         skips = [h]
         for level, down in zip(self.down, self.downsample):

@@ -5,16 +5,16 @@ generate.
     images = generate(pipe, SamplingRequest(num=16, seed=0))    # (16, H, W, 3) uint8
 """
 from .edit import EditPlan
-from .generate import autocast_net, generate, interpolate, slerp, starting_noise
+from .generate import autocast_net, generate, interpolate, slerp, stage_steps, starting_noise
 from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
-                    load_codec, load_pipeline, read_config)
+                    load_codec, load_pipeline, read_config, start_from)
 from .request import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_SEED, RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
 from .runtime import fast_net
 
 __all__ = [
     "EditPlan",
-    "autocast_net", "generate", "interpolate", "slerp", "starting_noise",
-    "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config",
+    "autocast_net", "generate", "interpolate", "slerp", "stage_steps", "starting_noise",
+    "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config", "start_from",
     "DEFAULT_EDIT_STEPS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "MAX_SEED", "RUNTIMES", "SAMPLING_PRECISIONS", "SamplingRequest",
     "fast_net",
 ]

@@ -4,6 +4,12 @@
 
 Image i depends only on (seed, first_index + i), the attributes and the sampler settings, never on the
 batch size or on how many images were asked for.
+
+A cascade (a super-resolution stage whose `previous` stage draws its low-resolution images) runs stage by
+stage for each batch: stage 1 as asked by the request, then stage 2 with its own steps, augmentation level and
+guidance (request.sr_*, else the stage's lowres config), on its own noise (PerImageNoise stream 1), from
+stage 1's images rounded to 8 bits, as if read from a PNG. Given
+`lowres` images, a super-resolution stage upscales those instead of drawing them.
 """
 from __future__ import annotations
 
@@ -11,10 +17,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import Denoiser, PerImageNoise, sampling_timesteps
+from ..diffusion import Denoiser, PerImageNoise, augment_lowres, bind_lowres, sampling_timesteps
 from ..errors import UserError
 from ..hardware import DTYPES
-from ..images import to_uint8
+from ..images import resize_images, to_uint8
 from .model import Pipeline
 from .request import SamplingRequest
 from .runtime import fast_net
@@ -22,58 +28,116 @@ from .runtime import fast_net
 
 def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
              callback=None, labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None,
-             plan=None) -> np.ndarray:
+             plan=None, lowres: torch.Tensor | None = None) -> np.ndarray:
     """`request.num` images as (num, H, W, 3) uint8.
 
     `labels` (num, n_attributes) class indices give each image its own attributes (instead of
     `request.attributes`, the same for all); `initial_noise` (num, *codec.shape) replaces the seeded
     starting noise (e.g. interpolated noise). `callback(i, t, x, x0)` sees every step, with x0 the current
     estimate of the images, decoded. `plan` (pipeline/edit.py's EditPlan) starts from a photo instead of
-    noise: it chooses the timesteps, the starting x, a projection after every step and the final blend."""
+    noise: it chooses the timesteps, the starting x, a projection after every step and the final blend.
+    `lowres` (num, 3, r, r) in [-1, 1]: the images a super-resolution stage upscales (instead of its stage 1's).
+    """
     request = request.validate(pipe)
-    check_inputs(pipe, request.num, labels, initial_noise)
-    run = Run(pipe, request, plan, labels, initial_noise)
-    bar = tqdm(total=request.num * len(run.timesteps), desc=f"sampling ({request.sampler}, {request.steps} steps)",
+    check_inputs(pipe, request.num, labels, initial_noise, lowres)
+    runs = chain(pipe, request, plan, labels, initial_noise, given_lowres=lowres is not None)
+    total = sum(len(run.timesteps) for run in runs)
+    bar = tqdm(total=request.num * total, desc=f"sampling ({request.sampler}, {total} steps)",
                unit="step", disable=not progress, leave=False)
 
-    def step_callback(i, t, x_i, x0):
-        bar.update(len(x_i))
-        if callback is not None:
-            callback(i, t, x_i, pipe.codec.decode(x0))
-
     with torch.inference_mode():
-        out = [run.batch(start, first_index, step_callback)
-               for start in range(first_index, first_index + request.num, request.batch_size)]
+        out = []
+        for start in range(first_index, first_index + request.num, request.batch_size):
+            images = lowres[start - first_index: start - first_index + request.batch_size] \
+                if lowres is not None else None
+            for run in runs:                    # each stage's images as 8-bit pictures: what `upscale` would read
+                images = run.images(start, first_index, stage_callback(run, bar, callback), lowres=images)
+                images = images.clamp(-1, 1).add(1).mul(127.5).round().div(127.5).sub(1)
+            out.append(to_uint8(images))
     bar.close()
     return np.concatenate(out)
 
 
-def check_inputs(pipe: Pipeline, num: int, labels: torch.Tensor | None, initial_noise: torch.Tensor | None) -> None:
+def stage_steps(pipe: Pipeline, request: SamplingRequest, upscaling: bool = False) -> list[int]:
+    """The number of sampling steps of each stage that `generate` runs for `request` (first stage first)."""
+    stages = [pipe] if upscaling or pipe.previous is None else pipe.stages
+    return [request.for_stage(s).steps if s.superres else request.steps for s in stages]
+
+
+def stage_callback(run: Run, bar, callback):
+    """The sampler's per-step callback for one stage: the progress bar and the caller's callback, with the
+    current estimate decoded to images."""
+    def step(i, t, x_i, x0):
+        bar.update(len(x_i))
+        if callback is not None:
+            callback(i, t, x_i, run.pipe.codec.decode(x0))
+    return step
+
+
+def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, given_lowres: bool) -> list[Run]:
+    """One Run per stage that draws the images, first stage first (one for a plain model; with given lowres
+    images a super-resolution stage alone). The request's sampler settings and attributes go to stage 1; a
+    super-resolution stage takes its own steps, level and guidance."""
+    stages = [pipe] if given_lowres or pipe.previous is None else pipe.stages
+    if plan is not None and len(stages) > 1:
+        raise UserError("editing runs on one stage: edit with the stage-1 model or a single-stage model")
+    runs = []
+    for k, stage in enumerate(stages):
+        last = k == len(stages) - 1
+        stage_request = request if k == 0 and not stage.superres else request.for_stage(stage)
+        runs.append(Run(stage, stage_request, plan if last else None, labels, initial_noise if k == 0 else None,
+                        stream=int(stage.superres)))
+    return runs
+
+
+def check_inputs(pipe: Pipeline, num: int, labels: torch.Tensor | None, initial_noise: torch.Tensor | None,
+                 lowres: torch.Tensor | None = None) -> None:
     n_attributes = len(pipe.cfg.model.attributes)
     if labels is not None and (not pipe.conditional or tuple(labels.shape) != (num, n_attributes)):
         raise UserError(f"labels must be ({num}, {n_attributes}) for this model, got {tuple(labels.shape)}")
-    if initial_noise is not None and tuple(initial_noise.shape) != (num, *pipe.codec.shape):
-        raise UserError(f"initial noise must be {(num, *pipe.codec.shape)}, got {tuple(initial_noise.shape)}")
+    first = pipe.stages[0] if lowres is None else pipe
+    if initial_noise is not None and tuple(initial_noise.shape) != (num, *first.codec.shape):
+        raise UserError(f"initial noise must be {(num, *first.codec.shape)}, got {tuple(initial_noise.shape)}")
+    if lowres is not None:
+        side = pipe.cfg.lowres.resolution
+        if not pipe.superres:
+            raise UserError(f"{pipe.source} is not a super-resolution stage: it cannot upscale images")
+        if tuple(lowres.shape) != (num, 3, side, side):
+            raise UserError(f"low-resolution images must be ({num}, 3, {side}, {side}), got {tuple(lowres.shape)}")
+    elif pipe.superres and pipe.previous is None:
+        raise UserError(f"{pipe.source} is a super-resolution stage loaded without its stage 1: give it images to "
+                        "upscale, or load it with its stage 1")
 
 
 class Run:
     """One generate() call: the denoiser, the timesteps and what each batch of images starts from."""
 
-    def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise):
+    def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, stream: int = 0):
         self.pipe, self.request, self.plan, self.labels, self.initial_noise = pipe, request, plan, labels, initial_noise
+        self.stream = stream
         self.shared = pipe.labels(request.attributes, min(request.num, request.batch_size))
-        net = fast_net(pipe.net, (min(request.num, request.batch_size), *pipe.codec.shape), request.runtime)
-        self.denoiser = Denoiser(autocast_net(net, request.precision), pipe.schedule,
-                                 pipe.cfg.diffusion.prediction, request.guidance, request.guidance_interval)
+        runtime = "plain" if pipe.superres else request.runtime      # ONNX export takes the plain signature only
+        net = fast_net(pipe.net, (min(request.num, request.batch_size), *pipe.codec.shape), runtime)
+        self.net = autocast_net(net, request.precision)
+        self.denoiser = self.denoiser_for(self.net)
         timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
         self.timesteps = plan.timesteps(timesteps) if plan is not None else timesteps
 
-    def batch(self, start: int, first_index: int, callback) -> np.ndarray:
-        """Images start .. start + batch_size (at most up to first_index + num), as uint8."""
+    def denoiser_for(self, net) -> Denoiser:
+        request = self.request
+        return Denoiser(net, self.pipe.schedule, self.pipe.cfg.diffusion.prediction, request.guidance,
+                        request.guidance_interval)
+
+    def images(self, start: int, first_index: int, callback, lowres: torch.Tensor | None = None) -> torch.Tensor:
+        """Images start .. start + batch_size (at most up to first_index + num), decoded, in [-1, 1]; a
+        super-resolution stage upscales `lowres`, the previous stage's images of the same rows."""
         pipe, request, plan = self.pipe, self.request, self.plan
         n = min(request.batch_size, first_index + request.num - start)
         rows = slice(start - first_index, start - first_index + n)
-        noise = PerImageNoise(request.seed, start, n)
+        noise = PerImageNoise(request.seed, start, n, self.stream)
+        denoiser = self.denoiser
+        if pipe.superres:
+            denoiser = self.denoiser_for(self.with_lowres(lowres, noise))
         x = noise(torch.empty(n, *pipe.codec.shape, device=pipe.device))
         if self.initial_noise is not None:
             x = self.initial_noise[rows].to(pipe.device, torch.float32)
@@ -82,13 +146,22 @@ class Run:
         options = dict(noise=noise, cond=cond, callback=callback, clip_x0=pipe.codec.bounded,
                        **request.sampler_options())
         if plan is None:
-            x = request.spec.fn(self.denoiser, x, self.timesteps, **options)
+            x = request.spec.fn(denoiser, x, self.timesteps, **options)
         else:
-            x = plan.start(x, rows, self.denoiser, cond, self.timesteps)
-            x = plan.sample(request.spec.fn, self.denoiser, x, self.timesteps,
+            x = plan.start(x, rows, denoiser, cond, self.timesteps)
+            x = plan.sample(request.spec.fn, denoiser, x, self.timesteps,
                             project=plan.project(rows, self.timesteps), **options)
         images = pipe.codec.decode(x)
-        return to_uint8(plan.finish(images, rows) if plan is not None else images)
+        return plan.finish(images, rows) if plan is not None else images
+
+    def with_lowres(self, lowres: torch.Tensor, noise: PerImageNoise):
+        """The network with the low-resolution images bound, augmented to the request's level with noise drawn
+        first from each image's own generator."""
+        pipe = self.pipe
+        lowres = resize_images(lowres.to(pipe.device, torch.float32), pipe.cfg.lowres.resolution)
+        level = torch.full((len(lowres),), self.request.sr_level, dtype=torch.long, device=pipe.device)
+        z = augment_lowres(pipe.schedule, lowres, level, noise(lowres))
+        return bind_lowres(self.net, z, level)
 
 
 def autocast_net(net, precision: str):
@@ -98,15 +171,16 @@ def autocast_net(net, precision: str):
         return net
     device_type, dtype = next(net.parameters()).device.type, DTYPES[precision]   # runtime onnx is fp32 only
 
-    def run(*args):
+    def run(*args, **kwargs):
         with torch.autocast(device_type, dtype=dtype):
-            return net(*args)
+            return net(*args, **kwargs)
     return run
 
 
 def starting_noise(pipe: Pipeline, seed: int, index: int = 0) -> torch.Tensor:
-    """(1, *codec.shape): the pure noise that image `index` of seed `seed` starts from in `generate`."""
-    return PerImageNoise(seed, index, 1)(torch.empty(1, *pipe.codec.shape))
+    """(1, *codec.shape): the pure noise that image `index` of seed `seed` starts from in `generate` (for a
+    cascade, its first stage's)."""
+    return PerImageNoise(seed, index, 1)(torch.empty(1, *pipe.stages[0].codec.shape))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:

@@ -51,19 +51,53 @@ def build_codec(cfg: Config, carried: Path | None = None) -> Codec:
 
 
 def autoencoder_state(cfg: Config) -> tuple[dict, Path]:
-    """The weights of the autoencoder export that codec.autoencoder names, checked against cfg.autoencoder."""
+    """The weights of the autoencoder that codec.autoencoder names (an autoencoder run or export, or a latent
+    model that carries its autoencoder, e.g. latent128), checked against cfg.autoencoder."""
     files = find_model(cfg.codec.autoencoder)
     if not files.config.is_file():
         raise UserError(f"{files.config} is missing: the autoencoder's config must sit beside its weights")
     ae_cfg = config_from_dict(read_yaml(files.config))
-    if ae_cfg.task != "autoencoder":
-        raise UserError(f"codec.autoencoder {cfg.codec.autoencoder} holds a {ae_cfg.task} model, not an autoencoder: "
-                        "point it at an autoencoder run or export (task: autoencoder)")
+    carried = files.folder / CODEC_FILE
+    if ae_cfg.task != "autoencoder" and not (ae_cfg.codec.autoencoder and carried.is_file()):
+        raise UserError(f"codec.autoencoder {cfg.codec.autoencoder} holds a {ae_cfg.task} model without an "
+                        "autoencoder: point it at an autoencoder run or export, or a latent model such as latent128")
     if ae_cfg.autoencoder != cfg.autoencoder:
         raise UserError(f"the autoencoder section differs from the one {cfg.codec.autoencoder} was trained with: "
                         "copy that run's autoencoder section into the config")
+    if ae_cfg.task != "autoencoder":
+        return read_codec(carried), carried
     state, _, _ = read_weights(files, ae_cfg)
     return state, files.weights
+
+
+def start_from(net: torch.nn.Module, name: str) -> None:
+    """Load train.init_from's weights (a diffusion model: export, run or bundled name) into `net`. A network
+    that only adds inputs may grow from a smaller one: a super-resolution stage from a latent model of the
+    same shape, its low-resolution channels in the first layer starting at zero and its augmentation-level
+    embedding ending in zeros, so it starts as exactly the model it grew from."""
+    files, source_cfg = find_model(name), read_config(name)
+    if source_cfg.task != "diffusion":
+        raise UserError(f"train.init_from {name} holds a {source_cfg.task} model: give a diffusion model")
+    state, _, _ = read_weights(files, source_cfg)
+    own = net.state_dict()
+    bad = [k for k, v in state.items() if k not in own or not _fits(v, own[k], k)]
+    if bad:
+        raise UserError(f"train.init_from {name} does not fit this model ({len(bad)} tensors differ, e.g. {bad[0]}): "
+                        "use a model section with the same widths, levels and attributes as its config.yaml")
+    with torch.no_grad():
+        for key, value in state.items():
+            if own[key].shape == value.shape:
+                own[key].copy_(value)
+            else:                                           # conv_in with more input channels
+                own[key].zero_()
+                own[key][:, :value.shape[1]].copy_(value)
+
+
+def _fits(source: torch.Tensor, target: torch.Tensor, key: str) -> bool:
+    if source.shape == target.shape:
+        return True
+    return (key == "conv_in.weight" and source.ndim == 4 and source.shape[0] == target.shape[0]
+            and source.shape[1] < target.shape[1] and source.shape[2:] == target.shape[2:])
 
 
 @dataclass
@@ -73,6 +107,7 @@ class Pipeline:
     source: Path                                # where the weights came from
     step: int | None = None                     # the training step of the weights, where recorded
     codec: Codec = field(default=None)          # default: build_codec(cfg)
+    previous: Pipeline | None = None            # a super-resolution stage's stage 1, which draws its lowres image
 
     def __post_init__(self):
         self.codec = self.codec if self.codec is not None else build_codec(self.cfg)
@@ -85,6 +120,16 @@ class Pipeline:
     @property
     def conditional(self) -> bool:
         return bool(self.cfg.model.attributes)
+
+    @property
+    def superres(self) -> bool:
+        """A super-resolution stage: conditioned on a low-resolution image (diffusion/cascade.py)."""
+        return bool(self.cfg.model.lowres_channels)
+
+    @property
+    def stages(self) -> list[Pipeline]:
+        """The chain that draws this model's images, first stage first."""
+        return (self.previous.stages if self.previous is not None else []) + [self]
 
     @property
     def device(self) -> torch.device:
@@ -124,8 +169,10 @@ def load_codec(path: str | Path, device: str | torch.device = "cpu") -> LatentCo
     return codec.to(check_device(device)).eval()
 
 
-def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu") -> Pipeline:
-    """The model at `path` (any form runs.find_model takes) in eval mode on `device`."""
+def load_pipeline(path: str | Path | None = None, device: str | torch.device = "cpu", *,
+                  stage1: bool = True) -> Pipeline:
+    """The model at `path` (any form runs.find_model takes) in eval mode on `device`. A super-resolution stage
+    comes with its stage 1 (lowres.stage1) as `previous`, unless `stage1` is False (to upscale given images)."""
     files, cfg = find_model(path), read_config(path)
     if cfg.task == "autoencoder":
         raise UserError(f"{path} is an autoencoder, which does not sample faces on its own: train a latent "
@@ -139,11 +186,31 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
                         f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
     net.load_state_dict(state)
     codec = build_codec(cfg, files.folder / CODEC_FILE)
-    if codec_key is not None and tensors_key(codec) != codec_key:
+    if codec_key is not None and codec_key not in (tensors_key(codec, codec.ENCODING), tensors_key(codec)):
         raise UserError(f"{files.weights} was trained on another autoencoder's latents than the one it is loaded "
                         "with: use the autoencoder.safetensors exported with it")
     dev = check_device(device)
-    return Pipeline(net.to(dev).eval(), cfg, files.folder, step, codec=codec.to(dev).eval())
+    previous = load_stage1(cfg, path, dev) if cfg.model.lowres_channels and stage1 else None
+    return Pipeline(net.to(dev).eval(), cfg, files.folder, step, codec=codec.to(dev).eval(), previous=previous)
+
+
+def load_stage1(cfg: Config, path, device: torch.device) -> Pipeline:
+    """The stage that draws a super-resolution stage's low-resolution images, checked to fit it."""
+    name, size = cfg.lowres.stage1, cfg.lowres.resolution
+    if not name:
+        raise UserError(f"{path} is a super-resolution stage without a stage 1 (lowres.stage1): it cannot draw faces "
+                        "alone; use `ddpm-faces upscale` on a photo, or a cascade whose config names its stage 1")
+    try:
+        first = load_pipeline(name, device)
+    except UserError as err:
+        raise UserError(f"the stage 1 of {path} ({name}) cannot be loaded: {err}") from None
+    if first.codec.image_size != size:
+        raise UserError(f"the stage 1 of {path} ({name}) draws {first.codec.image_size} px images, but this stage "
+                        f"is conditioned on {size} px ones: set lowres.stage1 to a {size} px model")
+    if first.cfg.model.attributes and cfg.model.attributes and first.cfg.model.vocab != cfg.model.vocab:
+        raise UserError(f"the stage 1 of {path} ({name}) labels its attributes differently from this stage: "
+                        "use a stage 1 trained on the same data")
+    return first
 
 
 def check_device(device: str | torch.device) -> torch.device:

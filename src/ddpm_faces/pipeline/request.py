@@ -45,6 +45,9 @@ class SamplingRequest:
     runtime: str = "plain"                       # plain (PyTorch) | onnx (ONNX Runtime, fp32 on the CPU: pipeline/runtime.py)
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
     batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
+    sr_steps: int | None = None                  # a cascade's super-resolution stage: its steps (None: its config's)
+    sr_level: int | None = None                  # ... the noise level its low-resolution image is augmented to
+    sr_guidance: float | None = None             # ... its guidance with stage 1's attributes
 
     @property
     def spec(self) -> SamplerSpec:
@@ -66,6 +69,15 @@ class SamplingRequest:
     def replace(self, **changes) -> SamplingRequest:
         return dataclasses.replace(self, **changes)
 
+    def for_stage(self, stage) -> SamplingRequest:
+        """The request a super-resolution stage (a Pipeline) runs: the same seed, attributes, sampler and precision,
+        with its own steps, augmentation level and guidance (the request's sr_* values, else its config's)."""
+        lr = stage.cfg.lowres
+        return self.replace(steps=self.sr_steps if self.sr_steps is not None else lr.sample_steps,
+                            sr_level=self.sr_level if self.sr_level is not None else lr.sample_level,
+                            guidance=self.sr_guidance if self.sr_guidance is not None else lr.guidance,
+                            guidance_interval=None)
+
     def validate(self, pipe) -> SamplingRequest:
         """Check every field against the model `pipe` (a Pipeline); returns the request with the attributes
         left to the model ('any', '' or None) dropped and the precision resolved ("auto" -> "bf16" or "fp32").
@@ -84,6 +96,7 @@ class SamplingRequest:
             raise UserError(f"{self.steps} steps do not work with the {self.sampler} sampler on this model: {err}"
                             ) from None
         self._check_guidance()
+        self._check_stage2(pipe)
         precision = self._check_runtime(pipe)
         wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
         pipe.labels(wanted, 1)                   # unknown names or values, or an unconditional model
@@ -102,6 +115,22 @@ class SamplingRequest:
             raise UserError(f"runtime onnx runs fp32, not {self.precision}: use precision auto or fp32, or runtime "
                             "plain")
         return "fp32"
+
+    def _check_stage2(self, pipe) -> None:
+        """The sr_* options: only for a super-resolution stage, in range."""
+        given = [f"sr_{k}" for k in ("steps", "level", "guidance") if getattr(self, f"sr_{k}") is not None]
+        if not getattr(pipe, "superres", False):
+            if given:
+                raise UserError(f"{', '.join(given)} apply to a cascade's super-resolution stage; this model has one "
+                                "stage: leave them out")
+            return
+        T = pipe.schedule.T
+        if self.sr_steps is not None and (not _is_int(self.sr_steps) or not 1 <= self.sr_steps <= T):
+            raise UserError(f"sr_steps must be a whole number from 1 to {T}, got {self.sr_steps!r}")
+        if self.sr_level is not None and (not _is_int(self.sr_level) or not 0 <= self.sr_level < T):
+            raise UserError(f"sr_level must be a timestep from 0 to {T - 1}, got {self.sr_level!r}")
+        if self.sr_guidance is not None and (not _is_number(self.sr_guidance) or self.sr_guidance < 0):
+            raise UserError(f"sr_guidance must be a number >= 0, got {self.sr_guidance!r}")
 
     def _check_counts(self) -> None:
         if not _is_int(self.num) or self.num < 1:
@@ -128,10 +157,11 @@ class SamplingRequest:
         """The `ddpm-faces sample` flags that ask for this request (defaults left out)."""
         default = SamplingRequest()
         parts = [f"--seed {self.seed} --num {self.num} --sampler {self.sampler} --steps {self.steps}"]
-        for name in ("spacing", "eta", "guidance", "precision", "runtime"):
+        for name in ("spacing", "eta", "guidance", "precision", "runtime", "sr_steps", "sr_level", "sr_guidance"):
             value = getattr(self, name)
             if value != getattr(default, name):
-                parts.append(f"--{name} {value:g}" if isinstance(value, float) else f"--{name} {value}")
+                flag = name.replace("_", "-")
+                parts.append(f"--{flag} {value:g}" if isinstance(value, float) else f"--{flag} {value}")
         if self.guidance_interval is not None:
             parts.append("--guidance-interval {:g} {:g}".format(*self.guidance_interval))
         if attributes:

@@ -6,6 +6,7 @@ weights depend on (`recorded_sections`), the training step and, for a latent mod
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
+from ..models.unet import UNetConfig
 from ..errors import UserError
 from ..io import atomic_folder, recover_folder
 from .checkpoints import state_tensors
@@ -24,6 +26,7 @@ from .layout import CODEC_FILE, CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, 
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"    # weights shipped inside the package
 DEFAULT_MODEL = "faces32"
+DEFAULT_UPSCALER = "cascade128"                # the cascade whose super-resolution stage `upscale` uses
 DEFAULT_CLASSIFIER = "attributes32"
 EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, CODEC_FILE}
 SAMPLING_KEYS = ("schedule", "timesteps", "beta_start", "beta_end", "prediction")   # diffusion settings sampling needs
@@ -78,10 +81,14 @@ def find_model(path: str | Path | None) -> ModelFiles:
     raise UserError(f"no model found in {p}: expected model.safetensors + config.yaml, export/, or checkpoints/")
 
 
-def tensors_key(module: torch.nn.Module) -> str:
-    """A hash of a module's tensors (names, dtypes, shapes and values): the identity of a codec."""
+def tensors_key(module: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
+    """A hash of a module's tensors (names, dtypes, shapes and values): the identity of a codec. With
+    `prefixes`, of the tensors whose names start with one of them only (e.g. a codec's encoding half)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(state_tensors(module, torch.float32).items()):
+    tensors = state_tensors(module, torch.float32)
+    if prefixes is not None:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+    for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.numpy().tobytes())
     return digest.hexdigest()
@@ -98,7 +105,7 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
     metadata = weights_metadata(cfg, step)
     carries_codec = codec is not None and any(True for _ in codec.parameters())
     if carries_codec:
-        metadata["codec"] = tensors_key(codec)
+        metadata["codec"] = tensors_key(codec, getattr(codec, "ENCODING", None))     # the latents' identity: a new decoder keeps it
     with atomic_folder(out_dir) as tmp:
         save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=metadata)
         if carries_codec:
@@ -124,6 +131,9 @@ def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
             **({"step": str(step)} if step is not None else {})}
 
 
+DEFAULTS = {"model": dataclasses.asdict(UNetConfig())}
+
+
 def check_recorded(files: ModelFiles, cfg: Config, metadata: dict[str, str]) -> None:
     """The config beside the weights must match what the weights recorded of their training."""
     if metadata.get("task", "diffusion") != cfg.task:
@@ -134,7 +144,9 @@ def check_recorded(files: ModelFiles, cfg: Config, metadata: dict[str, str]) -> 
             continue
         recorded = json.loads(metadata[section])
         differ = sorted(k for k, v in recorded.items() if current.get(k) != v)
-        if differ or (section == "model" and recorded != current):
+        # a setting added after the export is fine at its default (the same network as before it existed)
+        added = [k for k in current if k not in recorded and current[k] != DEFAULTS.get(section, {}).get(k, object())]
+        if differ or (section == "model" and added):
             raise UserError(f"{files.weights} was exported with another {section} config than {files.config} "
                             f"(differs in {', '.join(differ) or 'its keys'}): use the config.yaml that came with "
                             "the weights")

@@ -17,7 +17,7 @@ from ..data import PreparedData, load_batch
 from ..evaluation import InceptionFeatures, evaluate_images, inception_weights_path, reference_stats
 from ..evaluation.faces import load_detector
 from ..evaluation.reference import spread
-from ..images import make_grid, save_image
+from ..images import make_grid, resize_images, save_image, to_uint8
 from ..pipeline import Pipeline, SamplingRequest, generate
 from .step import diffusion_step
 
@@ -66,7 +66,9 @@ class Validation:
         total = torch.zeros((), device=pipe.device)
         for chunk in self.mine.split(batch_size):
             images = load_batch(self.data, self.rows[chunk.numpy()])["images"]
-            total += diffusion_step(pipe, images, t=self.t[chunk], noise=self.noise[chunk], reduce=False).sum()
+            level = torch.zeros(len(chunk), dtype=torch.long) if pipe.cfg.model.lowres_channels else None
+            total += diffusion_step(pipe, images, t=self.t[chunk], noise=self.noise[chunk], reduce=False,
+                                    lowres_t=level).sum()
         return total
 
 
@@ -113,10 +115,29 @@ class SampleQuality:
         return evaluate_images(gathered[: tc.fid_images], self.reference, extractor=self.extractor)
 
 
-def sample_grid(pipe: Pipeline, tc: TrainConfig, path: Path, writer, step: int) -> None:
-    """The fixed-seed grid of train.sample_images faces, saved to `path` and shown in TensorBoard."""
+def sample_grid(pipe: Pipeline, tc: TrainConfig, path: Path, writer, step: int,
+                data: PreparedData | None = None) -> None:
+    """The fixed-seed grid of train.sample_images faces, saved to `path` and shown in TensorBoard. A
+    super-resolution stage upscales val photos instead (with `data`): rows of (the low-resolution image enlarged
+    bicubically, its upscaling, the photo)."""
     request = SamplingRequest(num=tc.sample_images, seed=tc.seed, sampler=tc.sample_sampler, steps=tc.sample_steps,
                               batch_size=tc.sample_images)
-    grid = make_grid(generate(pipe, request, progress=False))
+    if pipe.superres and data is not None:
+        grid = upscaled_grid(pipe, request, data)
+    else:
+        grid = make_grid(generate(pipe, request, progress=False))
     save_image(grid, path)
     writer.add_image("samples", grid, step, dataformats="HWC")
+
+
+def upscaled_grid(pipe: Pipeline, request: SamplingRequest, data: PreparedData) -> np.ndarray:
+    """Val photos through a super-resolution stage: bicubic | upscaled | photo for each, three per row pair."""
+    rows = spread(data.indices("val") if len(data.indices("val")) else data.indices("train"), request.num)
+    photos = load_batch(data, rows)["images"]
+    lowres = resize_images(photos, pipe.cfg.lowres.resolution)
+    upscaled = generate(pipe, request.replace(num=len(rows), sr_steps=request.steps), lowres=lowres, progress=False)
+    size = photos.shape[-1]
+    bicubic = to_uint8(torch.nn.functional.interpolate(lowres, size=(size, size), mode="bicubic",
+                                                      align_corners=False))
+    triples = np.stack([bicubic, upscaled, to_uint8(photos)], axis=1).reshape(-1, size, size, RGB)
+    return make_grid(triples, nrow=6)

@@ -350,7 +350,7 @@ class DiffusionRun(Run):
         labels = batch["labels"][:, self.label_columns] if self.label_columns else None
         with self.acc.accumulate(self.model):
             loss = diffusion_step(self.live, batch.get("images"), x0=batch.get("x"), labels=labels,
-                                  label_dropout=self.tc.label_dropout)
+                                  label_dropout=self.tc.label_dropout, lowres=batch.get("lowres"))
             self.acc.backward(loss)
             self.micro_loss += loss.detach().float() / self.tc.grad_accum   # stays on the device until a log step
             finite = self.clip_and_check() if self.acc.sync_gradients else True
@@ -386,4 +386,5 @@ class DiffusionRun(Run):
 
     def save_samples(self) -> None:
         """The fixed-seed sample grid of the EMA weights (main process)."""
-        sample_grid(self.averaged, self.tc, self.folder.sample_grid(self.step), self.writer, self.step)
+        sample_grid(self.averaged, self.tc, self.folder.sample_grid(self.step), self.writer, self.step,
+                    self.validation.data)

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..hardware import machine_info, training_precision
 from ..io import atomic_file
 from ..models import Codec, count_parameters
-from ..pipeline import build_codec, build_model
+from ..pipeline import build_codec, build_model, start_from
 from ..runs import RunFolder, tensors_key
 from ..runs.lock import RunLock
 from .autoencoder import prepare_autoencoder_run
@@ -123,18 +123,21 @@ def make_loader(cfg: Config, data: PreparedData, codec: Codec, accelerator: Acce
     if cfg.data.random_crop:
         raise UserError("data.random_crop does not apply to cached latents: set it to false (flips still apply)")
     with accelerator.main_process_first():
-        latents = encode_latents(data, codec.fast_encoder(), tensors_key(codec), cache_dir=cfg.data.cache_dir,
+        key = tensors_key(codec, codec.ENCODING)          # a new decoder (encoder frozen) keeps the cache
+        latents = encode_latents(data, codec.fast_encoder(), key, cache_dir=cfg.data.cache_dir,
                                  progress=progress and accelerator.is_main_process)
     return LatentLoader(latents, "train", tc.batch_size, seed=tc.seed, hflip=cfg.data.hflip, rank=rank,
-                        world_size=world)
+                        world_size=world, lowres=cfg.lowres.resolution if cfg.model.lowres_channels else None)
 
 
 def build_trainees(cfg: Config, rank: int) -> Trainees:
-    """A new model (the same initial weights on every rank), its EMA, AdamW and the warmup-cosine schedule;
+    """A new model (the same initial weights on every rank, or train.init_from's), its EMA, AdamW and the warmup-cosine schedule;
     then seeds each rank's own noise and timesteps."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     model = build_model(cfg)
+    if tc.init_from:
+        start_from(model, tc.init_from)
     ema = EMA(model, tc.ema_decay, tc.ema_warmup)
     torch.manual_seed(tc.seed + rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.adam_betas),

@@ -1,0 +1,85 @@
+"""The decoder gate: the shipped autoencoder's decoder against a fine-tuned one (the encoder the same), on the
+same val faces: PSNR, SSIM and reconstruction FID, and a picture of the same faces (photo | old decoder | new
+decoder, with the eyes enlarged below each).
+
+    python benchmarks/decoder_gate.py --new runs/decoder128 --num 1000 --out benchmarks/results/decoder-gate.json \\
+        --picture docs/decoder-gate.png
+
+`--old` defaults to the autoencoder that the bundled latent128 carries. Gate: reconstruction FID <= 8 with PSNR
+>= 30 dB (1,000 val faces at 128 px).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddpm_faces.data import prepare_dataset
+from ddpm_faces.evaluation import InceptionFeatures
+from ddpm_faces.evaluation.model_eval import evaluate_codec
+from ddpm_faces.evaluation.reference import spread
+from ddpm_faces.hardware import machine_info
+from ddpm_faces.images import make_grid, save_image, to_uint8
+from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.pipeline import build_codec, load_codec, read_config
+from ddpm_faces.runs import CODEC_FILE, bundled, find_model
+
+
+def codec_from(name: str):
+    """An autoencoder run/export, or a latent model's carried autoencoder (e.g. latent128)."""
+    cfg = read_config(name)
+    if cfg.task == "autoencoder":
+        return load_codec(name)
+    return build_codec(cfg, find_model(name).folder / CODEC_FILE).eval()
+
+
+def picture(codecs: dict, data, rows: np.ndarray, path: str) -> None:
+    """Each face as a column: photo, then each decoder; below, the eye region (rows 36-68 of 128) enlarged 2x."""
+    photos = to_model_range(torch.from_numpy(np.array(data.images[rows])))
+    with torch.no_grad():
+        columns = [to_uint8(photos)] + [to_uint8(c.decode(c.encode(photos))) for c in codecs.values()]
+    tiles = []
+    for images in columns:                                  # one row per source
+        eyes = images[:, 36:68, :, :]
+        eyes = np.repeat(np.repeat(eyes, 2, axis=1), 2, axis=2)[:, :, 64:192]       # centre 128 px of the 2x band
+        tiles.append(np.concatenate([images, eyes], axis=1))
+    stacked = np.stack(tiles, axis=1).reshape(-1, *tiles[0].shape[1:])     # face by face: photo, old, new
+    save_image(make_grid(stacked, nrow=len(columns)), path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--old", default="latent128")
+    p.add_argument("--new", required=True)
+    p.add_argument("--reference", default="../shared/data/faces")
+    p.add_argument("--num", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    p.add_argument("--picture")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    codecs = {"old": codec_from(args.old), "new": codec_from(args.new)}
+    extractor = InceptionFeatures("cpu", progress=False)
+    result = {"reference": args.reference, "num": args.num, "old_source": args.old, "new_source": args.new,
+              "machine": machine_info(threads=args.threads, precision="fp32", device="cpu")}
+    for name, codec in codecs.items():
+        start = time.perf_counter()
+        result[name] = evaluate_codec(codec, reference=args.reference, num=args.num, extractor=extractor,
+                                      progress=False)
+        result[name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(name, {k: result[name][k] for k in ("psnr", "ssim", "rfid")}, flush=True)
+    new = result["new"]
+    result["gate"] = {"rfid_at_most": 8.0, "psnr_at_least": 30.0,
+                      "passed": bool(new["rfid"] <= 8.0 and new["psnr"] >= 30.0)}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.picture:
+        data = prepare_dataset(args.reference, 128, progress=False)
+        picture(codecs, data, spread(data.indices("val"), 6), args.picture)
+
+
+if __name__ == "__main__":
+    main()
