@@ -161,3 +161,23 @@ def test_upscale_refuses_what_it_cannot_use(stages, tmp_path, capsys):
     assert "not an image" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
     assert main(["upscale", str(text), "--checkpoint", str(stages["small"]), "--out", str(tmp_path / "o.png")]) == 2
     assert "not a super-resolution stage" in capsys.readouterr().err
+    from PIL import Image
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(noise)
+    assert main(["upscale", str(noise), "--checkpoint", str(stages["sr"]), "--out", str(tmp_path / "o.png")]) == 2
+    assert "no face found" in capsys.readouterr().err and not (tmp_path / "o.png").exists()
+
+
+def test_sample_draws_a_cascade_with_one_checkpoint_and_strips_both_stages(stages, tmp_path):
+    from PIL import Image
+
+    from ddpm_faces.cli import main
+
+    out, strip = tmp_path / "faces.png", tmp_path / "strip.png"
+    assert main(["sample", "--checkpoint", str(stages["sr"]), "--num", "2", "--steps", "4", "--nrow", "2",
+                 "--out", str(out), "--strip", str(strip), "--no-progress", "--sr-steps", "3"]) == 0
+    grid = Image.open(out)
+    assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2) and "--sr-steps 3" in grid.text["ddpm-faces command"]
+    picture = np.asarray(Image.open(strip))
+    assert picture.shape[:2] == (2 * 18 + 2, 7 * 18 + 2)        # 4 frames of stage 1 (enlarged) + 3 of stage 2
