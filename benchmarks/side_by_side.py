@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--grid-faces", type=int, default=16)
     p.add_argument("--out", type=Path)
     p.add_argument("--grid-dir", type=Path)
+    p.add_argument("--merge", action="store_true", help="add these models to the ones already in --out (same "
+                                                         "protocol: the same --num, --seed, --guidance, --steps)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     names = args.names or [Path(m).name for m in args.models]
@@ -127,6 +129,12 @@ def main() -> None:
             args.grid_dir.mkdir(parents=True, exist_ok=True)
             save_image(make_grid(big[:args.grid_faces], nrow=int(args.grid_faces ** 0.5)),
                        args.grid_dir / f"grid-{name}.png")
+    if args.out and args.merge and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        same = all(earlier.get(k) == v for k, v in (("num", args.num), ("guidance", args.guidance),
+                                                       ("steps", args.steps)))
+        assert same, f"{args.out} was measured with another protocol: not merged"
+        results = {**earlier["models"], **results}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"reference": args.reference, "split": "val", "resolution": args.resolution,

@@ -181,3 +181,31 @@ def test_sample_draws_a_cascade_with_one_checkpoint_and_strips_both_stages(stage
     assert grid.size == (2 * 16 + 3 * 2, 16 + 2 * 2) and "--sr-steps 3" in grid.text["ddpm-faces command"]
     picture = np.asarray(Image.open(strip))
     assert picture.shape[:2] == (2 * 18 + 2, 7 * 18 + 2)        # 4 frames of stage 1 (enlarged) + 3 of stage 2
+
+
+def test_weights_from_before_a_setting_existed_load_only_at_its_default(stages, tmp_path):
+    """Exports record their model section; a key added since (lowres_channels) is fine at its default, and a
+    config that sets it is refused: those weights have no low-resolution input."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from ddpm_faces.runs import find_model
+
+    files = find_model(stages["latent"])
+    folder = tmp_path / "old-export"
+    folder.mkdir()
+    with __import__("safetensors").safe_open(files.weights, "pt") as f:
+        metadata = f.metadata()
+    model = json.loads(metadata["model"])
+    del model["lowres_channels"]
+    save_file(load_file(files.weights), folder / "model.safetensors", metadata={**metadata, "model": json.dumps(model)})
+    (folder / "autoencoder.safetensors").write_bytes((files.folder / "autoencoder.safetensors").read_bytes())
+    cfg = yaml.safe_load(files.config.read_text())
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert load_pipeline(folder).net.cfg.lowres_channels == 0
+    cfg["model"]["lowres_channels"] = 3
+    cfg["lowres"].update(train_max_level=10, sample_level=2)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="another model config"):
+        load_pipeline(folder)
