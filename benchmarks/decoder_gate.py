@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ddpm_faces.data import prepare_dataset
 from ddpm_faces.evaluation import InceptionFeatures
@@ -38,17 +39,17 @@ def codec_from(name: str):
 
 
 def picture(codecs: dict, data, rows: np.ndarray, path: str) -> None:
-    """Each face as a column: photo, then each decoder; below, the eye region (rows 36-68 of 128) enlarged 2x."""
+    """One row per source (photo, then each decoder), one column per face; below each face its eyes (rows 24-56,
+    columns 24-104 of 128) enlarged 1.6x (nearest)."""
     photos = to_model_range(torch.from_numpy(np.array(data.images[rows])))
     with torch.no_grad():
-        columns = [to_uint8(photos)] + [to_uint8(c.decode(c.encode(photos))) for c in codecs.values()]
+        sources = [to_uint8(photos)] + [to_uint8(c.decode(c.encode(photos))) for c in codecs.values()]
     tiles = []
-    for images in columns:                                  # one row per source
-        eyes = images[:, 36:68, :, :]
-        eyes = np.repeat(np.repeat(eyes, 2, axis=1), 2, axis=2)[:, :, 64:192]       # centre 128 px of the 2x band
-        tiles.append(np.concatenate([images, eyes], axis=1))
-    stacked = np.stack(tiles, axis=1).reshape(-1, *tiles[0].shape[1:])     # face by face: photo, old, new
-    save_image(make_grid(stacked, nrow=len(columns)), path)
+    for images in sources:
+        eyes = np.stack([np.asarray(Image.fromarray(img[24:56, 24:104]).resize((128, 51), Image.NEAREST))
+                         for img in images])                                         # (N, 51, 128, 3)
+        tiles.append(np.concatenate([images, eyes], axis=1))                           # (N, 179, 128, 3)
+    save_image(make_grid(np.concatenate(tiles), nrow=len(rows)), path)
 
 
 def main() -> None:
@@ -60,9 +61,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     p.add_argument("--picture")
+    p.add_argument("--picture-only", action="store_true", help="draw the picture, measure nothing")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     codecs = {"old": codec_from(args.old), "new": codec_from(args.new)}
+    if args.picture_only:
+        data = prepare_dataset(args.reference, 128, progress=False)
+        picture(codecs, data, spread(data.indices("val"), 6), args.picture)
+        return
     extractor = InceptionFeatures("cpu", progress=False)
     result = {"reference": args.reference, "num": args.num, "old_source": args.old, "new_source": args.new,
               "machine": machine_info(threads=args.threads, precision="fp32", device="cpu")}
