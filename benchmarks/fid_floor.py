@@ -7,7 +7,8 @@ model's last step, with the same protocol (500 faces, FID/KID/precision/recall a
 Rows: train photos as they are (the sampling floor of 500 faces); taken to 32 px and enlarged bicubically (the
 floor of the enlarged 32 px model); through the old and the new decoder (the floor of a latent model); taken
 to 32 px and upscaled by the cascade's super-resolution stage (the floor of the cascade, with a perfect stage 1).
-With --picture: val faces as bicubic | upscaled | photo.
+With --picture: faces drawn by latent128 (stand-ins for photos, which may not be copied here) taken to 32 px,
+as bicubic | upscaled | the 128 px face.
 """
 from __future__ import annotations
 
@@ -23,10 +24,9 @@ from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.reference import evaluate_images, reference_stats, spread
 from ddpm_faces.hardware import machine_info, resolve_precision
-from ddpm_faces.images import resize_images, save_image, to_uint8
+from ddpm_faces.images import make_grid, resize_images, save_image, to_uint8
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
-from ddpm_faces.training.monitors import upscaled_grid
-from decoder_gate import codec_from
+from decoder_gate import codec_from, drawn_faces
 
 
 def batches(fn, photos: torch.Tensor, size: int = 50) -> np.ndarray:
@@ -70,7 +70,12 @@ def main() -> None:
         print(name, result["rows"][name], flush=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.picture and args.cascade:
-        save_image(upscaled_grid(stage2, SamplingRequest(num=8, seed=0), data), args.picture)
+        faces = drawn_faces(8)
+        small = resize_images(faces, 32)
+        up = generate(stage2, SamplingRequest(num=len(faces), seed=0), lowres=small, progress=False)
+        bicubic = to_uint8(torch.nn.functional.interpolate(small, size=(128, 128), mode="bicubic", align_corners=False))
+        triples = np.stack([bicubic, up, to_uint8(faces)], axis=1).reshape(-1, 128, 128, 3)
+        save_image(make_grid(triples, nrow=6), args.picture)
 
 
 if __name__ == "__main__":
