@@ -89,6 +89,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="stage 1's steps (a cascade's stage 2 takes its own)")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--sr-steps", type=int, help="a cascade's stage 2: steps (default: its config's)")
+    p.add_argument("--sr-level", type=int, help="a cascade's stage 2: augmentation level (default: its config's)")
     p.add_argument("--grid-faces", type=int, default=16)
     p.add_argument("--out", type=Path)
     p.add_argument("--grid-dir", type=Path)
@@ -111,6 +113,8 @@ def main() -> None:
         labels = torch.from_numpy(model_labels(pipe, data, asked_data))
         request = SamplingRequest(num=args.num, seed=args.seed, guidance=args.guidance, steps=args.steps,
                                   precision=args.precision)
+        if pipe.superres:
+            request = request.replace(sr_steps=args.sr_steps, sr_level=args.sr_level)
         start = time.perf_counter()
         images = generate(pipe, request, labels=labels, progress=True)
         sampling = time.perf_counter() - start
@@ -118,6 +122,7 @@ def main() -> None:
         big = enlarge(images, args.resolution)
         metrics = evaluate_images(big, real, extractor=extractor, with_face_rate=True, progress=True)
         results[name] = {"model": source, "step": pipe.step, "native_resolution": int(images.shape[1]),
+                         "request": request.cli_flags(attributes=False),
                          **{k: metrics[k] for k in ("fid", "kid_mean", "kid_std", "precision", "recall",
                                                     "face_rate", "num_fake", "num_real")},
                          "agreement": agree, "parameters": parameters(pipe),
