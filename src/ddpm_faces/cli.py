@@ -206,24 +206,25 @@ def _edit(args) -> None:
 
     from .data.loader import to_model_range
     from .evaluation.framing import frame_photo, open_photo
-    from .images import EDITED, make_grid, provenance, save_image
+    from .images import EDITED, enlarge, make_grid, provenance, save_image
     from .pipeline import EditPlan, generate, load_pipeline
 
     _set_threads(args.threads)
     check_image_path(args.out)
     pipe = load_pipeline(args.checkpoint, device=args.device)
     request = request_from_args(args).validate(pipe)
-    size = pipe.codec.image_size
+    first = pipe.stages[0]                  # a cascade edits at its stage 1; the later stages upscale the edit
+    size = first.codec.image_size
     framed = frame_photo(open_photo(args.image), size, detect=not args.no_detect)
     if framed.faces > 1:
         print(f"{framed.faces} faces found: editing the largest", file=sys.stderr)
     photo = to_model_range(torch.from_numpy(framed.image.copy())[None])
     mask = read_mask(args.mask, framed, size) if args.mask else None
-    plan = EditPlan(pipe, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
+    plan = EditPlan(first, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
                     resample=args.resample)
     images = generate(pipe, request, plan=plan, progress=not args.no_progress)
     if args.compare:
-        images = np.concatenate([framed.image[None], images])
+        images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
     flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {args.image}",
                                  f"--strength {args.strength:g}", "--invert" if args.invert else "",
                                  f"--mask {args.mask}" if args.mask else "",

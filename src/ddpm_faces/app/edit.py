@@ -26,8 +26,8 @@ from ..diffusion import sampling_timesteps
 from ..errors import UserError
 from ..evaluation.faces import INSTALL_HINT, load_detector
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
-from ..images import EDITED, make_grid, provenance, save_image
-from ..pipeline import EditPlan, generate
+from ..images import EDITED, enlarge, make_grid, provenance, save_image
+from ..pipeline import EditPlan, generate, stage_steps
 from . import outputs as out
 from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
 from .job import Cancelled, Job
@@ -165,30 +165,39 @@ class PhotoEditing:
         invert = check_bool(invert, "keep the person (DDIM inversion)")
         detect = check_bool(detect, "find the face")
         picture = read_photo(photo)
-        framing = frame(picture, pipe.codec.image_size, detect)
+        first = pipe.stages[0]              # a cascade edits at its stage 1; the later stages upscale the edit
+        framing = frame(picture, first.codec.image_size, detect)
         painted = painted_mask(layers, picture.image.size)
-        mask = framed_mask(painted, framing, pipe.codec.image_size)
+        mask = framed_mask(painted, framing, first.codec.image_size)
         job = None
 
         def stop_inverting():                     # Cancel also stops the DDIM inversion, between its steps
             if job is not None and job.stop.is_set():
                 raise Cancelled()
 
-        plan = EditPlan(pipe, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
+        plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
                         mask=mask, invert=invert, seed=request.seed, between_steps=stop_inverting)
-        steps_run = len(plan.timesteps(sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)))
-        scale = out.display_scale(pipe.codec.image_size)
-        before = (out.enlarge(framing.image, scale), FRAMED)
+        steps_run = len(plan.timesteps(sampling_timesteps(first.schedule, request.steps, request.timestep_spacing)))
+        steps_run += sum(stage_steps(pipe, request)[1:])
+        size = pipe.codec.image_size
+        scale = out.display_scale(size)
+        framed_image = enlarge(framing.image[None], size)[0]
+        before = (out.enlarge(framed_image, scale), FRAMED)
         yield {"edit_preview": None, "edit_gallery": [before], "edit_files": None, "edit_command": "",
                "edit_status": f"Inverting the photo ({steps_run} DDIM steps) ..." if invert and steps_run else
                "Editing ..."}
 
         def show(event) -> dict:
-            return {"edit_preview": out.enlarge(make_grid(event.images), scale),
+            return {"edit_preview": out.enlarge(make_grid(enlarge(event.images, size)), scale),
                     "edit_status": out.preview_status(event.step, steps_run)}
 
         def work(callback):
-            return generate(pipe, request, plan=plan, callback=callback, progress=False)
+            done = [0]
+
+            def counted(i, t, x_i, x0):                 # one count over every stage's steps
+                callback(done[0] % max(steps_run, 1), t, x_i, x0)
+                done[0] += 1
+            return generate(pipe, request, plan=plan, callback=counted, progress=False)
 
         start = time.perf_counter()
         job = self.jobs.start(Job("edit", steps_run, work, threads=self.threads), token)
@@ -197,7 +206,7 @@ class PhotoEditing:
             return
         masked = mask is not None
         command = edit_command(entry, picture, strength, invert, masked, detect, request, scale)
-        folder, both = out.new_folder(self.out_dir), np.concatenate([framing.image[None], images])
+        folder, both = out.new_folder(self.out_dir), np.concatenate([framed_image[None], images])
         path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
                           text=provenance(command, str(pipe.source), pipe.step, note=EDITED))
         files = [path] + ([save_image(painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])

@@ -35,7 +35,8 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
     `request.attributes`, the same for all); `initial_noise` (num, *codec.shape) replaces the seeded
     starting noise (e.g. interpolated noise). `callback(i, t, x, x0)` sees every step, with x0 the current
     estimate of the images, decoded. `plan` (pipeline/edit.py's EditPlan) starts from a photo instead of
-    noise: it chooses the timesteps, the starting x, a projection after every step and the final blend.
+    noise: it chooses the timesteps, the starting x, a projection after every step and the final blend; with a
+    cascade it edits at stage 1 (a plan built on `pipe.stages[0]`) and the later stages upscale the edit.
     `lowres` (num, 3, r, r) in [-1, 1]: the images a super-resolution stage upscales (instead of its stage 1's).
     """
     request = request.validate(pipe)
@@ -79,13 +80,12 @@ def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise,
     images a super-resolution stage alone). The request's sampler settings and attributes go to stage 1; a
     super-resolution stage takes its own steps, level and guidance."""
     stages = [pipe] if given_lowres or pipe.previous is None else pipe.stages
-    if plan is not None and len(stages) > 1:
-        raise UserError("editing runs on one stage: edit with the stage-1 model or a single-stage model")
+    if plan is not None and given_lowres:
+        raise UserError("an edit starts from a photo, not from low-resolution images: give one or the other")
     runs = []
-    for k, stage in enumerate(stages):
-        last = k == len(stages) - 1
+    for k, stage in enumerate(stages):                  # an edit (plan) runs on stage 1; later stages upscale it
         stage_request = request if k == 0 and not stage.superres else request.for_stage(stage)
-        runs.append(Run(stage, stage_request, plan if last else None, labels, initial_noise if k == 0 else None,
+        runs.append(Run(stage, stage_request, plan if k == 0 else None, labels, initial_noise if k == 0 else None,
                         stream=int(stage.superres)))
     return runs
 
