@@ -25,23 +25,24 @@ def test_help_lists_subcommands():
 
 
 def test_sample_with_the_bundled_model_writes_a_grid_and_individual_images(tmp_path):
+    """The default model is the 128 px cascade (cascade128: faces32, then its super-resolution stage)."""
     grid, folder = tmp_path / "faces.png", tmp_path / "single"
     assert main(["sample", "--out", str(grid), "--num", "4", "--steps", "8", "--nrow", "2",
                  "--save-individual", str(folder), "--no-progress"]) == 0
     img = np.asarray(Image.open(grid))
-    side = 32 * 2 + 3 * 2                                          # two 32 px faces per row, 2 px padding
+    side = 128 * 2 + 3 * 2                                         # two 128 px faces per row, 2 px padding
     assert img.shape == (side, side, 3)
     singles = sorted(folder.glob("*.png"))
     assert len(singles) == 4
     first = np.asarray(Image.open(singles[0]))
-    assert first.shape == (32, 32, 3) and first.std() > 5           # not a flat image
-    assert np.array_equal(img[2:34, 2:34], first)                  # the grid holds the same image
+    assert first.shape == (128, 128, 3) and first.std() > 5         # not a flat image
+    assert np.array_equal(img[2:130, 2:130], first)                # the grid holds the same image
 
 
 def test_image_i_of_a_seed_does_not_depend_on_how_many_are_asked_for(tmp_path):
     for num in ("2", "5"):
-        assert main(["sample", "--num", num, "--seed", "7", "--steps", "6", "--sampler", "ddpm", "--batch-size",
-                     "3", "--out", str(tmp_path / f"g{num}.png"), "--save-individual", str(tmp_path / num),
+        assert main(["sample", "--checkpoint", "faces32", "--num", num, "--seed", "7", "--steps", "6", "--sampler",
+                     "ddpm", "--batch-size", "3", "--out", str(tmp_path / f"g{num}.png"), "--save-individual", str(tmp_path / num),
                      "--no-progress"]) == 0
     for i in range(2):
         a = np.asarray(Image.open(tmp_path / "2" / f"seed7-{i:04d}.png")).astype(int)
@@ -112,7 +113,8 @@ def test_data_command_describes_the_prepared_set(tmp_path, face_folder, capsys):
 
 def test_denoising_strip_ends_on_the_generated_faces(tmp_path):
     grid, strip = tmp_path / "g.png", tmp_path / "strip.png"
-    assert main(["sample", "--num", "3", "--steps", "10", "--nrow", "1", "--batch-size", "2", "--out", str(grid),
+    assert main(["sample", "--checkpoint", "faces32", "--num", "3", "--steps", "10", "--nrow", "1", "--batch-size", "2",
+                 "--out", str(grid),
                  "--strip", str(strip), "--no-progress"]) == 0
     faces, steps = np.asarray(Image.open(grid)), np.asarray(Image.open(strip))
     assert steps.shape == (2 + 3 * 34, 2 + 8 * 34, 3)                # 3 faces x 8 moments, 32 px + 2 px pad

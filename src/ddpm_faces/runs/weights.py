@@ -25,7 +25,7 @@ from .checkpoints import state_tensors
 from .layout import CODEC_FILE, CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"    # weights shipped inside the package
-DEFAULT_MODEL = "faces32"
+DEFAULT_MODEL = "cascade128"
 DEFAULT_UPSCALER = "cascade128"                # the cascade whose super-resolution stage `upscale` uses
 DEFAULT_CLASSIFIER = "attributes32"
 EXPORT_FILES = {WEIGHTS_FILE, CONFIG_FILE, CODEC_FILE}
