@@ -220,7 +220,8 @@ def test_server_edits_a_photo_and_the_printed_line_writes_the_same_picture(serve
     assert len(files) == 1 and Path(files[0]).name == "edited-seed5.png" and Path(preview).name == "edited-seed5.png"
     png = Image.open(files[0])
     line = command.split("`")[1]
-    assert line.startswith("ddpm-faces edit --image face.png --strength 0.6 --no-detect --seed 5 --num 3")
+    assert line.startswith("ddpm-faces edit --checkpoint faces32 --image face.png --strength 0.6 --no-detect --seed 5 "
+                           "--num 3")                          # faces32 is no longer the default model
     assert "--age '60-69'" in line and "--guidance 2" in line and line.endswith("--compare --upscale 4 --out "
                                                                                 "edited-seed5.png")
     assert png.text["Description"] == EDITED and png.text["ddpm-faces command"] == line
