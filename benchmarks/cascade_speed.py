@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 
@@ -53,7 +54,7 @@ def main() -> None:
         if pipe.previous is not None:
             first = pipe.previous
             small = generate(first, request, progress=False)
-            lowres = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 127.5 - 1
+            lowres = to_model_range(torch.from_numpy(small))
             alone = load_pipeline(name, stage1=False)
             result["cascade_parts"] = {
                 "stage1": timed(lambda: generate(first, request, progress=False), args.repeats),

@@ -22,6 +22,7 @@ from ddpm_faces.data import prepare_dataset
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import target_labels
 from ddpm_faces.evaluation.reference import evaluate_images, reference_stats
+from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 from side_by_side import model_labels
@@ -50,7 +51,7 @@ def main() -> None:
     base = SamplingRequest(num=args.num, seed=args.seed, guidance=3.0)
     start = time.perf_counter()
     small = generate(cascade.previous, base, labels=labels, progress=True)
-    lowres = torch.from_numpy(small).permute(0, 3, 1, 2).float() / 127.5 - 1
+    lowres = to_model_range(torch.from_numpy(small))
     result = {"model": args.model, "num": args.num, "stage1_seconds": round(time.perf_counter() - start, 1),
               "machine": machine_info(threads=args.threads, precision=resolve_precision("auto")), "runs": []}
 
