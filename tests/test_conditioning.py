@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from conftest import tiny_overrides
-from ddpm_faces.config import load_config
+from ddpm_faces.config import config_from_dict, load_config
+from ddpm_faces.data import prepare_dataset
 from ddpm_faces.diffusion import Denoiser, NoiseSchedule
 from ddpm_faces.diffusion.schedules import cosine_betas
 from ddpm_faces.errors import UserError
 from ddpm_faces.models import UNet, UNetConfig
-from ddpm_faces.models.conditioning import UNSPECIFIED, AttributeEmbedding, drop_labels, encode_attributes
+from ddpm_faces.models.conditioning import (UNSPECIFIED, AttributeEmbedding, count_combinations, draw_unasked, drop_labels,
+                                           encode_attributes)
 from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate, load_pipeline
+from ddpm_faces.pipeline.generate import drawn_labels
 from ddpm_faces.runs import export_model
 from ddpm_faces.training import train
 
@@ -139,6 +142,10 @@ def test_training_a_conditional_model_fills_the_vocabulary_from_the_data(tmp_pat
     pipe = load_pipeline(result.run_dir)
     assert pipe.cfg.model.vocab == {"gender": ["Female", "Male"], "age": ["0-2", "20-29", "30-39"]}
     assert pipe.net.conditional
+    data = prepare_dataset(face_folder, 16, progress=False)
+    train_labels = data.labels[data.indices("train")][:, [data.attributes.index("gender"), data.attributes.index("age")]]
+    expected = [int(((train_labels[:, 0] == g) & (train_labels[:, 1] == a)).sum()) for g in range(2) for a in range(3)]
+    assert pipe.cfg.model.label_counts == expected and sum(expected) > 0
     bad = load_config("quickstart", tiny_overrides(tmp_path, face_folder, name="bad",
                                                    **{"model.attributes": "[race]"}))
     with pytest.raises(UserError, match="does not label; its labels: .*gender"):
@@ -192,3 +199,53 @@ def test_bf16_sampling_stays_close_to_fp32():
     assert diff.mean() < 3 and (full != half).any()         # a little rounding, not another image
     with pytest.raises(UserError, match="precision"):
         generate(pipe, request.replace(precision="fp8"), progress=False)
+
+
+def test_combination_counts_are_row_major_and_skip_rows_with_an_unknown_label():
+    labels = torch.tensor([[0, 1], [2, 0], [2, 0], [1, UNSPECIFIED], [0, 1], [0, 1]])
+    assert count_combinations(labels, [3, 2]) == [0, 3, 0, 0, 2, 0]     # (age 0, gender 1) x3, (2, 0) x2
+
+
+def test_unasked_attributes_follow_the_data_given_the_asked_ones():
+    counts = [10, 30, 0, 0, 45, 15]                      # ages x genders: 3 x 2, row-major
+    generators = [torch.Generator().manual_seed(i) for i in range(6000)]
+    free = draw_unasked(counts, [3, 2], torch.tensor([UNSPECIFIED, UNSPECIFIED]), generators)
+    seen = np.bincount((free[:, 0] * 2 + free[:, 1]).numpy(), minlength=6) / len(free)
+    assert np.abs(seen - np.array(counts) / sum(counts)).max() < 0.02 and seen[2] == seen[3] == 0
+    male = draw_unasked(counts, [3, 2], torch.tensor([UNSPECIFIED, 1]), generators)
+    assert (male[:, 1] == 1).all()                       # the asked value is kept ...
+    share = np.bincount(male[:, 0].numpy(), minlength=3) / len(male)
+    assert abs(share[0] - 30 / 45) < 0.02 and share[1] == 0        # ... and the age drawn given it
+    unseen = draw_unasked(counts, [3, 2], torch.tensor([1, UNSPECIFIED]), generators[:3])
+    assert unseen.tolist() == [[1, UNSPECIFIED]] * 3     # a combination the data never showed: left to the model
+
+
+def test_sampling_draws_unasked_attributes_per_image_and_reproducibly(tmp_path):
+    net = conditional_unet()
+    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
+                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
+                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
+                                     "model.dropout=0.0", "model.attributes=[age,gender]"])
+    cfg.model.vocab = VOCAB
+    cfg.model.label_counts = [5, 0, 0, 5, 5, 5]
+    export_model(net, cfg, tmp_path / "export")
+    pipe = load_pipeline(tmp_path / "export")
+    assert pipe.cfg.model.label_counts == [5, 0, 0, 5, 5, 5]
+    request = SamplingRequest(num=6, steps=3, sampler="ddim", guidance=2.0).validate(pipe)
+    labels = drawn_labels(pipe, request)
+    assert labels.shape == (6, 2) and (labels >= 0).all() and len({tuple(r) for r in labels.tolist()}) > 1
+    assert {(a, g) for a, g in labels.tolist()} <= {(0, 0), (1, 1), (2, 0), (2, 1)}
+    assert torch.equal(drawn_labels(pipe, request.replace(num=2), first_index=4), labels[4:])
+    assert drawn_labels(pipe, request.replace(unasked="model")) is None
+    images = generate(pipe, request, progress=False)
+    assert (generate(pipe, request, labels=labels, progress=False) == images).all()
+    assert (generate(pipe, request.replace(num=2), first_index=4, progress=False) == images[4:]).all()
+    assert (generate(pipe, request.replace(unasked="model"), progress=False) != images).any()
+    cfg.model.label_counts = []                          # exported before label counts were recorded
+    export_model(net, cfg, tmp_path / "old")
+    assert drawn_labels(load_pipeline(tmp_path / "old"), request) is None
+    with pytest.raises(UserError, match="unknown unasked 'data2'"):
+        request.replace(unasked="data2").validate(pipe)
+    cfg.model.label_counts = [1, 2, 3]
+    with pytest.raises(UserError, match="invalid model.label_counts: 6 counts"):
+        config_from_dict(cfg.to_dict())

@@ -105,7 +105,8 @@ def test_yes_no_words_stay_text_and_only_true_false_are_booleans(tmp_path):
     (["model.channel_mults=2"], ["model.channel_mults", "list"]),
     (["train.batch_size=0"], ["train.batch_size", "positive"]),
     (["diffusion.timesteps=-5"], ["diffusion.timesteps", "positive"]),
-    (["data.resolution=64"], ["data.resolution", "model.resolution", "64", "32"]),
+    (["data.resolution=64", "model.resolution=32"], ["data.resolution", "model.resolution", "64", "32"]),
+    (["codec.autoencoder=ae", "data.resolution=128", "model.in_channels=3"], ["model.in_channels/resolution", "3/32", "4/32"]),
     (["data.resolution=34", "model.resolution=34"], ["model.resolution", "34", "channel_mults", "4"]),
     (["train.ema_decay=1"], ["train.ema_decay", "[0, 1)"]),
     (["model.dropout=-0.1"], ["model.dropout"]),
@@ -165,3 +166,16 @@ def test_save_then_load_round_trips(tmp_path):
     assert loaded == cfg and dataclasses.asdict(loaded) == dataclasses.asdict(cfg)
     assert loaded != load_config("bundled32")           # the comparison does see the differences
     assert isinstance(loaded.train.lr, float) and loaded.data.hf_config == "0.25"
+
+
+def test_the_denoiser_shape_follows_the_codec_or_the_data_unless_given():
+    """A config need not copy the latent shape: model.resolution/in_channels come from the autoencoder section
+    (latent diffusion) or from data.resolution and RGB (pixels)."""
+    latent = load_config("latent128")
+    assert (latent.model.resolution, latent.model.in_channels) == (32, 4)
+    wider = load_config("latent128", ["autoencoder.latent_channels=8", "autoencoder.channels=[32,64]"])
+    assert (wider.model.resolution, wider.model.in_channels) == (64, 8)
+    pixels = load_config("quickstart", ["data.resolution=64"])
+    assert (pixels.model.resolution, pixels.model.in_channels) == (64, 3)
+    assert load_config("quickstart", ["data.resolution=64", "model.resolution=64"]).model.resolution == 64
+    assert load_config("ae128").kind.codec and not latent.kind.codec

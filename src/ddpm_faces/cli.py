@@ -100,6 +100,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
     """The flags of a SamplingRequest, declared once for every command that samples."""
     from .diffusion import REGISTRY, SAMPLERS, SPACINGS
     from .pipeline import RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
+    from .pipeline.request import UNASKED
 
     default = SamplingRequest()
     p.add_argument("--num", type=positive_int, default=num, help=f"number of faces (default {num})")
@@ -123,6 +124,9 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
                         "fp32 after a few seconds of export (pip install 'ddpm-faces[fast]'); plain by default")
     for name in ATTRIBUTE_FLAGS:
         p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
+    p.add_argument("--unasked", default=default.unasked, choices=UNASKED,
+                   help="the attributes not asked for: data (default) draws them for each face from the training "
+                        "data's frequencies, given the ones asked, and guides them; model leaves them to the model")
     if guidance_scales:
         p.add_argument("--guidance", type=float, nargs="+",
                        help="classifier-free guidance scale w (1 = none); with --attributes, several scales "
@@ -155,6 +159,7 @@ def request_from_args(args, **changes):
     request = SamplingRequest(num=args.num, seed=args.seed, sampler=args.sampler, steps=args.steps,
                               spacing=args.spacing, eta=args.eta, guidance=guidance, guidance_interval=interval,
                               precision=args.precision, runtime=args.runtime, batch_size=args.batch_size,
+                              unasked=args.unasked,
                               sr_steps=args.sr_steps, sr_level=args.sr_level, sr_guidance=args.sr_guidance,
                               attributes={name: getattr(args, name) for name in ATTRIBUTE_FLAGS
                                           if getattr(args, name) is not None})
@@ -179,9 +184,10 @@ def _sample(args) -> None:
     text = provenance(f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}", str(pipe.source), pipe.step)
     if args.grid_by:
         rows = grid_rows(pipe, args.grid_by, request.attributes)
-        # the same seeds in every row: the attribute is the only thing that changes
+        # the same seeds and the same drawn attributes in every row: the attribute is the only thing that changes
         images = [generate(pipe, request.replace(attributes={**request.attributes, args.grid_by: value}),
-                           progress=progress) for value in rows]
+                           labels=labels, progress=progress)
+                  for value, labels in zip(rows, row_labels(pipe, request, args.grid_by, rows))]
         grid = make_grid(np.concatenate(images), nrow=args.num)
         out = save_image(grid, args.out, upscale=args.upscale, text=text)
         print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
@@ -305,6 +311,21 @@ def grid_rows(pipe, attribute: str, attributes: dict) -> list[str]:
     return list(m.vocab[attribute])
 
 
+def row_labels(pipe, request, attribute: str, values: list[str]) -> list:
+    """For each value of a --grid-by row: the labels of its faces, where the attributes not asked for are drawn
+    from the data (request.unasked "data"): the same draw in every row, with `attribute` set to the row's value;
+    None (the request's attributes) otherwise."""
+    import torch
+
+    from .pipeline.generate import drawn_labels
+
+    base = drawn_labels(pipe.stages[0], request)
+    if base is None:
+        return [None] * len(values)
+    m, column = pipe.cfg.model, pipe.cfg.model.attributes.index(attribute)
+    return [base.clone().index_fill_(1, torch.tensor([column]), m.vocab[attribute].index(v)) for v in values]
+
+
 def check_json_path(path: str | None) -> None:
     """Fail before an evaluation of minutes when its --json file could not be written."""
     if not path:
@@ -332,7 +353,7 @@ def _eval(args) -> None:
 
     _set_threads(args.threads)
     check_json_path(args.json)
-    if args.checkpoint and read_config(args.checkpoint).task == "autoencoder":
+    if args.checkpoint and read_config(args.checkpoint).kind.codec:
         return _eval_codec(args)
     pipe = load_pipeline(args.checkpoint, device=args.device)
     if args.attributes:
@@ -395,7 +416,7 @@ def _export(args) -> None:
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     cfg = read_config(args.checkpoint)
-    if cfg.task == "autoencoder":                 # a codec, with its latent statistics
+    if cfg.kind.codec:                 # a codec, with its latent statistics
         net, step, codec, source = load_codec(args.checkpoint), None, None, args.checkpoint
     else:
         pipe = load_pipeline(args.checkpoint)

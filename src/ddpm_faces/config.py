@@ -8,6 +8,7 @@ invalid values raise UserError with the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,25 @@ class LowResConfig:
     guidance: float = 1.0                     # this stage's guidance with the labels stage 1 drew
 
 
-TASKS = ("diffusion", "autoencoder")
+@dataclass(frozen=True)
+class TaskKind:
+    """What a kind of model is, for every layer that must tell the kinds apart: what it trains, what its export
+    records and how it is used. A model is a chain of stages (docs/architecture.md): codecs, then denoisers."""
+    name: str
+    codec: bool                               # a first stage: it encodes and decodes images (no denoiser)
+    records: tuple[str, ...]                  # config sections its export records and a loader checks
+    summary: str
+
+
+TASK_KINDS = {
+    "diffusion": TaskKind("diffusion", codec=False, records=("model", "diffusion"),
+                          summary="a denoiser on pixels or on a codec's latents (optionally a super-resolution stage "
+                                  "conditioned on a lower-resolution image); it samples faces"),
+    "autoencoder": TaskKind("autoencoder", codec=True, records=("autoencoder",),
+                            summary="a codec: the first stage of latent diffusion; it encodes and decodes, and is "
+                                    "evaluated by its reconstructions"),
+}
+TASKS = tuple(TASK_KINDS)
 
 
 @dataclass
@@ -142,6 +161,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def kind(self) -> TaskKind:
+        return TASK_KINDS[self.task]
 
     @property
     def run_dir(self) -> Path:
@@ -252,11 +275,11 @@ def _check_stages(cfg: Config) -> None:
     _int_list("autoencoder.channels", a.channels)
     if a.resolution % a.factor:
         raise UserError(f"autoencoder.resolution {a.resolution} must be divisible by 2^(levels-1) = {a.factor}")
-    if cfg.task == "autoencoder" or cfg.codec.autoencoder:
+    if cfg.kind.codec or cfg.codec.autoencoder:
         if d.resolution != a.resolution:
             raise UserError(f"data.resolution ({d.resolution}) and autoencoder.resolution ({a.resolution}) differ: "
                             "the autoencoder encodes images of the data's size")
-    if cfg.task == "autoencoder":
+    if cfg.kind.codec:
         return
     if cfg.codec.autoencoder:
         if (m.in_channels, m.resolution) != (a.latent_channels, a.latent_size):
@@ -283,6 +306,13 @@ def _check_conditioning(cfg: Config) -> None:
     if m.vocab and sorted(m.vocab) != sorted(m.attributes):
         raise UserError(f"model.vocab covers {sorted(m.vocab)} but model.attributes is {m.attributes}: "
                         "they must name the same attributes")
+    if m.label_counts:
+        sizes = [len(m.vocab.get(a, [])) for a in m.attributes]
+        if len(m.label_counts) != math.prod(sizes) or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in m.label_counts):
+            raise UserError(f"invalid model.label_counts: {math.prod(sizes)} counts of 0 or more, one per "
+                            "combination of the attributes' values (filled in from the data at training time; "
+                            "leave it out of configs)")
     if m.lowres_channels not in (0, 3):
         raise UserError(f"invalid model.lowres_channels {m.lowres_channels}: 3 for a super-resolution stage "
                         "conditioned on an RGB image, 0 for none")
@@ -445,10 +475,42 @@ def _find_config(path: str | Path) -> Path:
                     f"{', '.join(available) or 'none'}")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Lists of numbers on one line ([1, 2, 2]; model.label_counts' 90 counts too), the rest in block style."""
+
+    def represent_list(self, data):
+        flow = bool(data) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow or None)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+
+
 def save_config(cfg: Config, path: Path) -> None:
     with atomic_file(path) as tmp:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        tmp.write_text(yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False))
 
 
 def config_from_dict(raw: dict) -> Config:
-    return validate(_build(Config, raw, ""))
+    return validate(_build(Config, derive_shapes(raw), ""))
+
+
+def derive_shapes(raw: dict) -> dict:
+    """A denoiser's input shape follows from what it sees, so a config need not copy it: unless the config gives
+    them, model.resolution and model.in_channels are the codec's latent grid and channels (latent diffusion), or
+    data.resolution and 3 (pixels). Values the config gives are kept, and checked by validate."""
+    if not isinstance(raw, dict) or raw.get("task", "diffusion") != "diffusion" or \
+            not isinstance(raw.get("model", {}), dict):
+        return raw
+    model = dict(raw.get("model") or {})
+    try:
+        if (raw.get("codec") or {}).get("autoencoder"):
+            ae = {**dataclasses.asdict(AutoencoderConfig()), **(raw.get("autoencoder") or {})}
+            shape = {"resolution": int(ae["resolution"]) // 2 ** (len(ae["channels"]) - 1),
+                     "in_channels": int(ae["latent_channels"])}
+        else:
+            shape = {"resolution": int((raw.get("data") or {}).get("resolution", DataConfig().resolution)),
+                     "in_channels": 3}
+    except (TypeError, ValueError, AttributeError):
+        return raw                               # a malformed section: _build names it
+    return {**raw, "model": {**shape, **model}}

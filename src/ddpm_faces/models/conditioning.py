@@ -9,6 +9,8 @@ unconditional model that guidance needs.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,3 +66,42 @@ def encode_attributes(vocab: dict[str, list[str]], attributes: list[str], wanted
             raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(repr(v) for v in values)}")
         row.append(match[0])
     return torch.tensor([row] * batch, dtype=torch.long).reshape(batch, len(attributes))
+
+
+def count_combinations(labels: torch.Tensor, vocab_sizes: list[int]) -> list[int]:
+    """How many rows of `labels` (N, n_attributes) carry each combination of values, for rows with every
+    attribute known: a flat list in row-major order over the attributes (the first attribute varies slowest)."""
+    labels = torch.as_tensor(labels).long().reshape(-1, len(vocab_sizes))
+    known = labels[(labels >= 0).all(1)]
+    flat = torch.zeros(len(known), dtype=torch.long)
+    for i, size in enumerate(vocab_sizes):
+        flat = flat * size + known[:, i]
+    return torch.bincount(flat, minlength=math.prod(vocab_sizes)).tolist()
+
+
+def draw_unasked(counts: list[int], vocab_sizes: list[int], asked: torch.Tensor,
+                 generators: list[torch.Generator]) -> torch.Tensor:
+    """(len(generators), n_attributes) labels: the attributes `asked` (a row, UNSPECIFIED where not asked)
+    keeps, and every other one drawn, one row per generator, from `counts` (count_combinations) restricted to
+    the combinations that agree with the asked values, i.e. from the data's distribution given what was asked.
+    Where no counted combination agrees, the unasked attributes stay UNSPECIFIED."""
+    table = torch.tensor(counts, dtype=torch.float64).reshape(vocab_sizes)
+    for i, value in enumerate(asked.tolist()):
+        if value != UNSPECIFIED:
+            keep = torch.zeros(vocab_sizes[i], dtype=torch.bool)
+            keep[value] = True
+            shape = [1] * len(vocab_sizes)
+            shape[i] = vocab_sizes[i]
+            table = table * keep.reshape(shape)
+    weights = table.flatten()
+    if float(weights.sum()) <= 0:
+        return asked.long().reshape(1, -1).repeat(len(generators), 1)
+    rows = []
+    for g in generators:
+        flat = int(torch.multinomial(weights, 1, generator=g))
+        row = []
+        for size in reversed(vocab_sizes):
+            flat, value = divmod(flat, size)
+            row.append(value)
+        rows.append(row[::-1])
+    return torch.tensor(rows, dtype=torch.long).reshape(len(generators), len(vocab_sizes))

@@ -39,6 +39,9 @@ class UNetConfig:
     groups: int = 32                           # GroupNorm groups (fewer when channels are few)
     attributes: list[str] = field(default_factory=list)   # labels it is conditioned on; [] = unconditional
     vocab: dict[str, list[str]] = field(default_factory=dict)   # values of each attribute (from the data)
+    label_counts: list[int] = field(default_factory=list)  # training faces per combination of values (row-major
+    #                                            over attributes, from the data; not part of the network): sampling
+    #                                            draws the attributes not asked for from these
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -3,7 +3,9 @@
     images = generate(pipe, SamplingRequest(num=16, seed=0))     # (16, H, W, 3) uint8
 
 Image i depends only on (seed, first_index + i), the attributes and the sampler settings, never on the
-batch size or on how many images were asked for.
+batch size or on how many images were asked for. The attributes not asked for are drawn per image from the
+training data's frequencies (request.unasked "data", the default; `drawn_labels`), so guidance has something
+to guide on every face.
 
 A cascade (a super-resolution stage whose `previous` stage draws its low-resolution images) runs stage by
 stage for each batch: stage 1 as asked by the request, then stage 2 with its own steps, augmentation level and
@@ -17,13 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import Denoiser, PerImageNoise, augment_lowres, bind_lowres, sampling_timesteps
+from ..diffusion import Denoiser, PerImageNoise, augment_lowres, bind_lowres, image_seed, sampling_timesteps
 from ..errors import UserError
 from ..hardware import DTYPES
 from ..images import resize_images, to_uint8
+from ..models.conditioning import UNSPECIFIED, draw_unasked
 from .model import Pipeline
 from .request import SamplingRequest
 from .runtime import fast_net
+
+LABEL_STREAM = 1000          # the per-image generator stream that draws unasked attributes (stages' noise: 0, 1, ...)
 
 
 def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
@@ -41,6 +46,8 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
     """
     request = request.validate(pipe)
     check_inputs(pipe, request.num, labels, initial_noise, lowres)
+    if labels is None and plan is None and lowres is None:
+        labels = drawn_labels(pipe.stages[0], request, first_index)
     runs = chain(pipe, request, plan, labels, initial_noise, given_lowres=lowres is not None)
     total = sum(len(run.timesteps) for run in runs)
     bar = tqdm(total=request.num * total, desc=f"sampling ({request.sampler}, {total} steps)",
@@ -57,6 +64,23 @@ def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, 
             out.append(to_uint8(images))
     bar.close()
     return np.concatenate(out)
+
+
+def drawn_labels(pipe: Pipeline, request: SamplingRequest, first_index: int = 0) -> torch.Tensor | None:
+    """(num, n_attributes) labels where request.unasked is "data": the asked attributes, and each one not asked
+    drawn for image i from the training data's frequencies given the asked ones (model.label_counts), with the
+    generator of image i (stream LABEL_STREAM), so image i depends only on (seed, first_index + i). None where
+    nothing is drawn: request.unasked "model", an unconditional model, every attribute asked, or a model
+    exported before it recorded label counts."""
+    m = pipe.cfg.model
+    if request.unasked != "data" or not pipe.conditional or not m.label_counts or \
+            len(request.attributes) == len(m.attributes):
+        return None
+    asked = pipe.labels(request.attributes, 1)
+    asked = asked[0].cpu() if asked is not None else torch.full((len(m.attributes),), UNSPECIFIED)
+    generators = [torch.Generator().manual_seed(image_seed(request.seed, i, LABEL_STREAM))
+                  for i in range(first_index, first_index + request.num)]
+    return draw_unasked(m.label_counts, [len(m.vocab[a]) for a in m.attributes], asked, generators)
 
 
 def stage_steps(pipe: Pipeline, request: SamplingRequest, upscaling: bool = False) -> list[int]:

@@ -37,7 +37,7 @@ def build_codec(cfg: Config, carried: Path | None = None) -> Codec:
     from `carried` (the codec file an export carries) or else from the autoencoder export the config names."""
     if not cfg.codec.autoencoder:
         return PixelCodec(cfg.model.in_channels, cfg.model.resolution)
-    codec = LatentCodec(Autoencoder(cfg.autoencoder))
+    codec = latent_codec(cfg)
     if carried is not None and carried.is_file():
         state, source = read_codec(carried), carried
     else:
@@ -50,6 +50,11 @@ def build_codec(cfg: Config, carried: Path | None = None) -> Codec:
     return codec.eval()
 
 
+def latent_codec(cfg: Config) -> LatentCodec:
+    """An untrained LatentCodec of the config's autoencoder section (the weights come from its export)."""
+    return LatentCodec(Autoencoder(cfg.autoencoder))
+
+
 def autoencoder_state(cfg: Config) -> tuple[dict, Path]:
     """The weights of the autoencoder that codec.autoencoder names (an autoencoder run or export, or a latent
     model that carries its autoencoder, e.g. latent128), checked against cfg.autoencoder."""
@@ -58,13 +63,13 @@ def autoencoder_state(cfg: Config) -> tuple[dict, Path]:
         raise UserError(f"{files.config} is missing: the autoencoder's config must sit beside its weights")
     ae_cfg = config_from_dict(read_yaml(files.config))
     carried = files.folder / CODEC_FILE
-    if ae_cfg.task != "autoencoder" and not (ae_cfg.codec.autoencoder and carried.is_file()):
+    if not ae_cfg.kind.codec and not (ae_cfg.codec.autoencoder and carried.is_file()):
         raise UserError(f"codec.autoencoder {cfg.codec.autoencoder} holds a {ae_cfg.task} model without an "
                         "autoencoder: point it at an autoencoder run or export, or a latent model such as latent128")
     if ae_cfg.autoencoder != cfg.autoencoder:
         raise UserError(f"the autoencoder section differs from the one {cfg.codec.autoencoder} was trained with: "
                         "copy that run's autoencoder section into the config")
-    if ae_cfg.task != "autoencoder":
+    if not ae_cfg.kind.codec:
         return read_codec(carried), carried
     state, _, _ = read_weights(files, ae_cfg)
     return state, files.weights
@@ -76,7 +81,7 @@ def start_from(net: torch.nn.Module, name: str) -> None:
     same shape, its low-resolution channels in the first layer starting at zero and its augmentation-level
     embedding ending in zeros, so it starts as exactly the model it grew from."""
     files, source_cfg = find_model(name), read_config(name)
-    if source_cfg.task != "diffusion":
+    if source_cfg.kind.codec:
         raise UserError(f"train.init_from {name} holds a {source_cfg.task} model: give a diffusion model")
     state, _, _ = read_weights(files, source_cfg)
     own = net.state_dict()
@@ -161,9 +166,9 @@ def read_config(path: str | Path | None) -> Config:
 def load_codec(path: str | Path, device: str | torch.device = "cpu") -> LatentCodec:
     """An autoencoder run or export (task: autoencoder) as the LatentCodec it trained, in eval mode."""
     files, cfg = find_model(path), read_config(path)
-    if cfg.task != "autoencoder":
+    if not cfg.kind.codec:
         raise UserError(f"{path} holds a {cfg.task} model, not an autoencoder")
-    codec = LatentCodec(Autoencoder(cfg.autoencoder))
+    codec = latent_codec(cfg)
     state, _, _ = read_weights(files, cfg)
     codec.load_state_dict(state)
     return codec.to(check_device(device)).eval()
@@ -174,7 +179,7 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
     """The model at `path` (any form runs.find_model takes) in eval mode on `device`. A super-resolution stage
     comes with its stage 1 (lowres.stage1) as `previous`, unless `stage1` is False (to upscale given images)."""
     files, cfg = find_model(path), read_config(path)
-    if cfg.task == "autoencoder":
+    if cfg.kind.codec:
         raise UserError(f"{path} is an autoencoder, which does not sample faces on its own: train a latent "
                         "diffusion model on it (codec.autoencoder), or `ddpm-faces eval` it")
     net = build_model(cfg)

@@ -21,6 +21,7 @@ from .runtime import KINDS as RUNTIMES
 SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: the network's; the sampler stays fp32
 MAX_SEED = 2**63 - 1
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
+UNASKED = ("data", "model")                      # attributes not asked for: drawn from the data, or left to the model
 
 
 def _is_int(value) -> bool:
@@ -44,6 +45,9 @@ class SamplingRequest:
     precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
     runtime: str = "plain"                       # plain (PyTorch) | onnx (ONNX Runtime, fp32 on the CPU: pipeline/runtime.py)
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
+    unasked: str = "data"                        # the attributes not asked for: "data" draws them per image from the
+    #                                              training data's frequencies given the asked ones (model.label_counts),
+    #                                              "model" leaves them unspecified (unguided in them)
     batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
     sr_steps: int | None = None                  # a cascade's super-resolution stage: its steps (None: its config's)
     sr_level: int | None = None                  # ... the noise level its low-resolution image is augmented to
@@ -96,6 +100,9 @@ class SamplingRequest:
             raise UserError(f"{self.steps} steps do not work with the {self.sampler} sampler on this model: {err}"
                             ) from None
         self._check_guidance()
+        if self.unasked not in UNASKED:
+            raise UserError(f"unknown unasked {self.unasked!r}: choose data (draw the attributes not asked for from "
+                            "the training data) or model (leave them to the model)")
         self._check_stage2(pipe)
         precision = self._check_runtime(pipe)
         wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
@@ -157,7 +164,8 @@ class SamplingRequest:
         """The `ddpm-faces sample` flags that ask for this request (defaults left out)."""
         default = SamplingRequest()
         parts = [f"--seed {self.seed} --num {self.num} --sampler {self.sampler} --steps {self.steps}"]
-        for name in ("spacing", "eta", "guidance", "precision", "runtime", "sr_steps", "sr_level", "sr_guidance"):
+        for name in ("spacing", "eta", "guidance", "precision", "runtime", "unasked", "sr_steps", "sr_level",
+                     "sr_guidance"):
             value = getattr(self, name)
             if value != getattr(default, name):
                 flag = name.replace("_", "-")

@@ -119,9 +119,9 @@ def recorded_sections(cfg: Config) -> dict[str, dict]:
     diffusion settings sampling needs (a config that differs in either samples noise); an autoencoder's
     architecture."""
     raw = cfg.to_dict()
-    if cfg.task == "autoencoder":
-        return {"autoencoder": raw["autoencoder"]}
-    return {"model": raw["model"], "diffusion": {k: raw["diffusion"][k] for k in SAMPLING_KEYS}}
+    raw["model"] = {k: v for k, v in raw["model"].items() if k not in DATA_KEYS}
+    raw["diffusion"] = {k: raw["diffusion"][k] for k in SAMPLING_KEYS}
+    return {section: raw[section] for section in cfg.kind.records}
 
 
 def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
@@ -131,6 +131,7 @@ def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
             **({"step": str(step)} if step is not None else {})}
 
 
+DATA_KEYS = {"label_counts"}                   # model keys that describe the data, not the network
 DEFAULTS = {"model": dataclasses.asdict(UNetConfig())}
 
 

@@ -81,7 +81,7 @@ def init_source_files(name: str) -> tuple[Path, Config]:
         raise UserError(f"reconstruction.init_from {name}: no such file, folder or bundled model: give an autoencoder "
                         f"export or run folder, or a bundled latent model ({models})")
     files, source_cfg = find_model(name), read_config(name)
-    if source_cfg.task == "autoencoder":
+    if source_cfg.kind.codec:
         return files.weights, source_cfg
     carried = files.folder / CODEC_FILE
     if not source_cfg.codec.autoencoder or not carried.is_file():
@@ -97,7 +97,7 @@ def read_initial_weights(cfg: Config) -> InitialWeights:
     if source_cfg.autoencoder != cfg.autoencoder:
         raise UserError(f"reconstruction.init_from {name} has another autoencoder section than this config: copy "
                         f"its autoencoder section (from {path.parent / 'config.yaml'}) into the config")
-    if source_cfg.task == "autoencoder":
+    if source_cfg.kind.codec:
         state = read_weights(find_model(name), source_cfg)[0]
     else:
         state = read_codec(path)

@@ -56,6 +56,8 @@ def check_same_model(cfg: Config, saved: Path) -> None:
     new = cfg.to_dict()
     old.setdefault("model", {}).pop("vocab", None)          # the vocabularies are filled in from the data later
     new["model"].pop("vocab", None)
+    old["model"].pop("label_counts", None)                 # and the label counts
+    new["model"].pop("label_counts", None)
     for section in RESUMED_SECTIONS:
         if section in old and old[section] != new[section]:      # runs saved before a section existed skip it
             raise UserError(f"--resume: the {section} section differs from the one in {saved}; "

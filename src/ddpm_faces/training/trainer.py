@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..hardware import machine_info, training_precision
 from ..io import atomic_file
 from ..models import Codec, count_parameters
+from ..models.conditioning import count_combinations
 from ..pipeline import build_codec, build_model, start_from
 from ..runs import RunFolder, tensors_key
 from ..runs.lock import RunLock
@@ -59,7 +60,10 @@ def conditioning_columns(cfg: Config, data: PreparedData) -> list[int]:
                         " resume on the data the run was started with")
     m.vocab = vocab
     warn_sparse_labels(cfg, data)
-    return [data.attributes.index(a) for a in m.attributes]
+    columns = [data.attributes.index(a) for a in m.attributes]
+    m.label_counts = count_combinations(torch.from_numpy(data.labels[data.indices("train")][:, columns]),
+                                        [len(vocab[a]) for a in m.attributes])
+    return columns
 
 
 def warn_sparse_labels(cfg: Config, data: PreparedData) -> None:
@@ -160,7 +164,7 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None 
     `resume_from` when given), the run's config.yaml and TensorBoard (or `writer`)."""
     tc, rank, world, main = cfg.train, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     data = load_data(cfg, accelerator, progress)
-    if cfg.task == "autoencoder":
+    if cfg.kind.codec:
         return prepare_first_stage(cfg, accelerator, data, resume_from, progress=progress, until_step=until_step,
                                    writer=writer)
     label_columns = conditioning_columns(cfg, data)
