@@ -17,7 +17,9 @@ Per (strength, invert) it reports the share of edits in which the bundled attrib
 age bin, the asked gender and both; PSNR between photo and edit after both are area-resized to 16 px (what the
 edit kept of the photo's layout and colours, not its texture; per face, capped at 60 dB, then averaged); and the
 mean L2 distance between the photo's and the edit's 2048-d Inception pool features (the FID feature space).
-Two reference rows: the classifier on the unedited photos (how often it already reads the asked values: the floor;
+The share of edits the face detector still finds as faces, and how far apart the edits of two different photos
+are (edit i against edit i + 1 with the same seed and noise: mean grey-level distance at 16 px; near 0 where
+every photo becomes the same face). Two reference rows: the classifier on the unedited photos (how often it already reads the asked values: the floor;
 and its accuracy on their own labels), and each photo against the next selected one (PSNR and feature distance
 between two different people).
 
@@ -47,6 +49,7 @@ from ddpm_faces.data.loader import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier
+from ddpm_faces.evaluation.faces import face_rate
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
 from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, SamplingRequest,
                                  generate, load_pipeline)
@@ -203,6 +206,7 @@ def run(args) -> dict:
         "asked_age_counts": {b: asked_age.count(b) for b in vocab["age"]},
         "photos": {**readings(photos), "accuracy_own_labels": {k: float(v.mean()) for k, v in own.items()}},
         "other_photo": {"psnr16": float(np.mean(np.minimum(psnr_small(photos, photos[nxt]), PSNR_CAP))),
+                        "grey_levels": float((downsample(photos) - downsample(photos[nxt])).abs().mean()),
                         "feature_distance": float(np.linalg.norm(photo_features - photo_features[nxt], axis=1).mean())},
         "rows": [],
     }
@@ -219,7 +223,10 @@ def run(args) -> dict:
             seconds = (time.perf_counter() - start) / len(photos)
             psnr = np.minimum(psnr_small(photos, edits), PSNR_CAP)
             distance = np.linalg.norm(extractor(edits) - photo_features, axis=1)
+            apart = (downsample(edits) - downsample(edits[nxt])).abs().mean((1, 2, 3)).numpy()
             row = {"strength": strength, "invert": invert, **readings(edits),
+                   "face_rate": float(face_rate(edits)),
+                   "other_edit_grey_levels": float(apart.mean()),
                    "psnr16": float(psnr.mean()), "psnr16_median": float(np.median(psnr)),
                    "feature_distance": float(distance.mean()), "seconds_per_edit": round(seconds, 3)}
             result["rows"].append(row)
@@ -240,7 +247,8 @@ def run(args) -> dict:
 def format_row(r: dict) -> str:
     return (f"strength {r['strength']:.1f} {'invert' if r['invert'] else 'sdedit'}: age {r['age']['share']:.1%}  "
             f"gender {r['gender']['share']:.1%}  both {r['both']['share']:.1%}  PSNR16 {r['psnr16']:.2f} dB  "
-            f"Inception distance {r['feature_distance']:.2f}  {r['seconds_per_edit']:.2f} s/edit")
+            f"Inception distance {r['feature_distance']:.2f}  faces {r['face_rate']:.1%}  "
+            f"apart {r['other_edit_grey_levels']:.1f}  {r['seconds_per_edit']:.2f} s/edit")
 
 
 def markdown_table(result: dict) -> str:
@@ -248,17 +256,19 @@ def markdown_table(result: dict) -> str:
     def pct(s: dict) -> str:
         return f"{100 * s['share']:.0f}%"
 
-    lines = ["| strength | start | age read as asked | gender read as asked | both | PSNR at 16 px (dB) | "
-             "Inception distance | s / edit |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| strength | start | age read as asked | gender read as asked | both | faces | PSNR at 16 px (dB) | "
+             "Inception distance | two photos' edits apart (grey levels) | s / edit |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     p, o = result["photos"], result["other_photo"]
     lines.append(f"| 0 | the photo, unedited | {pct(p['age'])} | {pct(p['gender'])} | {pct(p['both'])} "
-                 "| – | 0 | – |")
+                 "| – | – | 0 | – | – |")
     for r in sorted(result["rows"], key=lambda r: (r["invert"], r["strength"])):
         lines.append(f"| {r['strength']:.1f} | {'DDIM inversion' if r['invert'] else 'noised (SDEdit)'} | "
-                     f"{pct(r['age'])} | {pct(r['gender'])} | {pct(r['both'])} | {r['psnr16']:.1f} | "
-                     f"{r['feature_distance']:.1f} | {r['seconds_per_edit']:.2f} |")
-    lines.append(f"| – | another val photo | – | – | – | {o['psnr16']:.1f} | {o['feature_distance']:.1f} "
-                 "| – |")
+                     f"{pct(r['age'])} | {pct(r['gender'])} | {pct(r['both'])} | {100 * r['face_rate']:.0f}% | "
+                     f"{r['psnr16']:.1f} | {r['feature_distance']:.1f} | {r['other_edit_grey_levels']:.1f} | "
+                     f"{r['seconds_per_edit']:.2f} |")
+    lines.append(f"| – | another val photo | – | – | – | – | {o['psnr16']:.1f} | {o['feature_distance']:.1f} "
+                 f"| {o.get('grey_levels', float('nan')):.1f} | – |")
     acc = p["accuracy_own_labels"]
     lines.append("")
     lines.append(f"{result['num']} val faces, {result['sampler']} {result['steps']} steps, guidance "

@@ -77,6 +77,32 @@ def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
     assert close[0] > close[1] > close[2]
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_strength_is_the_noise_share_of_the_start_on_every_schedule(schedule):
+    """sqrt(1 - abar(t0)) = strength: the photo's kept signal falls evenly, not with a fraction of the timesteps."""
+    from ddpm_faces.diffusion import NoiseSchedule
+    from ddpm_faces.pipeline.edit import start_timestep
+    sched = NoiseSchedule.from_config(schedule, 1000, 1e-4, 0.02)
+    for strength in (0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
+        t0 = start_timestep(sched, strength)
+        noise = float((1 - sched.alpha_bar_at(torch.tensor([t0]))[0]).sqrt())
+        assert abs(noise - strength) < 1e-4 and 0 < t0 < 999, (strength, t0, noise)
+
+
+def test_two_photos_stay_apart_until_strength_one(bundled):
+    """Two different faces edited with the same seed: clearly different at 0.8 and 0.9 (the old mapping made
+    them one face from about 0.8), the same face only at 1.0."""
+    with torch.inference_mode():                                   # two faces the model drew: face-like photos
+        faces = generate(bundled, SamplingRequest(num=2, seed=11, steps=8), progress=False)
+    request = SamplingRequest(num=1, seed=3, steps=20)
+    gap = {}
+    for strength in (0.8, 0.9, 1.0):
+        a, b = (generate(bundled, request, plan=EditPlan(bundled, to_model_range(torch.from_numpy(f.copy())[None]),
+                                                         strength=strength), progress=False) for f in faces)
+        gap[strength] = np.abs(a.astype(float) - b.astype(float)).mean()
+    assert gap[0.8] > 8 and gap[0.9] > 4 and gap[1.0] == 0, gap
+
+
 def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(each_bundled):
     pipe = each_bundled
     image, x = face_photo(pipe.codec.image_size)
@@ -157,6 +183,23 @@ def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_pa
     text = picture.text
     assert text["ddpm-faces command"].startswith("ddpm-faces edit --checkpoint faces32 --image") and "--gender 'Female'" in \
         text["ddpm-faces command"] and "edited" in text["Description"] and text["ddpm-faces step"] == "9000"
+
+
+def test_one_edit_is_the_face_itself_and_inverting_deterministically_draws_it_once(tmp_path):
+    Image.fromarray(draw_face(np.random.default_rng(1), 96)).save(tmp_path / "photo.png")
+    common = ["edit", "--checkpoint", "faces32", "--image", str(tmp_path / "photo.png"), "--no-detect",
+              "--steps", "6", "--no-progress"]
+    out = run(*common, "--num", "1", "--out", str(tmp_path / "one.png"))
+    assert out.returncode == 0, out.stderr
+    one = Image.open(tmp_path / "one.png")
+    assert one.size == (32, 32) and "ddpm-faces command" in one.text          # no grid border, text kept
+    out = run(*common, "--num", "3", "--invert", "--out", str(tmp_path / "inv.png"))
+    assert out.returncode == 0 and "gives one face whatever the seed" in out.stderr, out.stderr
+    assert "wrote 1 edited face" in out.stdout and Image.open(tmp_path / "inv.png").size == (32, 32)
+    out = run(*common, "--num", "2", "--invert", "--sampler", "ddpm", "--out", str(tmp_path / "var.png"))
+    assert out.returncode == 0 and "wrote 2 edited faces" in out.stdout.replace("face(s)", "faces"), out.stdout
+    pair = np.asarray(Image.open(tmp_path / "var.png")).astype(int)
+    assert np.abs(pair[1:33, 1:33] - pair[1:33, 35:67]).mean() > 1              # two different faces
 
 
 def test_sample_pngs_say_how_to_make_them_again(tmp_path):

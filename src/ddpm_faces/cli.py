@@ -228,6 +228,10 @@ def _edit(args) -> None:
     mask = read_mask(args.mask, framed, size) if args.mask else None
     plan = EditPlan(first, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
                     resample=args.resample)
+    if plan.one_face(request) and request.num > 1:
+        print(f"--invert with the deterministic {request.sampler} sampler gives one face whatever the seed: drawing "
+              "1 (for variations: --sampler ddpm, or --sampler ddim --eta 1)", file=sys.stderr)
+        request = request.replace(num=1)
     images = generate(pipe, request, plan=plan, progress=not args.no_progress)
     if args.compare:
         images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
@@ -239,7 +243,8 @@ def _edit(args) -> None:
                                  request.cli_flags()) if f)
     text = provenance(f"ddpm-faces edit {flags}", str(pipe.source), pipe.step, note=EDITED)
     nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
-    out = save_image(make_grid(images, nrow=nrow), args.out, upscale=args.upscale, text=text)
+    picture = images[0] if len(images) == 1 else make_grid(images, nrow=nrow)     # one face: no grid border
+    out = save_image(picture, args.out, upscale=args.upscale, text=text)
     print(f"wrote {len(images) - bool(args.compare)} edited face(s){' after the photo' if args.compare else ''} to {out}")
 
 

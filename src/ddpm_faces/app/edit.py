@@ -177,6 +177,8 @@ class PhotoEditing:
 
         plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
                         mask=mask, invert=invert, seed=request.seed, between_steps=stop_inverting)
+        if plan.one_face(request):                 # every seed gives the same face: draw it once
+            request = request.replace(num=1)
         steps_run = len(plan.timesteps(sampling_timesteps(first.schedule, request.steps, request.timestep_spacing)))
         steps_run += sum(stage_steps(pipe, request)[1:])
         size = pipe.codec.image_size

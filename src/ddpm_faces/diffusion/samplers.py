@@ -287,13 +287,15 @@ class SamplerSpec:
     spacing: str                          # default timestep spacing (see schedules.sampling_timesteps)
     calls_per_step: int = 1               # network calls per step; every sampler's last step makes one
     options: tuple[str, ...] = ()         # its own keyword options, e.g. DDIM's eta
+    stochastic: bool = False              # draws fresh noise at every step (else deterministic given its start;
+    #                                       DDIM with eta > 0 too: SamplingRequest.deterministic)
 
     def network_evaluations(self, steps: int) -> int:
         return self.calls_per_step * steps - (self.calls_per_step - 1)
 
 
 REGISTRY: dict[str, SamplerSpec] = {spec.name: spec for spec in (
-    SamplerSpec("ddpm", sample_ddpm, "trailing"),
+    SamplerSpec("ddpm", sample_ddpm, "trailing", stochastic=True),
     SamplerSpec("ddim", sample_ddim, "trailing", options=("eta",)),
     SamplerSpec("dpmpp-2m", sample_dpmpp_2m, "karras"),
     SamplerSpec("unipc", sample_unipc, "karras"),

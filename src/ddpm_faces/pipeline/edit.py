@@ -6,8 +6,10 @@
 
 - SDEdit (Meng et al. 2022, https://arxiv.org/abs/2108.01073, sec. 3): encode the photo, x0 = E(photo), noise it
   to the timestep that `strength` picks, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z (Ho et al. 2020, eq. 4),
-  and denoise with the attributes and guidance asked for. Only the last `strength` share of the sampler's
-  timesteps runs: strength 0 gives the photo back (through the codec), 1 a fresh sample.
+  and denoise with the attributes and guidance asked for. The strength is the noise's share of that start,
+  sqrt(1 - abar_t) = strength (`start_timestep`): strength 0 gives the photo back (through the codec), 1 a
+  fresh sample, and what is kept of the photo falls evenly in between on every schedule. The sampler's own
+  timesteps below the start run.
 - DDIM inversion (Song et al. 2021, https://arxiv.org/abs/2010.02502, sec. 4.3): instead of fresh noise, run
   the deterministic DDIM update backwards, x_t = sqrt(abar_t) x0(x_s) + sqrt(1 - abar_t) eps(x_s), from the
   photo up to that timestep, so what is not asked to change keeps the person. It inverts without guidance
@@ -52,16 +54,31 @@ class EditPlan:
         self.mask = None if mask is None else mask.to(pipe.device, torch.float32)
         self.latent_mask = None if mask is None else F.adaptive_max_pool2d(self.mask, self.x0.shape[-2:])
 
+    def one_face(self, request) -> bool:
+        """Whether every image of `request` would be the same face: a DDIM-inverted start (no seed in it) run by a
+        deterministic sampler, without a mask (whose kept region is re-noised with each image's seed)."""
+        return self.invert and self.mask is None and request.deterministic and 0 < self.strength
+
     def timesteps(self, full: list[float]) -> list[float]:
-        """The last round(strength * steps) timesteps of the sampler's schedule."""
-        keep = round(len(full) * self.strength)
-        return full[len(full) - keep:]
+        """The start (start_timestep), then the sampler's own timesteps below it; a grid timestep closer to the
+        start than half the grid's step there is dropped (it would be a step of almost nothing)."""
+        if self.strength >= 1:
+            return list(full)
+        if self.strength <= 0:
+            return []
+        t0 = start_timestep(self.pipe.schedule, self.strength)
+        below = [t for t in full if t < t0]
+        if len(below) >= 2 and t0 - below[0] < (below[0] - below[1]) / 2:
+            below = below[1:]
+        return [t0] + below
 
     def start(self, noise_x: torch.Tensor, rows: slice, denoiser, cond, timesteps: list[float]) -> torch.Tensor:
         """The photo's x0 taken to timesteps[0]: noised with the batch's seeded noise, or DDIM-inverted."""
         x0 = self.x0.expand(len(noise_x), *self.x0.shape[1:])
         if not timesteps:
             return x0.clone()
+        if self.strength >= 1 and not self.invert:     # a fresh sample: the same start as without a photo
+            return noise_x
         if self.invert:
             return ddim_invert(denoiser, x0, timesteps, between_steps=self.between_steps)
         t = torch.full((len(x0),), timesteps[0])
@@ -96,6 +113,16 @@ class EditPlan:
         if self.mask is None:
             return images
         return self.mask * images + (1.0 - self.mask) * self.photo.expand_as(images)
+
+
+def start_timestep(schedule, strength: float) -> float:
+    """The (fractional) timestep an edit of `strength` in (0, 1) starts from: where the noise's share of
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z is the strength, sqrt(1 - abar_t) = strength, so the photo's
+    signal sqrt(abar_t) = sqrt(1 - strength^2) goes evenly from all (0) to none (1) with the strength,
+    whatever the schedule or the sampler's spacing (a fraction of the timesteps would not: a cosine schedule's
+    signal is almost gone long before its last timestep)."""
+    sigma = strength / math.sqrt(1 - strength ** 2)          # sigma_t = sqrt((1 - abar_t) / abar_t)
+    return float(schedule.t_from_sigma(torch.tensor([sigma]))[0])
 
 
 @torch.no_grad()

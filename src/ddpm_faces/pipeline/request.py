@@ -66,6 +66,11 @@ class SamplingRequest:
     def timestep_spacing(self) -> str:
         return self.spacing or self.spec.spacing
 
+    @property
+    def deterministic(self) -> bool:
+        """The images depend on their start only (no noise drawn during sampling)."""
+        return not self.spec.stochastic and not self.eta
+
     def sampler_options(self) -> dict:
         """The keyword options this sampler takes (e.g. DDIM's eta)."""
         return {name: getattr(self, name) for name in self.spec.options}
