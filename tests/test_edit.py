@@ -235,3 +235,32 @@ def test_bad_photos_and_masks_are_one_line(tmp_path):
         out = run("edit", *args, "--out", str(tmp_path / "x.png"), "--steps", "2")
         lines = out.stderr.strip().splitlines()
         assert out.returncode == 2 and len(lines) == 1 and words in lines[0], (args, out.stderr)
+
+
+@pytest.fixture(scope="module")
+def drawn_face_photo(bundled):
+    """A 128 px face that the 32 px model drew (enlarged): a photo framed like the training faces."""
+    from ddpm_faces.images import enlarge
+    face = generate(bundled, SamplingRequest(num=1, seed=2, steps=8, attributes={"age": "30-39"}), progress=False)
+    return enlarge(face, 128)[0]
+
+
+def test_a_face_crop_at_the_training_framing_is_used_as_it_is(drawn_face_photo):
+    from ddpm_faces.evaluation.framing import frame_photo
+    framed = frame_photo(Image.fromarray(drawn_face_photo), 128)
+    assert framed.faces >= 1 and framed.box == (0, 0, 128, 128)
+    assert np.abs(framed.image.astype(int) - drawn_face_photo.astype(int)).max() <= 1
+
+
+def test_a_face_at_the_photo_edge_is_framed_without_black_bands(drawn_face_photo, monkeypatch):
+    """The training framing reaches past the photo's corner: what lies outside is the photo mirrored, never
+    black (the detector is told where the face is, half outside the photo)."""
+    from ddpm_faces.evaluation import framing
+    photo = np.full((150, 150, 3), 170, np.uint8)
+    photo[:98, :98] = np.maximum(drawn_face_photo[30:, 30:], 60)          # no pixel of the photo is dark
+    monkeypatch.setattr(framing, "_detect", lambda _: [(-30.0, -30.0, 126.0, 126.0)])
+    framed = framing.frame_photo(Image.fromarray(photo), 64)
+    assert min(framed.box[:2]) < -20                        # the box does reach outside
+    assert framed.image.min() > 40                          # so no pixel of the frame comes from a black pad
+    inside = framing.crop_square(Image.fromarray(photo), (0, 0, 98, 98))
+    assert np.array_equal(np.asarray(inside), photo[:98, :98])              # inside the photo: the photo itself

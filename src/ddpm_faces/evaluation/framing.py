@@ -21,6 +21,7 @@ BOX_SIDE = 0.984                 # detector box side / training image side
 BOX_CENTRE = (0.480, 0.496)      # where the box's centre sits in a training image (x, y as fractions)
 MAX_PIXELS = 40_000_000          # larger images are refused before decoding (decompression bombs)
 MAX_BYTES = 50 * 2**20
+FIT_SLACK = 0.12                 # a crop moved or shrunk by up to this share of its side to stay inside the photo
 DETECT_SIZE = 320                # the photo's longer side for detection: faces of a tenth of it are still found
 
 
@@ -58,8 +59,8 @@ def frame_photo(photo: Image.Image, size: int, detect: bool = True) -> Framing:
     if not boxes:
         raise UserError("no face found in the photo: use a photo with a frontal face, or --no-detect to take "
                         "its centre square as it is")
-    box = _crop_box(max(boxes, key=lambda b: b[2] * b[3]), photo.size)
-    return Framing(_resize(photo.crop(box), size), box, len(boxes), photo.size)
+    box = fit_box(_crop_box(max(boxes, key=lambda b: b[2] * b[3]), photo.size), photo.size)
+    return Framing(_resize(crop_square(photo, box), size), box, len(boxes), photo.size)
 
 
 def frame_mask(mask: np.ndarray, framing: Framing, size: int) -> np.ndarray:
@@ -79,8 +80,47 @@ def _detect(photo: Image.Image) -> list[tuple[float, float, float, float]]:
     return [(x / scale, y / scale, w / scale, h / scale) for x, y, w, h, score in found if score >= MIN_SCORE]
 
 
+def fit_box(box: tuple[int, int, int, int], photo_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The crop square moved or shrunk into the photo where that changes the framing by at most FIT_SLACK of its
+    side (a photo that is already a face crop at about the training framing is then used as it is); else
+    unchanged (crop_square fills what lies outside by reflection)."""
+    left, top, right, bottom = box
+    side, (width, height) = right - left, photo_size
+    edges = (left, top, right - width, bottom - height)
+    if width == height and max(abs(e) for e in edges) <= FIT_SLACK * width:
+        return 0, 0, width, height               # a face crop at the training framing already: all of it
+    if side > min(width, height):
+        if side > (1 + FIT_SLACK) * min(width, height):
+            return box
+        centre_x, centre_y, side = (left + right) / 2, (top + bottom) / 2, min(width, height)
+        left, top = round(centre_x - side / 2), round(centre_y - side / 2)
+    new_left, new_top = min(max(left, 0), width - side), min(max(top, 0), height - side)
+    if max(abs(new_left - left), abs(new_top - top)) > FIT_SLACK * side:
+        return box
+    return new_left, new_top, new_left + side, new_top + side
+
+
+def crop_square(photo: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The photo inside `box`; where the box reaches outside the photo, the photo mirrored at its edges fills it
+    (what a wider photo would most likely have shown), never black bands that a model would paint around."""
+    left, top, right, bottom = box
+    width, height = photo.size
+    pad = max(0, -left, -top, right - width, bottom - height)
+    if not pad:
+        return photo.crop(box)
+    pixels = np.asarray(photo)
+    while pad:                                   # reflection reaches at most the photo's size per round
+        step = min(pad, width - 1, height - 1) if min(width, height) > 1 else pad
+        mode = "reflect" if min(width, height) > 1 else "edge"
+        pixels = np.pad(pixels, ((step, step), (step, step), (0, 0)), mode=mode)
+        left, top, right, bottom = left + step, top + step, right + step, bottom + step
+        width, height, pad = width + 2 * step, height + 2 * step, pad - step
+    return Image.fromarray(pixels).crop((left, top, right, bottom))
+
+
 def _crop_box(face, photo_size) -> tuple[int, int, int, int]:
-    """The square around a face box at the training framing (it may reach outside the photo: padded black)."""
+    """The square around a face box at the training framing (it may reach outside the photo: fit_box and
+    crop_square handle that)."""
     x, y, w, h = face
     side = max(w, h) / BOX_SIDE
     left = x + w / 2 - BOX_CENTRE[0] * side
