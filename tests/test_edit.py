@@ -264,3 +264,16 @@ def test_a_face_at_the_photo_edge_is_framed_without_black_bands(drawn_face_photo
     assert framed.image.min() > 40                          # so no pixel of the frame comes from a black pad
     inside = framing.crop_square(Image.fromarray(photo), (0, 0, 98, 98))
     assert np.array_equal(np.asarray(inside), photo[:98, :98])              # inside the photo: the photo itself
+
+
+def test_an_edit_keeps_the_attributes_it_does_not_ask_for(drawn_face_photo, bundled):
+    from ddpm_faces.evaluation.attributes import keep_photo_attributes, load_classifier, read_attributes
+    clf, vocab = load_classifier(), bundled.cfg.model.vocab
+    read = read_attributes(clf, drawn_face_photo, vocab)
+    assert set(read) == {"age", "gender", "race"} and all(read[k] in vocab[k] for k in read)
+    asked = SamplingRequest(attributes={"age": "60-69"}, unasked="photo")
+    request, kept = keep_photo_attributes(asked, vocab, drawn_face_photo, clf)
+    assert kept == {"gender": read["gender"], "race": read["race"]}
+    assert request.attributes == {"age": "60-69", **kept}                       # the asked age wins
+    assert keep_photo_attributes(asked.replace(unasked="model"), vocab, drawn_face_photo, clf) == \
+        (asked.replace(unasked="model"), {})

@@ -96,7 +96,7 @@ ATTRIBUTE_FLAGS = ("age", "gender", "race")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False,
-                       steps: int | None = None):
+                       steps: int | None = None, edit: bool = False):
     """The flags of a SamplingRequest, declared once for every command that samples."""
     from .diffusion import REGISTRY, SAMPLERS, SPACINGS
     from .pipeline import RUNTIMES, SAMPLING_PRECISIONS, SamplingRequest
@@ -124,9 +124,15 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
                         "fp32 after a few seconds of export (pip install 'ddpm-faces[fast]'); plain by default")
     for name in ATTRIBUTE_FLAGS:
         p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
-    p.add_argument("--unasked", default=default.unasked, choices=UNASKED,
-                   help="the attributes not asked for: data (default) draws them for each face from the training "
-                        "data's frequencies, given the ones asked, and guides them; model leaves them to the model")
+    if edit:
+        p.add_argument("--unasked", default="photo", choices=("photo", "model"),
+                       help="the attributes not asked for: photo (default) keeps the photo's own, as the bundled "
+                            "attribute classifier reads them; model leaves them to the model (they may drift)")
+    else:
+        p.add_argument("--unasked", default=default.unasked, choices=[u for u in UNASKED if u != "photo"],
+                       help="the attributes not asked for: data (default) draws them for each face from the "
+                            "training data's frequencies, given the ones asked, and guides them; model leaves them "
+                            "to the model")
     if guidance_scales:
         p.add_argument("--guidance", type=float, nargs="+",
                        help="classifier-free guidance scale w (1 = none); with --attributes, several scales "
@@ -211,6 +217,7 @@ def _edit(args) -> None:
     import torch
 
     from .data.loader import to_model_range
+    from .evaluation.attributes import keep_photo_attributes
     from .evaluation.framing import frame_photo, open_photo
     from .images import EDITED, enlarge, make_grid, provenance, save_image
     from .pipeline import EditPlan, generate, load_pipeline
@@ -228,6 +235,11 @@ def _edit(args) -> None:
     mask = read_mask(args.mask, framed, size) if args.mask else None
     plan = EditPlan(first, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
                     resample=args.resample)
+    request, kept = keep_photo_attributes(request, first.cfg.model.vocab, framed.image)
+    if kept:
+        print("kept from the photo (as the attribute classifier reads it): " + ", ".join(
+              f"{k} {v}" for k, v in kept.items()) + "; ask for one to change it, or --unasked model to leave them "
+              "to the model", file=sys.stderr)
     if plan.one_face(request) and request.num > 1:
         print(f"--invert with the deterministic {request.sampler} sampler gives one face whatever the seed: drawing "
               "1 (for variations: --sampler ddpm, or --sampler ddim --eta 1)", file=sys.stderr)
@@ -517,7 +529,7 @@ def _edit_parser(sub) -> None:
     p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
                                                             "the face")
     p.add_argument("--compare", action="store_true", help="put the framed photo first in the output")
-    add_sampling_flags(p, num=4, batch_size=16, steps=DEFAULT_EDIT_STEPS)
+    add_sampling_flags(p, num=4, batch_size=16, steps=DEFAULT_EDIT_STEPS, edit=True)
     p.add_argument("--out", default="edited.png", help="image to write (default edited.png)")
     p.add_argument("--nrow", type=positive_int, help="images per row (default: a square)")
     p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved image (nearest)")

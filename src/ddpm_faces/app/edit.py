@@ -25,6 +25,7 @@ from ..data.loader import to_model_range
 from ..diffusion import sampling_timesteps
 from ..errors import UserError
 from ..evaluation.faces import INSTALL_HINT, load_detector
+from ..evaluation.attributes import keep_photo_attributes
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
 from ..pipeline import EditPlan, generate, stage_steps
@@ -128,11 +129,12 @@ def edit_command(entry, photo: Photo, strength: float, invert: bool, mask: bool,
 
 
 def edit_status(request, strength: float, steps_run: int, invert: bool, mask: bool, faces: int, seconds: float,
-                conditional: bool) -> str:
-    r = request
+                conditional: bool, kept: dict | None = None) -> str:
+    r, kept = request, kept or {}
     how = ([f"strength {strength:g}: {steps_run} of {r.steps} {r.sampler} steps"]
            + (["DDIM inversion"] if invert else []) + (["inpainting the painted region"] if mask else [])
-           + [f"{k} {v}" for k, v in r.attributes.items()] + ([f"guidance {r.guidance:g}"] if conditional else [])
+           + [f"{k} {v}" + (" (the photo's, kept)" if k in kept else "") for k, v in r.attributes.items()]
+           + ([f"guidance {r.guidance:g}"] if conditional else [])
            + [r.precision])
     found = f"; {faces} faces found, the largest edited" if faces > 1 else ""
     return f"{r.num} edit{'s' if r.num > 1 else ''} of the photo in {seconds:.2f} s ({', '.join(how)}){found}"
@@ -177,6 +179,7 @@ class PhotoEditing:
 
         plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
                         mask=mask, invert=invert, seed=request.seed, between_steps=stop_inverting)
+        request, kept = keep_photo_attributes(request.replace(unasked="photo"), first.cfg.model.vocab, framing.image)
         if plan.one_face(request):                 # every seed gives the same face: draw it once
             request = request.replace(num=1)
         steps_run = len(plan.timesteps(sampling_timesteps(first.schedule, request.steps, request.timestep_spacing)))
@@ -219,4 +222,4 @@ class PhotoEditing:
                                + (f"  \n(`{MASK_FILE}` is the painted mask, offered beside the picture)" if masked
                                   else ""),
                "edit_status": edit_status(request, strength, steps_run, invert, masked, framing.faces,
-                                          time.perf_counter() - start, pipe.conditional)}
+                                          time.perf_counter() - start, pipe.conditional, kept)}

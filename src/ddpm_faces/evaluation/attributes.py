@@ -77,6 +77,27 @@ class AttributeClassifier(nn.Module):
         return {name: np.concatenate(v) if v else np.zeros(0, dtype=np.int64) for name, v in out.items()}
 
 
+def read_attributes(clf: AttributeClassifier, image_uint8: np.ndarray, vocab: dict[str, list[str]]) -> dict[str, str]:
+    """The values the classifier reads on one (H, W, 3) uint8 photo, for the attributes of `vocab` (a model's)
+    that it knows, by value name."""
+    pred = clf.predict(np.asarray(image_uint8)[None])
+    read = {name: clf.vocab[name][int(pred[name][0])] for name in vocab if name in clf.vocab}
+    return {name: value for name, value in read.items() if value in vocab[name]}
+
+
+def keep_photo_attributes(request, vocab: dict[str, list[str]], image_uint8: np.ndarray,
+                          clf: AttributeClassifier | None = None):
+    """(request, kept): an edit's request with every attribute it does not ask for set to the photo's own, as
+    the classifier reads it (request.unasked "photo"), so that asking for an age does not also change the
+    person's gender or race; and those kept values. Unchanged where unasked is not "photo" or the model is
+    unconditional."""
+    if request.unasked != "photo" or not vocab:
+        return request, {}
+    read = read_attributes(clf or load_classifier(), image_uint8, vocab)
+    kept = {name: value for name, value in read.items() if name not in request.attributes}
+    return request.replace(attributes={**request.attributes, **kept}), kept
+
+
 def classifier_accuracy(clf: AttributeClassifier, images_uint8: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy per attribute over the images whose label is known (labels: (N, n_attributes), -1 unknown)."""
     pred = clf.predict(images_uint8)

@@ -21,7 +21,8 @@ from .runtime import KINDS as RUNTIMES
 SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: the network's; the sampler stays fp32
 MAX_SEED = 2**63 - 1
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
-UNASKED = ("data", "model")                      # attributes not asked for: drawn from the data, or left to the model
+UNASKED = ("data", "photo", "model")             # attributes not asked for: drawn from the data, an edited photo's own
+#                                                  (evaluation.attributes.keep_photo_attributes), or left to the model
 
 
 def _is_int(value) -> bool:
@@ -47,7 +48,7 @@ class SamplingRequest:
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
     unasked: str = "data"                        # the attributes not asked for: "data" draws them per image from the
     #                                              training data's frequencies given the asked ones (model.label_counts),
-    #                                              "model" leaves them unspecified (unguided in them)
+    #                                              "photo" (edits) keeps the photo's own, "model" leaves them unspecified
     batch_size: int = 16                         # images per network batch (the images do not depend on it beyond float rounding)
     sr_steps: int | None = None                  # a cascade's super-resolution stage: its steps (None: its config's)
     sr_level: int | None = None                  # ... the noise level its low-resolution image is augmented to
@@ -107,7 +108,8 @@ class SamplingRequest:
         self._check_guidance()
         if self.unasked not in UNASKED:
             raise UserError(f"unknown unasked {self.unasked!r}: choose data (draw the attributes not asked for from "
-                            "the training data) or model (leave them to the model)")
+                            "the training data), photo (an edit keeps the photo's own) or model (leave them to the "
+                            "model)")
         self._check_stage2(pipe)
         precision = self._check_runtime(pipe)
         wanted = {k: v for k, v in (self.attributes or {}).items() if v not in ANY}
