@@ -18,8 +18,9 @@ age bin, the asked gender and both; PSNR between photo and edit after both are a
 edit kept of the photo's layout and colours, not its texture; per face, capped at 60 dB, then averaged); and the
 mean L2 distance between the photo's and the edit's 2048-d Inception pool features (the FID feature space).
 The share of edits the face detector still finds as faces, and how far apart the edits of two different photos
-are (edit i against edit i + 1 with the same seed and noise: mean grey-level distance at 16 px; near 0 where
-every photo becomes the same face). Two reference rows: the classifier on the unedited photos (how often it already reads the asked values: the floor;
+are (for the first --pairs faces, photo i + 1 is also edited exactly as photo i: the same noise and the same
+asked values; the mean grey-level distance between the two edits at 16 px, near 0 where every photo becomes the
+same face). Two reference rows: the classifier on the unedited photos (how often it already reads the asked values: the floor;
 and its accuracy on their own labels), and each photo against the next selected one (PSNR and feature distance
 between two different people).
 
@@ -223,7 +224,10 @@ def run(args) -> dict:
             seconds = (time.perf_counter() - start) / len(photos)
             psnr = np.minimum(psnr_small(photos, edits), PSNR_CAP)
             distance = np.linalg.norm(extractor(edits) - photo_features, axis=1)
-            apart = (downsample(edits) - downsample(edits[nxt])).abs().mean((1, 2, 3)).numpy()
+            pairs = min(args.pairs, len(photos))         # photo i + 1 edited exactly as photo i: same noise, same asks
+            others = np.stack([edit_one(pipe, photos[nxt[i]], base.replace(attributes=asked(i)), strength=strength,
+                                        invert=invert, index=i)[0] for i in range(pairs)])
+            apart = (downsample(edits[:pairs]) - downsample(others)).abs().mean((1, 2, 3)).numpy()
             row = {"strength": strength, "invert": invert, **readings(edits),
                    "face_rate": float(face_rate(edits)),
                    "other_edit_grey_levels": float(apart.mean()),
@@ -395,7 +399,7 @@ def pictures(pipe, data, names, base: SamplingRequest, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", help="the model: a run, export or checkpoint (default: the bundled 32 px model)")
+    p.add_argument("--checkpoint", default="faces32", help="the model: a run, export or checkpoint (default: the bundled 32 px model, which a cascade edits with)")
     p.add_argument("--data", default="../shared/data/faces")
     p.add_argument("--classifier", help="attribute classifier folder (default: the bundled one)")
     p.add_argument("--num", type=int, default=200, help="val faces (default 200)")
@@ -405,6 +409,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=50, help="photo pairs edited alike, for how far apart edits stay")
     p.add_argument("--keep-race", action="store_true", help="also ask for the photo's own race label")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--feature-batch", type=int, default=32, help="images per Inception batch")

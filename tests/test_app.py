@@ -35,6 +35,7 @@ from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
 from ddpm_faces.images import make_grid
 from ddpm_faces.models import UNet, UNetConfig
+from ddpm_faces.pipeline.generate import drawn_labels
 from ddpm_faces.pipeline import SamplingRequest, generate
 from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL, export_model
 
@@ -155,19 +156,20 @@ def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
     assert final["status"].startswith("3 faces in")
     # the grid is what the sampler makes, and the printed command writes the same picture
     images = generate(app.pipeline(app.models[BUNDLED]), SamplingRequest(num=3, seed=5, sampler="ddpm", steps=10,
-                                                                         precision="fp32"), progress=False)
+                                                                         precision="fp32", guidance=1.0),
+                      progress=False)
     grid = np.asarray(Image.open(final["grid_file"]))
     assert np.array_equal(grid[::4, ::4], make_grid(images))
     assert np.array_equal(reproduce(final["seeds"], tmp_path / "again.png"), grid)
 
 
 def test_generate_with_attributes_guidance_and_bf16(app, conditional_export, tmp_path):
-    *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 3.0, "bf16", "20-29", "any"))
+    *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 2.0, "bf16", "20-29", "any"))
     assert len(final["gallery"]) == 2
-    assert "age 20-29" in final["status"] and "guidance 3" in final["status"] and "bf16" in final["status"]
+    assert "age 20-29" in final["status"] and "guidance 2" in final["status"] and "bf16" in final["status"]
     command = final["seeds"].split("This grid again: `")[1]
     assert f"--checkpoint {conditional_export}" in command
-    assert "--guidance 3" in command and "--precision bf16" in command and "--age '20-29'" in command
+    assert "--guidance 2" in command and "--precision bf16" in command and "--age '20-29'" in command
     assert np.array_equal(reproduce(final["seeds"], tmp_path / "again.png"),
                           np.asarray(Image.open(final["grid_file"])))
 
@@ -266,8 +268,9 @@ def test_interpolation_row_runs_from_seed_a_to_seed_b(app):
     faces = final["row"][::4, ::4]                      # undo the display enlargement: a 4-face grid
     assert faces.shape == (36, 4 * 34 + 2, 3) and "from seed 3 to seed 8" in final["interpolate_status"]
     pipe = app.pipeline(app.models[BUNDLED])
-    ends = [generate(pipe, SamplingRequest(num=1, seed=s, sampler="ddim", steps=6), progress=False)[0]
-            for s in (3, 8)]
+    row_request = SamplingRequest(num=1, seed=3, sampler="ddim", steps=6, guidance=1.0)
+    labels = drawn_labels(pipe, row_request.validate(pipe))          # the row keeps image 0's drawn attributes
+    ends = [generate(pipe, row_request.replace(seed=s), labels=labels, progress=False)[0] for s in (3, 8)]
     for face, expected in ((faces[2:34, 2:34], ends[0]), (faces[2:34, -34:-2], ends[1])):
         assert np.abs(face.astype(int) - expected).max() <= 3    # batch size changes only float rounding
     assert not np.array_equal(faces[2:34, 36:68], faces[2:34, 2:34])

@@ -512,13 +512,16 @@ def _sample_parser(sub) -> None:
 
 def _edit_parser(sub) -> None:
     from .diffusion import DEFAULT_EDIT_STEPS
+    from .pipeline.edit import DEFAULT_STRENGTH
 
     p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
     p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "
                                                   "the training faces")
     p.add_argument("--checkpoint", help="a run, export or checkpoint folder; default: the bundled model")
-    p.add_argument("--strength", type=float, default=0.6,
-                   help="how far from the photo: 0 gives it back, 1 is a fresh sample (default 0.6)")
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+                   help="the share of noise the photo is taken to before the model redraws it: 0 gives it back, "
+                        "0.5 changes little, 0.8 shows the asked age or gender, 1 is a fresh sample (default "
+                        f"{DEFAULT_STRENGTH})")
     p.add_argument("--invert", action="store_true",
                    help="start from the photo's DDIM inversion instead of fresh noise (keeps more of the person)")
     p.add_argument("--mask", help="black and white image of the photo's size: white = redraw, black = keep")

@@ -10,6 +10,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import UserError
+from .io import atomic_file
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -52,9 +53,10 @@ def save_image(array: np.ndarray, path: str | Path, upscale: int = 1, text: dict
         for key, value in text.items():
             info.add_itxt(key, str(value))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, pnginfo=info) if info is not None else img.save(path)
-    except (OSError, ValueError) as err:
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        with atomic_file(path) as tmp:          # a full disk or a kill leaves the earlier file, never half of one
+            img.save(tmp, format=fmt, **({"pnginfo": info} if info is not None else {}))
+    except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot write the image {path}: {getattr(err, 'strerror', None) or err}") from None
     return path
 

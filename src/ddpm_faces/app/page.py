@@ -23,14 +23,14 @@ from gradio.components.base import server
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
-from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS
+from ..pipeline.edit import DEFAULT_STRENGTH
+from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest
 from . import outputs as out
 from .edit import LOST_CANVAS, MAX_LAYERS
 from .handlers import FaceApp
 from .inputs import ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, one_line
 
 DEFAULT_NUM = 4
-DEFAULT_STRENGTH = 0.6
 EDIT_HEIGHT = 360                # px: the photo and the canvas to paint on
 KEEP_CANVASES = 64               # canvases sent ahead and kept until their edit runs (more than the queue holds)
 GALLERY_COLUMNS = 4
@@ -93,8 +93,9 @@ def _controls(app: FaceApp, c: dict) -> None:
     """The left column: model, guidance, precision, attributes, model card."""
     m = app.models[app.default].cfg.model
     c["model"] = gr.Dropdown(list(app.models), value=app.default, label="Model", elem_id="model")
-    c["guidance"] = gr.Slider(0, MAX_GUIDANCE, value=1.0, step=0.5, label="Guidance scale",
-                              info="1 = plain conditional; larger = attributes more strongly",
+    c["guidance"] = gr.Slider(0, MAX_GUIDANCE, value=SamplingRequest().guidance, step=0.5, label="Guidance scale",
+                              info="1 = plain conditional; larger = attributes more strongly. Attributes left at "
+                                   "'any' are drawn for each face from the training data's frequencies",
                               visible=bool(m.attributes), elem_id="guidance")
     c["precision"] = gr.Dropdown(list(SAMPLING_PRECISIONS), value="auto", label="Precision",
                                  info="auto: bf16 where the CPU or GPU has bf16 units (AMX, AVX512-BF16), else "
@@ -161,10 +162,12 @@ def _edit_tab(c: dict, most: int) -> None:
                                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), elem_id="edit-canvas")
     with gr.Row():
         c["edit_strength"] = gr.Slider(0, 1, value=DEFAULT_STRENGTH, step=0.05, label="Strength",
-                                       info="0 = the photo back, 1 = a fresh sample", elem_id="edit-strength")
+                                       info="how much of the photo is replaced by noise before the model redraws "
+                                            "it: 0 = the photo back, 0.5 = small changes, 0.8 = the asked age or "
+                                            "gender shows, 1 = a new face", elem_id="edit-strength")
         c["edit_sampler"] = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
         c["edit_steps"] = gr.Slider(1, most, value=min(DEFAULT_EDIT_STEPS, most), step=1, label="Steps",
-                                    info="the strength's share of them runs", elem_id="edit-steps")
+                                    info="the sampler's steps below the strength's start run", elem_id="edit-steps")
         c["edit_num"] = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM, step=1, label="Number of faces")
     with gr.Row():
         c["edit_seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")

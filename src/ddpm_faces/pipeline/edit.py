@@ -1,7 +1,7 @@
 """Editing a real photo with any model: start the sampler from the photo instead of from noise.
 
     photo = to_model_range(...)                                  # (1, 3, S, S) in [-1, 1], S = codec.image_size
-    plan = EditPlan(pipe, photo, strength=0.6)                   # + mask=..., invert=True
+    plan = EditPlan(pipe, photo, strength=0.8)                   # + mask=..., invert=True
     faces = generate(pipe, SamplingRequest(num=4, attributes={"age": "60-69"}, guidance=3), plan=plan)
 
 - SDEdit (Meng et al. 2022, https://arxiv.org/abs/2108.01073, sec. 3): encode the photo, x0 = E(photo), noise it
@@ -34,6 +34,7 @@ from ..diffusion import image_seed, q_sample, sample_repaint
 from ..errors import UserError
 from .model import Pipeline
 
+DEFAULT_STRENGTH = 0.8       # README "Editing: what the strength does": where the asked attributes show, the person kept
 MAX_RESAMPLE = 20           # RePaint used 10 (on 250 steps)
 MASK_SEED = 2**40            # the noise that re-imposes the kept region has its own seeds, apart from the image's
 

@@ -221,10 +221,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 
 def interpolate(pipe: Pipeline, seed_b: int, request: SamplingRequest, **kwargs) -> np.ndarray:
     """`request.num` faces along the spherical path between the starting noise of image 0 of `request.seed`
-    and of `seed_b`; a deterministic sampler (ddim, dpmpp-2m, heun) makes the row change smoothly."""
+    and of `seed_b`; a deterministic sampler (ddim, dpmpp-2m, heun) makes the row change smoothly. Attributes
+    not asked for (request.unasked "data") are drawn once, for image 0 of `request.seed`, and kept along the row."""
     if request.num < 2:
         raise UserError(f"interpolation needs at least 2 images, got {request.num}")
     request = request.validate(pipe)
     a, b = starting_noise(pipe, request.seed), starting_noise(pipe, seed_b)
     noise = torch.cat([slerp(a, b, i / (request.num - 1)) for i in range(request.num)])
-    return generate(pipe, request, initial_noise=noise, **kwargs)
+    drawn = drawn_labels(pipe.stages[0], request.replace(num=1))        # one draw for the whole row
+    labels = drawn.repeat(request.num, 1) if drawn is not None else None
+    return generate(pipe, request, initial_noise=noise, labels=labels, **kwargs)

@@ -41,7 +41,8 @@ class SamplingRequest:
     steps: int = DEFAULT_STEPS                   # timesteps visited (network calls: see `nfe`)
     spacing: str | None = None                   # where the steps fall; None = the sampler's default
     eta: float = 0.0                             # DDIM only: 0 deterministic, 1 like DDPM
-    guidance: float = 1.0                        # classifier-free guidance scale w; 1 = plain conditional
+    guidance: float = 3.0                        # classifier-free guidance scale w; 1 = plain conditional. 3: with the
+    #                                              unasked attributes drawn from the data, the lowest FID (README)
     guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
     precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
     runtime: str = "plain"                       # plain (PyTorch) | onnx (ONNX Runtime, fp32 on the CPU: pipeline/runtime.py)
