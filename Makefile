@@ -4,7 +4,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install browser clean
+.PHONY: demo test test-fast install browser clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: install
 
 test: install browser
 	$(PY) -m pytest
+
+# The developer's loop: everything but the heavy tier (tests marked slow)
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 # The app's browser test drives Debian's Chromium (/usr/bin/chromium + chromedriver). Install it when it is
 # missing and apt-get is at hand; never fail here: without it that test skips and says why.

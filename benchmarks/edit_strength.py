@@ -52,6 +52,7 @@ from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier
 from ddpm_faces.evaluation.faces import face_rate
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
+from ddpm_faces.pipeline.edit import DEFAULT_STRENGTH
 from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, SamplingRequest,
                                  generate, load_pipeline)
 
@@ -419,7 +420,8 @@ def main() -> None:
     p.add_argument("--face", help="a val file name for the pictures (for looking at locally: the shared photos "
                                   "may not be committed); default: a face the model draws, --synthetic-seed")
     p.add_argument("--synthetic-seed", type=int, default=5, help="seed of the drawn face of the pictures")
-    p.add_argument("--picture-strength", type=float, default=0.6, help="strength of edit-ages.png (default 0.6)")
+    p.add_argument("--picture-strength", type=float, default=DEFAULT_STRENGTH,
+                   help=f"strength of edit-ages.png (default {DEFAULT_STRENGTH}, edit's)")
     p.add_argument("--inpaint-strength", type=float, default=1.0, help="strength of edit-inpaint.png (default 1)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown (for the README)")
     args = p.parse_args()

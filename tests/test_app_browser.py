@@ -19,6 +19,10 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow          # a real Chromium against a real server: `make test-fast` leaves it out
+
+from ddpm_faces.pipeline.edit import DEFAULT_STRENGTH
+
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"
 
@@ -254,7 +258,7 @@ def test_uploading_a_photo_and_clicking_edit_shows_the_edits(tmp_path):
     assert seen["captions"] == ["photo (framed)"] + [f"seed 0 · edit {i}" for i in range(4)], seen
     assert seen["loaded"] == 5 and not seen["errors"], seen
     assert "edited-seed0.png" in seen["files"] and "mask.png" in seen["files"], seen
-    assert "ddpm-faces edit --image face.png --strength 0.6 --mask mask.png --no-detect" in seen["command"], seen
+    assert f"ddpm-faces edit --image face.png --strength {DEFAULT_STRENGTH:g} --mask mask.png --no-detect" in seen["command"], seen
     assert app.runs[-1].kind == "edit" and app.runs[-1].outcome == "done"
 
 

@@ -9,6 +9,8 @@ import os
 import string
 
 import pytest
+
+pytestmark = pytest.mark.slow          # hundreds of generated inputs: `make test-fast` leaves it out
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -194,6 +194,7 @@ def scalars(run: Path, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
+@pytest.mark.slow
 def test_two_processes_with_accelerate_launch(tmp_path, face_folder):
     """accelerate launch, 2 CPU processes (gloo): every rank its own images (checked by the trainer), one set of
     logs and checkpoints, one RNG state per rank, a resume that continues, and the loss curve of one process

@@ -1,4 +1,4 @@
-"""Sampling jobs: `generate` or `interpolate` in a worker thread, with a stop flag of their own and a queue of
+"""Sampling jobs: `generate`, `interpolate` or an edit (`generate` with an EditPlan) in a worker thread, with a stop flag of their own and a queue of
 events for whoever shows the progress (no Gradio here).
 
     job = Job("generate", steps, lambda callback: generate(pipe, request, callback=callback)).start()

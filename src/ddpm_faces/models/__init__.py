@@ -1,4 +1,5 @@
-"""Networks: the denoising UNet, the attribute embedding, and codecs (pixels today)."""
+"""Networks: the denoising UNet, the attribute embedding, the codecs (pixels, or a latent autoencoder) and the
+autoencoder's discriminator."""
 from .codec import Codec, PixelCodec
 from .unet import UNet, UNetConfig, count_parameters, timestep_embedding
 

@@ -5,8 +5,9 @@
     codec.decode(x)       x                         ->  (B, 3, H, W) in [-1, 1]
 
 `PixelCodec` is the identity: the diffusion runs on the pixels themselves. A latent autoencoder (Rombach et
-al. 2022, https://arxiv.org/abs/2112.10752) is another codec with the same three members; nothing outside a
-codec needs to know the number of channels or the size of x.
+al. 2022, https://arxiv.org/abs/2112.10752) (`LatentCodec`) is another codec with the same members
+(`shape`, `image_size`, `encode`, `decode`, `bounded`); nothing outside a codec needs to know the number of
+channels or the size of x.
 """
 from __future__ import annotations
 
