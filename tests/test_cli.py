@@ -197,3 +197,33 @@ def test_config_may_be_a_run_folder_and_data_is_taken_literally(tmp_path, tiny_r
     odd = tmp_path / "faces #2"
     out = run_cli("train", "--data", str(odd), "--set", f"train.out_dir={tmp_path}")
     assert out.returncode == 2 and "faces #2" in out.stderr                       # not cut at the '#'
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--out", "faces.psd"], [".psd images can be read but not written"]),
+    (["--out", "x" * 300 + ".png"], ["304 bytes long", "255"]),
+    (["--upscale", "100"], ["--upscale", "at most 16"]),
+    (["--num", "100000000"], ["--num", "at most 100,000"]),
+])
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(flags, words, tmp_path):
+    args = [sys.executable, "-m", "ddpm_faces", "sample", "--checkpoint", "faces32", "--steps", "1", *flags]
+    if "--out" not in flags:
+        args += ["--out", str(tmp_path / "x.png")]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert all(w in out.stderr for w in words), out.stderr
+    assert not any(tmp_path.iterdir())                      # nothing written, not even an empty file
+
+
+def test_png_text_names_the_photo_and_model_never_local_paths_even_when_not_utf8(tmp_path):
+    import os
+    from conftest import draw_face
+    name = os.fsdecode(b"caf\xe9-photo.png")                       # a file name that is not UTF-8
+    Image.fromarray(draw_face(np.random.default_rng(2), 64)).save(tmp_path / name)
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "edit", "--checkpoint", "faces32", "--image",
+                          str(tmp_path / name), "--no-detect", "--steps", "2", "--num", "1", "--out",
+                          str(tmp_path / "e.png"), "--no-progress"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = Image.open(tmp_path / "e.png").text
+    assert text["ddpm-faces model"] == "faces32" and str(tmp_path) not in text["ddpm-faces command"]
+    assert "--image caf\\udce9-photo.png" in text["ddpm-faces command"], text   # the odd byte, escaped

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,8 +70,16 @@ def check_image_path(path: str) -> None:
     from PIL import Image
 
     out = Path(path)
-    if out.suffix.lower() not in Image.registered_extensions():
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None:
         raise UserError(f"cannot tell the image format of {path!r} from its extension: use .png, .jpg or .webp")
+    Image.init()
+    if fmt not in Image.SAVE:
+        raise UserError(f"{out.suffix} images can be read but not written: use .png, .jpg or .webp for {out.name}")
+    long = [part for part in out.parts if len(os.fsencode(part)) > 255]
+    if long:
+        raise UserError(f"a file or folder name in --out is {len(os.fsencode(long[0]))} bytes long, more than the "
+                        "255 a file system allows: use a shorter name")
     existed = out.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +89,25 @@ def check_image_path(path: str) -> None:
             out.unlink()
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}; choose another --out") from None
+
+
+MAX_UPSCALE = 16                 # --upscale: a 16-face grid of 128 px faces becomes 8,224 px square at most
+MAX_NUM = 100_000                # --num: more is a job of days; run it in parts with --seed
+
+
+def upscale_factor(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_UPSCALE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_UPSCALE}, got {value}")
+    return value
+
+
+def image_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_NUM:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NUM:,}, got {value:,}: ask for fewer images, or "
+                                         "run several commands with other --seed values")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -103,7 +131,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
     from .pipeline.request import UNASKED
 
     default = SamplingRequest()
-    p.add_argument("--num", type=positive_int, default=num, help=f"number of faces (default {num})")
+    p.add_argument("--num", type=image_count, default=num, help=f"number of faces (default {num})")
     p.add_argument("--seed", type=int, default=default.seed, help="image i of a seed is the same whatever --num")
     p.add_argument("--sampler", default=default.sampler, choices=SAMPLERS,
                    help="; ".join(f"{s.name}: {s.calls_per_step} network call(s) per step" for s in REGISTRY.values())
@@ -177,6 +205,7 @@ def _sample(args) -> None:
 
     from .images import DenoisingStrip, make_grid, provenance, save_image
     from .pipeline import generate, load_pipeline, stage_steps
+    from .runs import model_name
 
     _set_threads(args.threads)
     check_image_path(args.out)
@@ -187,7 +216,7 @@ def _sample(args) -> None:
     progress = not args.no_progress
     checkpoint = f"--checkpoint {args.checkpoint} " if args.checkpoint else ""
     grid_by = f" --grid-by {args.grid_by}" if args.grid_by else ""
-    text = provenance(f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}", str(pipe.source), pipe.step)
+    text = provenance(f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}", model_name(pipe.source), pipe.step)
     if args.grid_by:
         rows = grid_rows(pipe, args.grid_by, request.attributes)
         # the same seeds and the same drawn attributes in every row: the attribute is the only thing that changes
@@ -221,6 +250,7 @@ def _edit(args) -> None:
     from .evaluation.framing import frame_photo, open_photo
     from .images import EDITED, enlarge, make_grid, provenance, save_image
     from .pipeline import EditPlan, generate, load_pipeline
+    from .runs import model_name
 
     _set_threads(args.threads)
     check_image_path(args.out)
@@ -247,13 +277,13 @@ def _edit(args) -> None:
     images = generate(pipe, request, plan=plan, progress=not args.no_progress)
     if args.compare:
         images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
-    flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {args.image}",
+    flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {Path(args.image).name}",
                                  f"--strength {args.strength:g}", "--invert" if args.invert else "",
-                                 f"--mask {args.mask}" if args.mask else "",
+                                 f"--mask {Path(args.mask).name}" if args.mask else "",
                                  f"--resample {args.resample}" if args.resample > 1 else "",
                                  "--no-detect" if args.no_detect else "",
                                  request.cli_flags()) if f)
-    text = provenance(f"ddpm-faces edit {flags}", str(pipe.source), pipe.step, note=EDITED)
+    text = provenance(f"ddpm-faces edit {flags}", model_name(pipe.source), pipe.step, note=EDITED)
     nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
     picture = images[0] if len(images) == 1 else make_grid(images, nrow=nrow)     # one face: no grid border
     out = save_image(picture, args.out, upscale=args.upscale, text=text)
@@ -270,7 +300,7 @@ def _upscale(args) -> None:
     from .evaluation.framing import frame_photo, open_photo
     from .images import UPSCALED, enlarge, make_grid, provenance, save_image
     from .pipeline import SamplingRequest, generate, load_pipeline
-    from .runs import DEFAULT_UPSCALER
+    from .runs import DEFAULT_UPSCALER, model_name
 
     _set_threads(args.threads)
     check_image_path(args.out)
@@ -287,11 +317,11 @@ def _upscale(args) -> None:
     images = generate(pipe, request, lowres=lowres, progress=not args.no_progress)
     if args.compare:
         images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
-    flags = " ".join(f for f in (args.photo, f"--checkpoint {args.checkpoint}" if args.checkpoint else "",
+    flags = " ".join(f for f in (Path(args.photo).name, f"--checkpoint {args.checkpoint}" if args.checkpoint else "",
                                  f"--seed {args.seed}", f"--num {args.num}" if args.num > 1 else "",
                                  f"--steps {args.steps}" if args.steps else "", f"--level {args.level}"
                                  if args.level is not None else "", "--no-detect" if args.no_detect else "") if f)
-    text = provenance(f"ddpm-faces upscale {flags}", str(pipe.source), pipe.step, note=UPSCALED)
+    text = provenance(f"ddpm-faces upscale {flags}", model_name(pipe.source), pipe.step, note=UPSCALED)
     picture = images[0] if len(images) == 1 else make_grid(images, nrow=len(images))
     out = save_image(picture, args.out, text=text)
     what = f"{args.num} upscaled face(s)" + (" after the bicubic enlargement" if args.compare else "")
@@ -501,7 +531,7 @@ def _sample_parser(sub) -> None:
     add_sampling_flags(p, num=16, batch_size=16)
     p.add_argument("--out", default="faces.png", help="grid image to write (default faces.png)")
     p.add_argument("--nrow", type=positive_int, help="images per grid row (default: a square)")
-    p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved images by this factor (nearest)")
+    p.add_argument("--upscale", type=upscale_factor, default=1, help="enlarge the saved images by this factor (nearest)")
     p.add_argument("--save-individual", metavar="DIR", help="also save every face as its own PNG in DIR")
     p.add_argument("--strip", metavar="PNG", help="also save the predicted clean image along the way, one row "
                                                  "per face (a denoising strip)")
@@ -535,7 +565,7 @@ def _edit_parser(sub) -> None:
     add_sampling_flags(p, num=4, batch_size=16, steps=DEFAULT_EDIT_STEPS, edit=True)
     p.add_argument("--out", default="edited.png", help="image to write (default edited.png)")
     p.add_argument("--nrow", type=positive_int, help="images per row (default: a square)")
-    p.add_argument("--upscale", type=positive_int, default=1, help="enlarge the saved image (nearest)")
+    p.add_argument("--upscale", type=upscale_factor, default=1, help="enlarge the saved image (nearest)")
     p.set_defaults(func=_edit)
 
 
@@ -552,7 +582,7 @@ def _upscale_parser(sub) -> None:
     p.add_argument("--checkpoint", help=f"a cascade (run, export or bundled name; default {DEFAULT_UPSCALER}); its "
                                         "super-resolution stage is used")
     p.add_argument("--seed", type=int, default=0, help="the upscaling's noise (default 0)")
-    p.add_argument("--num", type=positive_int, default=1, help="variants side by side (default 1)")
+    p.add_argument("--num", type=image_count, default=1, help="variants side by side (default 1)")
     p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
                                                             "the face")
     p.add_argument("--compare", action="store_true", help="put the bicubic enlargement first")

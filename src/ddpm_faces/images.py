@@ -50,8 +50,8 @@ def save_image(array: np.ndarray, path: str | Path, upscale: int = 1, text: dict
     info = None
     if text and path.suffix.lower() == ".png":
         info = PngInfo()
-        for key, value in text.items():
-            info.add_itxt(key, str(value))
+        for key, value in text.items():        # file names that are not UTF-8 keep their bytes as \x.. escapes
+            info.add_itxt(key, str(value).encode("utf-8", "backslashreplace").decode("utf-8"))
     try:
         fmt = Image.registered_extensions().get(path.suffix.lower())
         with atomic_file(path) as tmp:          # a full disk or a kill leaves the earlier file, never half of one

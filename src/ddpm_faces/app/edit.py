@@ -29,6 +29,7 @@ from ..evaluation.attributes import keep_photo_attributes
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
 from ..pipeline import EditPlan, generate, stage_steps
+from ..runs import model_name
 from . import outputs as out
 from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
 from .job import Cancelled, Job
@@ -213,7 +214,7 @@ class PhotoEditing:
         command = edit_command(entry, picture, strength, invert, masked, detect, request, scale)
         folder, both = out.new_folder(self.out_dir), np.concatenate([framed_image[None], images])
         path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
-                          text=provenance(command, str(pipe.source), pipe.step, note=EDITED))
+                          text=provenance(command, model_name(pipe.source), pipe.step, note=EDITED))
         files = [path] + ([save_image(painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])
         yield {"edit_preview": str(path), "edit_files": [str(f) for f in files],
                "edit_gallery": [before] + [(out.enlarge(img, scale), f"seed {request.seed} · edit {i}")

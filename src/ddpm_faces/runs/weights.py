@@ -46,6 +46,19 @@ def bundled(name: str) -> Path:
     return BUNDLED_DIR / name
 
 
+def model_name(source: str | Path) -> str:
+    """How a model is named where others may read it (a PNG's text chunks): a bundled model by its name, a
+    folder under the working directory by its relative path, anything else by its last two path parts, never
+    the absolute local path."""
+    path = Path(source).resolve()
+    if path.parent == BUNDLED_DIR.resolve():
+        return path.name
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(Path(*path.parts[-2:]))
+
+
 def bundled_folders() -> list[Path]:
     """Folders under the package's weights/ holding model.safetensors + config.yaml, the default first."""
     found = [f for f in sorted(BUNDLED_DIR.iterdir()) if (f / WEIGHTS_FILE).is_file() and (f / CONFIG_FILE).is_file()
