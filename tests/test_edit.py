@@ -80,13 +80,17 @@ def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_strength_is_the_noise_share_of_the_start_on_every_schedule(schedule):
     """sqrt(1 - abar(t0)) = strength: the photo's kept signal falls evenly, not with a fraction of the timesteps."""
-    from ddpm_faces.diffusion import NoiseSchedule
+    from ddpm_faces.diffusion import NoiseSchedule, sampling_timesteps
     from ddpm_faces.pipeline.edit import start_timestep
     sched = NoiseSchedule.from_config(schedule, 1000, 1e-4, 0.02)
     for strength in (0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
         t0 = start_timestep(sched, strength)
         noise = float((1 - sched.alpha_bar_at(torch.tensor([t0]))[0]).sqrt())
         assert abs(noise - strength) < 1e-4 and 0 < t0 < 999, (strength, t0, noise)
+        for spacing in ("karras", "trailing", "linspace", "quadratic"):     # the steps spread from t0 down
+            steps = sampling_timesteps(sched, max(1, round(strength * 20)), spacing, t_max=t0)
+            assert abs(steps[0] - t0) < 1e-6 and all(a > b for a, b in zip(steps, steps[1:])), (spacing, steps)
+            assert len(steps) == max(1, round(strength * 20)) and steps[-1] < t0 / 2
 
 
 def test_two_photos_stay_apart_until_strength_one(bundled):

@@ -22,7 +22,6 @@ import torch
 from PIL import Image, ImageOps
 
 from ..data.loader import to_model_range
-from ..diffusion import sampling_timesteps
 from ..errors import UserError
 from ..evaluation.faces import INSTALL_HINT, load_detector
 from ..evaluation.attributes import keep_photo_attributes
@@ -183,7 +182,7 @@ class PhotoEditing:
         request, kept = keep_photo_attributes(request.replace(unasked="photo"), first.cfg.model.vocab, framing.image)
         if plan.one_face(request):                 # every seed gives the same face: draw it once
             request = request.replace(num=1)
-        steps_run = len(plan.timesteps(sampling_timesteps(first.schedule, request.steps, request.timestep_spacing)))
+        steps_run = len(plan.timesteps(request.steps, request.timestep_spacing))
         steps_run += sum(stage_steps(pipe, request)[1:])
         size = pipe.codec.image_size
         scale = out.display_scale(size)

@@ -125,8 +125,12 @@ SPACINGS = ("trailing", "leading", "linspace", "quadratic", "karras")
 
 
 def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trailing",
-                       rho: float = 7.0, sigma_max: float = 80.0) -> list[float]:
+                       rho: float = 7.0, sigma_max: float = 80.0, t_max: float | None = None) -> list[float]:
     """The decreasing noise levels a sampler visits, as (possibly fractional) timesteps.
+
+    `t_max` (an edit's start) places the steps between t_max and 0 by the same rule instead of over the whole
+    schedule: evenly in t for the integer spacings (fractional then), quadratic in t, or evenly in
+    sigma^(1/rho) from sigma(t_max).
 
     Integer spacings come from `spaced_timesteps`. "quadratic" spaces t as (T-1)(1 - i/steps)^2, denser near
     the data (Song et al. 2021, DDIM, sec. D.2); "karras" spaces sigma^(1/rho) evenly between
@@ -134,15 +138,25 @@ def sampling_timesteps(schedule: NoiseSchedule, steps: int, spacing: str = "trai
     rho = 7, sigma_max = 80: a cosine schedule's sigma(T-1) ~ 2e4 would waste steps and break Heun's
     trapezoid rule on the first step).
     """
-    if spacing in ("trailing", "leading", "linspace"):
+    if t_max is None and spacing in ("trailing", "leading", "linspace"):
         return [float(t) for t in spaced_timesteps(schedule.T, steps, spacing)]
     _check_steps(steps, schedule.T)
     i = torch.arange(steps, dtype=torch.float64)
+    top = float(schedule.T - 1 if t_max is None else min(max(t_max, 0.0), schedule.T - 1))
+    if spacing in ("trailing", "leading"):
+        return (top * (1 - i / steps)).tolist()
+    if spacing == "linspace":
+        return torch.linspace(top, 0, steps, dtype=torch.float64).tolist()
     if spacing == "quadratic":
-        return ((schedule.T - 1) * (1 - i / steps) ** 2).tolist()
+        return (top * (1 - i / steps) ** 2).tolist()
     if spacing == "karras":
         sigmas = schedule.sigmas()
-        lo, hi = sigmas[0] ** (1 / rho), min(float(sigmas[-1]), sigma_max) ** (1 / rho)
+        if t_max is None:
+            highest = float(sigmas[-1])
+        else:
+            abar = float(schedule.alpha_bar_at(torch.tensor([top], dtype=torch.float64))[0])
+            highest = ((1 - abar) / abar) ** 0.5
+        lo, hi = sigmas[0] ** (1 / rho), min(highest, sigma_max) ** (1 / rho)
         ramp = i / max(steps - 1, 1)
         return schedule.t_from_sigma((hi + ramp * (lo - hi)) ** rho).tolist()
     raise ValueError(f"unknown timestep spacing {spacing!r}: choose one of {', '.join(SPACINGS)}")

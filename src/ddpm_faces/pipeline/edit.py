@@ -8,8 +8,8 @@
   to the timestep that `strength` picks, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z (Ho et al. 2020, eq. 4),
   and denoise with the attributes and guidance asked for. The strength is the noise's share of that start,
   sqrt(1 - abar_t) = strength (`start_timestep`): strength 0 gives the photo back (through the codec), 1 a
-  fresh sample, and what is kept of the photo falls evenly in between on every schedule. The sampler's own
-  timesteps below the start run.
+  fresh sample, and what is kept of the photo falls evenly in between on every schedule. round(strength x
+  steps) steps run, placed by the sampler's spacing between the start and 0.
 - DDIM inversion (Song et al. 2021, https://arxiv.org/abs/2010.02502, sec. 4.3): instead of fresh noise, run
   the deterministic DDIM update backwards, x_t = sqrt(abar_t) x0(x_s) + sqrt(1 - abar_t) eps(x_s), from the
   photo up to that timestep, so what is not asked to change keeps the person. It inverts without guidance
@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import image_seed, q_sample, sample_repaint
+from ..diffusion import image_seed, q_sample, sample_repaint, sampling_timesteps
 from ..errors import UserError
 from .model import Pipeline
 
@@ -60,18 +60,16 @@ class EditPlan:
         deterministic sampler, without a mask (whose kept region is re-noised with each image's seed)."""
         return self.invert and self.mask is None and request.deterministic and 0 < self.strength
 
-    def timesteps(self, full: list[float]) -> list[float]:
-        """The start (start_timestep), then the sampler's own timesteps below it; a grid timestep closer to the
-        start than half the grid's step there is dropped (it would be a step of almost nothing)."""
+    def timesteps(self, steps: int, spacing: str) -> list[float]:
+        """The edit's timesteps: round(strength x steps) of them (at least one), placed by the sampler's spacing
+        between the start (start_timestep) and 0; the whole schedule at strength 1, none at 0."""
+        schedule = self.pipe.schedule
         if self.strength >= 1:
-            return list(full)
+            return sampling_timesteps(schedule, steps, spacing)
         if self.strength <= 0:
             return []
-        t0 = start_timestep(self.pipe.schedule, self.strength)
-        below = [t for t in full if t < t0]
-        if len(below) >= 2 and t0 - below[0] < (below[0] - below[1]) / 2:
-            below = below[1:]
-        return [t0] + below
+        count = max(1, round(self.strength * steps))
+        return sampling_timesteps(schedule, count, spacing, t_max=start_timestep(schedule, self.strength))
 
     def start(self, noise_x: torch.Tensor, rows: slice, denoiser, cond, timesteps: list[float]) -> torch.Tensor:
         """The photo's x0 taken to timesteps[0]: noised with the batch's seeded noise, or DDIM-inverted."""

@@ -144,8 +144,8 @@ class Run:
         net = fast_net(pipe.net, (min(request.num, request.batch_size), *pipe.codec.shape), runtime)
         self.net = autocast_net(net, request.precision)
         self.denoiser = self.denoiser_for(self.net)
-        timesteps = sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
-        self.timesteps = plan.timesteps(timesteps) if plan is not None else timesteps
+        self.timesteps = plan.timesteps(request.steps, request.timestep_spacing) if plan is not None else \
+            sampling_timesteps(pipe.schedule, request.steps, request.timestep_spacing)
 
     def denoiser_for(self, net) -> Denoiser:
         request = self.request
