@@ -281,3 +281,12 @@ def test_an_edit_keeps_the_attributes_it_does_not_ask_for(drawn_face_photo, bund
     assert request.attributes == {"age": "60-69", **kept}                       # the asked age wins
     assert keep_photo_attributes(asked.replace(unasked="model"), vocab, drawn_face_photo, clf) == \
         (asked.replace(unasked="model"), {})
+
+
+def test_resampling_refuses_an_eta_it_would_ignore(bundled, photo):
+    _, x = photo
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:, :] = 1
+    plan = EditPlan(bundled, x, strength=1.0, mask=mask, resample=2)
+    with pytest.raises(UserError, match="no eta"):
+        generate(bundled, SamplingRequest(num=1, steps=2, sampler="ddim", eta=0.5), plan=plan, progress=False)

@@ -278,8 +278,30 @@ def _ve_sigma(denoiser: Denoiser, t: float) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# DDIM inversion (Song et al. 2021, sec. 4.3): the deterministic update run from the data towards the noise
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float], between_steps=None) -> torch.Tensor:
+    """x at timesteps[0] from the clean x0 by the DDIM update run backwards (eta = 0), visiting the timesteps in
+    increasing order; the network is evaluated at the point reached so far (at the lowest timestep for x0).
+    `between_steps()`, when given, is called before every step (a caller stops the inversion by raising)."""
+    schedule, x, prev = denoiser.schedule, x0, -1.0
+    for t in reversed(timesteps):
+        if between_steps is not None:
+            between_steps()
+        eps, _ = denoiser.predict(x, t if prev < 0 else prev, None, clip_x0=False)
+        abar_prev = float(schedule.alpha_bar_at(torch.tensor([prev]))[0])
+        abar_t = float(schedule.alpha_bar_at(torch.tensor([t]))[0])
+        x0_hat = (x - math.sqrt(1 - abar_prev) * eps) / math.sqrt(abar_prev)
+        x, prev = math.sqrt(abar_t) * x0_hat + math.sqrt(1 - abar_t) * eps, t
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry: one row per sampler. A new sampler is one function above plus one row here.
 # ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str

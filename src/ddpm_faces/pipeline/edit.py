@@ -30,7 +30,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import image_seed, q_sample, sample_repaint, sampling_timesteps
+from ..diffusion import ddim_invert, image_seed, q_sample, sample_repaint, sampling_timesteps
 from ..errors import UserError
 from .model import Pipeline
 
@@ -103,6 +103,9 @@ class EditPlan:
     def sample(self, sampler, denoiser, x: torch.Tensor, timesteps: list[float], *, project, **kwargs) -> torch.Tensor:
         """Run `sampler` from the start, or with resample > 1 RePaint's resampled ancestral steps."""
         if self.resample > 1:
+            if kwargs.get("eta"):
+                raise UserError("resampling (RePaint) takes ancestral DDPM steps, which have no eta: leave eta at 0, "
+                                "or resample at 1")
             kwargs = {k: v for k, v in kwargs.items() if k in ("noise", "cond", "callback", "clip_x0")}
             return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **kwargs)
         return sampler(denoiser, x, timesteps, project=project, **kwargs)
@@ -122,23 +125,6 @@ def start_timestep(schedule, strength: float) -> float:
     signal is almost gone long before its last timestep)."""
     sigma = strength / math.sqrt(1 - strength ** 2)          # sigma_t = sqrt((1 - abar_t) / abar_t)
     return float(schedule.t_from_sigma(torch.tensor([sigma]))[0])
-
-
-@torch.no_grad()
-def ddim_invert(denoiser, x0: torch.Tensor, timesteps: list[float], between_steps=None) -> torch.Tensor:
-    """x at timesteps[0] from the clean x0 by the DDIM update run backwards (eta = 0), visiting the timesteps in
-    increasing order; the network is evaluated at the point reached so far (at the lowest timestep for x0).
-    `between_steps()`, when given, is called before every step (a caller stops the inversion by raising)."""
-    schedule, x, prev = denoiser.schedule, x0, -1.0
-    for t in reversed(timesteps):
-        if between_steps is not None:
-            between_steps()
-        eps, _ = denoiser.predict(x, t if prev < 0 else prev, None, clip_x0=False)
-        abar_prev = float(schedule.alpha_bar_at(torch.tensor([prev]))[0])
-        abar_t = float(schedule.alpha_bar_at(torch.tensor([t]))[0])
-        x0_hat = (x - math.sqrt(1 - abar_prev) * eps) / math.sqrt(abar_prev)
-        x, prev = math.sqrt(abar_t) * x0_hat + math.sqrt(1 - abar_t) * eps, t
-    return x
 
 
 def check_edit(pipe: Pipeline, photo: torch.Tensor, strength, mask: torch.Tensor | None, resample: int = 1) -> None:
