@@ -93,6 +93,10 @@ def test_discovery_offers_the_bundled_model_first_then_exported_runs(tmp_path, c
     runs = tmp_path / "runs"
     shutil.copytree(conditional_export, runs / "cond" / "export")
     (runs / "unfinished" / "checkpoints").mkdir(parents=True)                # no export yet: not listed
+    codec = runs / "ae" / "export"                                          # an autoencoder: it does not sample
+    codec.mkdir(parents=True)
+    (codec / "config.yaml").write_text("name: ae\ntask: autoencoder\ndata:\n  resolution: 128\n")
+    (codec / "model.safetensors").write_bytes(b"not read")
     models = discover_models(None, runs)
     labels = list(models)
     bundled = [f"{folder.name} (bundled)" for folder in bundled_models()]

@@ -45,14 +45,14 @@ def read_config(config_file: Path) -> Config:
 
 
 def _is_diffusion_model(folder: Path) -> bool:
-    """An export whose config reads as a diffusion model's (not, say, the attribute classifier's)."""
+    """An export of a model that samples faces: its config reads as a ddpm-faces config (not, say, the attribute
+    classifier's) of a denoiser, not a codec (an autoencoder only encodes and decodes)."""
     if not all((folder / name).is_file() for name in EXPORT_FILES):
         return False
     try:
-        read_config(folder / "config.yaml")
+        return not read_config(folder / "config.yaml").kind.codec
     except UserError:
         return False
-    return True
 
 
 def bundled_models() -> list[Path]:
