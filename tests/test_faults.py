@@ -276,3 +276,28 @@ def test_damaged_checkpoint_is_a_one_line_error_and_the_one_before_still_resumes
         train(more, resume=True, progress=False)
     shutil.rmtree(newest)
     assert train(more, resume=True, progress=False).step == 6
+
+
+def test_a_closed_output_pipe_does_not_end_training(tmp_path, face_folder):
+    """`ddpm-faces train ... | head`: once the reader is gone the run keeps training, silently, to its end."""
+    run = tmp_path / "runs" / "tiny"
+    sets = sum((["--set", o] for o in overrides(tmp_path, face_folder)), [])
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "train", *sets], env={**os.environ,
+                            "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                                   # both readers gone before the first line
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 0
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def test_sighup_saves_a_checkpoint_and_exits_cleanly(tmp_path, face_folder):
+    """A closed terminal (SIGHUP) stops the run like SIGTERM: a checkpoint, then exit 0."""
+    run = tmp_path / "runs" / "tiny"
+    sets = sum((["--set", o] for o in overrides(tmp_path, face_folder)), [])
+    proc = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "train", "--no-progress", *sets], text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: (run / "checkpoints" / "step-4").is_dir(), proc)
+    proc.send_signal(signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "interrupted (SIGHUP)" in err and "Traceback" not in err, err[-2000:]
+    assert 4 <= int(list_checkpoints(run)[-1].name.split("-")[1]) < STEPS

@@ -97,3 +97,39 @@ def atomic_file(final: Path):
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class PipeSafe:
+    """A text stream (stdout, stderr) whose writes stop, silently, once its reader has gone (EPIPE: `| head`, a
+    killed `tee`): a closed pipe must not end a training run. The stream's descriptor is then pointed at
+    /dev/null, so that the interpreter's last flush does not fail either."""
+
+    def __init__(self, stream):
+        self._stream, self.broken = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._gone()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._gone()
+
+    def _gone(self) -> None:
+        self.broken = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)

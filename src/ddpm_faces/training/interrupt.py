@@ -1,5 +1,5 @@
-"""Stopping a run cleanly: Ctrl-C (SIGINT) or SIGTERM, the signal with which Slurm, Kubernetes and
-`docker stop` end a job. The first one finishes the step, saves a checkpoint and stops; a second one quits
+"""Stopping a run cleanly: Ctrl-C (SIGINT), SIGTERM (the signal with which Slurm, Kubernetes and `docker stop`
+end a job) or SIGHUP (the terminal or SSH session closed). The first one finishes the step, saves a checkpoint and stops; a second one quits
 at once (KeyboardInterrupt).
 
     with Interrupt() as interrupt:
@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ())   # + a closed terminal
 
 
 def signal_label(signum: int) -> str:
