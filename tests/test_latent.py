@@ -214,3 +214,60 @@ def test_x0_is_clipped_to_the_pixel_range_only_for_pixels(sampler):
         generate(pipe, SamplingRequest(num=1, steps=4, sampler=sampler), progress=False)
         assert torch.allclose(codec.seen, torch.full_like(codec.seen, expected), atol=1e-4), (bounded, sampler)
     assert LatentCodec.bounded is False and PixelCodec.bounded is True
+
+
+# ---------------------------------------------------------------------------------------------------
+# the latent cache: damaged arrays are rebuilt, two builders share one build
+# ---------------------------------------------------------------------------------------------------
+def _tiny_latents(tmp_path, face_folder):
+    from ddpm_faces.data import prepare_dataset
+    data = prepare_dataset(face_folder, 16, cache_dir=tmp_path / "cache", progress=False)
+
+    def encode(x):                                     # a stand-in codec: 2x2 average pooling, 3 channels
+        return torch.nn.functional.avg_pool2d(x, 2)
+    return data, encode
+
+
+@pytest.mark.parametrize("damage", ["empty", "nan", "changed"])
+def test_a_damaged_latent_cache_is_rebuilt_with_one_warning(tmp_path, face_folder, caplog, damage):
+    from ddpm_faces.data.latents import LATENTS_FILE, encode_latents
+    data, encode = _tiny_latents(tmp_path, face_folder)
+    first = encode_latents(data, encode, "k" * 16, cache_dir=tmp_path / "cache", progress=False)
+    good = np.array(first.latents)
+    path = first.root / LATENTS_FILE
+    del first
+    if damage == "empty":
+        path.write_bytes(b"")
+    else:
+        array = np.load(path, mmap_mode="r+")
+        array[0, 1, 0, 0, 0] = np.nan if damage == "nan" else array[0, 1, 0, 0, 0] + 1
+        array.flush()
+        del array
+    with caplog.at_level("WARNING", logger="ddpm_faces.data"):
+        again = encode_latents(data, encode, "k" * 16, cache_dir=tmp_path / "cache", progress=False)
+    assert np.array_equal(np.array(again.latents), good)
+    warnings = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert len(warnings) == 1 and LATENTS_FILE in warnings[0]
+
+
+def test_two_processes_building_the_same_latent_cache_share_one_build(tmp_path, face_folder):
+    script = f"""
+import sys, time, numpy as np, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from ddpm_faces.data import prepare_dataset
+from ddpm_faces.data.latents import encode_latents
+data = prepare_dataset({str(face_folder)!r}, 16, cache_dir={str(tmp_path / "cache")!r}, progress=False)
+def encode(x):
+    time.sleep(0.05)                                  # slow enough for the two builds to overlap
+    return torch.nn.functional.avg_pool2d(x, 2)
+latents = encode_latents(data, encode, "k" * 16, cache_dir={str(tmp_path / "cache")!r}, batch_size=4, progress=False)
+print(float(np.abs(np.asarray(latents.latents, dtype=np.float64)).sum()))
+"""
+    from ddpm_faces.data import prepare_dataset
+    prepare_dataset(face_folder, 16, cache_dir=tmp_path / "cache", progress=False)     # the images first
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+    sums = [float(o[0].strip().splitlines()[-1]) for o in outs]
+    assert sums[0] == sums[1] > 0                        # both read the same, complete latents (never zeros)

@@ -11,8 +11,11 @@ new autoencoder never reuses another one's latents.
 """
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..images import resize_images
 from ..io import atomic_folder
 from .loader import BatchLoader, to_model_range
@@ -27,6 +31,7 @@ from .prepare import PreparedData, cache_root, check_space, raise_for_cache, res
 
 LATENTS_FILE, META_FILE = "latents.npy", "meta.json"
 FORMAT_VERSION = 1
+log = logging.getLogger("ddpm_faces.data")
 
 
 @dataclass
@@ -52,21 +57,50 @@ def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Te
         return found
     with torch.inference_mode():
         shape = tuple(encode(to_model_range(torch.from_numpy(np.array(data.images[:1])))).shape[1:])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    check_space(folder.parent, 2 * len(data) * int(np.prod(shape)) * 2 + (1 << 20),
-                f"encoding the latents of {len(data):,} images")
     try:
-        with atomic_folder(folder) as tmp:
-            out = reserved_memmap(tmp / LATENTS_FILE, np.float16, (2, len(data), *shape))
-            _encode_into(out, data, encode, batch_size, progress)
-            out.flush()
-            del out
-            meta = {"format": FORMAT_VERSION, "key": key, "count": len(data), "shape": list(shape),
-                    "data": data.root.name}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with building(folder):                       # one builder at a time; the others wait, then read its work
+            found = open_latents(folder, data, key, quiet=True)
+            if found is not None:
+                return found
+            check_space(folder.parent, 2 * len(data) * int(np.prod(shape)) * 2 + (1 << 20),
+                        f"encoding the latents of {len(data):,} images")
+            with atomic_folder(folder) as tmp:
+                out = reserved_memmap(tmp / LATENTS_FILE, np.float16, (2, len(data), *shape))
+                _encode_into(out, data, encode, batch_size, progress)
+                out.flush()
+                meta = {"format": FORMAT_VERSION, "key": key, "count": len(data), "shape": list(shape),
+                        "data": data.root.name, "sum": digest(out)}
+                del out
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     except OSError as error:
         raise_for_cache(folder.parent, error)
     return open_latents(folder, data, key)
+
+
+@contextmanager
+def building(folder: Path) -> Iterator[None]:
+    """Hold the build lock of a cache folder (an OS lock on a file beside it, released when its process
+    dies): two trainers that need the same latents encode them once, and neither ever reads a half-built
+    folder or shares the other's work folder."""
+    with open(folder.with_name(folder.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def digest(latents: np.ndarray) -> float:
+    """The float64 sum of every latent, read in slices (the record a damaged or overwritten array no longer
+    matches); non-finite values fail here."""
+    total = 0.0
+    for i in range(0, latents.shape[1], 512):
+        part = float(np.asarray(latents[:, i:i + 512], dtype=np.float64).sum())
+        if not np.isfinite(part):
+            raise ValueError(f"non-finite latents among images {i} to {i + 512}")
+        total += part
+    return total
 
 
 def _encode_into(out: np.ndarray, data: PreparedData, encode, batch_size: int, progress: bool) -> None:
@@ -75,19 +109,33 @@ def _encode_into(out: np.ndarray, data: PreparedData, encode, batch_size: int, p
         for start in range(0, len(data), batch_size):
             x = to_model_range(torch.from_numpy(np.array(data.images[start:start + batch_size])))
             for flip, images in enumerate((x, x.flip(-1))):
-                out[flip, start:start + len(x)] = encode(images).float().cpu().numpy().astype(np.float16)
+                z = encode(images).float().cpu().numpy().astype(np.float16)
+                if not np.isfinite(z).all():
+                    raise UserError(f"the autoencoder gives non-finite latents for images {start} to "
+                                    f"{start + len(x)}: its weights are damaged or it diverged; train or export it "
+                                    "again")
+                out[flip, start:start + len(x)] = z
             bar.update(len(x))
 
 
-def open_latents(folder: Path, data: PreparedData, key: str) -> LatentData | None:
-    """The latents in `folder` when they are complete and belong to `data` and `key`; else None (rebuilt)."""
+def open_latents(folder: Path, data: PreparedData, key: str, quiet: bool = False) -> LatentData | None:
+    """The latents in `folder` when they are complete, belong to `data` and `key` and still sum to what was
+    recorded when they were built (no value overwritten, none NaN); else None, to be rebuilt, with one warning
+    naming the damaged file."""
+    if not folder.is_dir():
+        return None
     try:
         meta = json.loads((folder / META_FILE).read_text())
         latents = np.load(folder / LATENTS_FILE, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    expected = (2, len(data), *meta.get("shape", []))
-    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key or latents.shape != expected:
+        expected = (2, len(data), *meta.get("shape", []))
+        if meta.get("format") != FORMAT_VERSION or meta.get("key") != key or latents.shape != expected:
+            raise ValueError(f"it holds {latents.shape}, not the {expected} of this data")
+        total = digest(latents)
+        if "sum" in meta and total != meta["sum"]:
+            raise ValueError("its values changed since it was built")
+    except (OSError, ValueError, EOFError, TypeError, AttributeError) as err:
+        if not quiet:
+            log.warning("the latent cache %s is damaged (%s): encoding it again", folder / LATENTS_FILE, err)
         return None
     return LatentData(folder, latents, data)
 
