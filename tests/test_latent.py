@@ -271,3 +271,29 @@ print(float(np.abs(np.asarray(latents.latents, dtype=np.float64)).sum()))
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     sums = [float(o[0].strip().splitlines()[-1]) for o in outs]
     assert sums[0] == sums[1] > 0                        # both read the same, complete latents (never zeros)
+
+
+def test_a_latent_run_pins_the_autoencoder_it_trained_on(tmp_path, face_folder, autoencoder_run):
+    """Replacing the autoencoder that codec.autoencoder names (retrained, say) after a latent run: sampling from
+    the run's checkpoint and --resume each stop with one line instead of silently using the new latents."""
+    import shutil
+    from safetensors.torch import save_file
+    ae = tmp_path / "ae-export"
+    shutil.copytree(RunFolder(autoencoder_run).export, ae)
+    cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
+        ae, **{"train.max_steps": 6, "train.checkpoint_every": 6})))
+    result = train(cfg, progress=False)
+    checkpoint = RunFolder(result.run_dir).checkpoints()[-1]
+    generate(load_pipeline(checkpoint), SamplingRequest(num=1, steps=2), progress=False)       # fine as it is
+    weights = load_file(ae / "model.safetensors")
+    from safetensors import safe_open
+    with safe_open(str(ae / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    name = next(k for k in weights if ".encoder." in k and weights[k].is_floating_point())
+    weights[name] = weights[name] + 0.5                                     # "retrained": another encoder
+    save_file(weights, ae / "model.safetensors", metadata=metadata)
+    with pytest.raises(UserError, match="another autoencoder"):
+        load_pipeline(checkpoint)
+    cfg.train.max_steps = 12
+    with pytest.raises(UserError, match="--resume: .*another autoencoder"):
+        train(cfg, resume=True, progress=False)

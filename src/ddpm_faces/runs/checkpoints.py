@@ -30,14 +30,15 @@ def state_tensors(module: torch.nn.Module, dtype: torch.dtype | None = None) -> 
 
 
 def save_checkpoint(run: RunFolder, step: int, *, model, ema, optimizer, scheduler, state: dict, rng: dict,
-                    scaler=None, keep: int = 3, extras: dict | None = None) -> Path:
+                    scaler=None, keep: int = 3, extras: dict | None = None, metadata: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically and keep the newest `keep`; `extras` maps a name to (network,
-    optimizer) pairs trained beside the model."""
+    optimizer) pairs trained beside the model; `metadata` goes into the weights files (e.g. the codec key of
+    the latents they trained on)."""
     final = run.checkpoint(step)
     extras = extras or {}
     with atomic_folder(final) as tmp:
-        save_file(state_tensors(model), tmp / "model.safetensors")
-        save_file(state_tensors(ema.model), tmp / EMA_FILE)
+        save_file(state_tensors(model), tmp / "model.safetensors", metadata=metadata)
+        save_file(state_tensors(ema.model), tmp / EMA_FILE, metadata=metadata)
         for name, (net, _) in extras.items():
             save_file(state_tensors(net), tmp / f"{name}.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

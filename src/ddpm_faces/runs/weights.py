@@ -116,9 +116,9 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
     metadata = weights_metadata(cfg, step)
-    carries_codec = codec is not None and any(True for _ in codec.parameters())
+    carries_codec = codec_key(codec) is not None
     if carries_codec:
-        metadata["codec"] = tensors_key(codec, getattr(codec, "ENCODING", None))     # the latents' identity: a new decoder keeps it
+        metadata["codec"] = codec_key(codec)
     with atomic_folder(out_dir) as tmp:
         save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=metadata)
         if carries_codec:
@@ -146,6 +146,14 @@ def weights_metadata(cfg: Config, step: int | None = None) -> dict[str, str]:
 
 DATA_KEYS = {"label_counts"}                   # model keys that describe the data, not the network
 DEFAULTS = {"model": dataclasses.asdict(UNetConfig())}
+
+
+def codec_key(codec: torch.nn.Module | None) -> str | None:
+    """The identity of the latents a codec makes: a hash of its encoder and latent statistics (a new decoder
+    keeps it); None for a codec without weights (pixels)."""
+    if codec is None or not any(True for _ in codec.parameters()):
+        return None
+    return tensors_key(codec, getattr(codec, "ENCODING", None))
 
 
 def check_recorded(files: ModelFiles, cfg: Config, metadata: dict[str, str]) -> None:

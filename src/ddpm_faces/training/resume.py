@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, TrainConfig, yaml_load
 from ..errors import UserError
-from ..runs import RunFolder, load_checkpoint, missing_run_error
+from ..runs import RunFolder, codec_key, load_checkpoint, missing_run_error
 from .monitors import EarlyStopping
 
 log = logging.getLogger("ddpm_faces.train")
@@ -62,6 +62,19 @@ def check_same_model(cfg: Config, saved: Path) -> None:
         if section in old and old[section] != new[section]:      # runs saved before a section existed skip it
             raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
                             f"resume with the run's own config (--config {saved})")
+
+
+def check_same_codec(checkpoint: Path, codec) -> None:
+    """A latent run resumes only on the latents it trained on: the checkpoint's recorded codec key (its
+    autoencoder's encoder) must be the one codec.autoencoder gives now; checked before any latent is encoded."""
+    try:
+        recorded = json.loads((checkpoint / "state.json").read_text()).get("codec")
+    except (OSError, ValueError, AttributeError):
+        return                                   # a damaged checkpoint: loading it gives the error
+    if recorded is not None and recorded != codec_key(codec):
+        raise UserError(f"--resume: {checkpoint} trained on the latents of another autoencoder than the one "
+                        "codec.autoencoder names now (it was retrained or replaced): point codec.autoencoder back "
+                        "at the autoencoder the run started with, or start a new run")
 
 
 def check_work_left(cfg: Config, checkpoint: Path) -> None:

@@ -28,7 +28,7 @@ from ..config import Config
 from ..errors import UserError
 from ..models import Codec
 from ..pipeline import Pipeline, build_codec
-from ..runs import RunFolder, export_model, save_checkpoint
+from ..runs import RunFolder, codec_key, export_model, save_checkpoint
 from .ema import EMA
 from .monitors import EarlyStopping, SampleQuality, Validation, sample_grid
 from .resume import gather_rng
@@ -281,9 +281,12 @@ class Run:
     def save_state(self, rng: dict) -> None:
         """The checkpoint and the export of this step (main process)."""
         state = {"data": self.loader.state_dict(), "best": self.stopper.best, "bad_evals": self.stopper.bad}
+        key = codec_key(getattr(getattr(self, "averaged", None), "codec", None))    # the latents it trained on
         save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema,
-                        optimizer=self.trainees.optimizer.optimizer, scheduler=self.trainees.scheduler, state=state,
-                        rng=rng, scaler=self.acc.scaler, keep=self.tc.keep_checkpoints, extras=self.checkpoint_extras())
+                        optimizer=self.trainees.optimizer.optimizer, scheduler=self.trainees.scheduler,
+                        state={**state, **({"codec": key} if key else {})}, rng=rng, scaler=self.acc.scaler,
+                        keep=self.tc.keep_checkpoints, extras=self.checkpoint_extras(),
+                        metadata={"codec": key} if key else None)
         self.export(self.folder.export)
 
     def write(self, what: str, save) -> None:

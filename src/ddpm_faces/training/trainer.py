@@ -37,7 +37,7 @@ from .ema import EMA
 from .interrupt import Interrupt
 from .lr import make_scheduler
 from .monitors import SampleQuality, Validation
-from .resume import check_run_exists, check_run_folder, restore
+from .resume import check_run_exists, check_run_folder, check_same_codec, restore
 from .run import DiffusionRun, Run, Trainees, TrainResult
 
 log = logging.getLogger("ddpm_faces.train")
@@ -169,6 +169,8 @@ def prepare_run(cfg: Config, accelerator: Accelerator, resume_from: Path | None 
                                    writer=writer)
     label_columns = conditioning_columns(cfg, data)
     codec = build_codec(cfg).to(accelerator.device).eval()
+    if resume_from is not None:
+        check_same_codec(resume_from, codec)
     loader = make_loader(cfg, data, codec, accelerator, progress)
     validation = Validation(data, cfg, codec.shape, rank, world)
     quality = None
