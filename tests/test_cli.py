@@ -227,3 +227,10 @@ def test_png_text_names_the_photo_and_model_never_local_paths_even_when_not_utf8
     text = Image.open(tmp_path / "e.png").text
     assert text["ddpm-faces model"] == "faces32" and str(tmp_path) not in text["ddpm-faces command"]
     assert "--image caf\\udce9-photo.png" in text["ddpm-faces command"], text   # the odd byte, escaped
+
+
+def test_a_failed_eval_leaves_no_empty_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "eval", "--checkpoint", str(tmp_path / "no-such-run"),
+                          "--json", str(tmp_path / "results.json")], capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "results.json").exists() and list(tmp_path.iterdir()) == []

@@ -377,20 +377,27 @@ def check_json_path(path: str | None) -> None:
     """Fail before an evaluation of minutes when its --json file could not be written."""
     if not path:
         return
+    out = Path(path)
+    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")       # the file itself is written only at the end
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a"):
-            pass
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}; choose another --json") from None
 
 
 def _write_json(path: str | None, result: dict) -> None:
+    """The results, written whole at the end (atomically); a failure there (a full disk) is one line."""
     from .io import atomic_file
 
     if path:
-        with atomic_file(Path(path)) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+        try:
+            with atomic_file(Path(path)) as tmp:
+                tmp.write_text(json.dumps(result, indent=2))
+        except OSError as err:
+            raise UserError(f"cannot write {path}: {err.strerror or err}; the results above are complete, "
+                            "run again with another --json") from None
         print(f"wrote {path}")
 
 
