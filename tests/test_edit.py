@@ -290,3 +290,12 @@ def test_resampling_refuses_an_eta_it_would_ignore(bundled, photo):
     plan = EditPlan(bundled, x, strength=1.0, mask=mask, resample=2)
     with pytest.raises(UserError, match="no eta"):
         generate(bundled, SamplingRequest(num=1, steps=2, sampler="ddim", eta=0.5), plan=plan, progress=False)
+
+
+def test_a_16_bit_greyscale_photo_is_read_as_its_picture_not_white(tmp_path):
+    from ddpm_faces.evaluation.framing import open_photo
+    ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "grey16.png")                  # uint16: mode I;16
+    rgb = np.asarray(open_photo(tmp_path / "grey16.png"))
+    assert rgb.shape == (64, 64, 3) and rgb.min() <= 1 and rgb.max() >= 254
+    assert abs(float(rgb.mean()) - 127.5) < 2                       # the ramp, not a white square

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..data.prepare import to_rgb
 from ..errors import UserError
 from .faces import MIN_SCORE, detect_faces
 
@@ -42,8 +43,10 @@ def open_photo(path) -> Image.Image:
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise UserError(f"{path} has {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}: resize it first")
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return to_rgb(ImageOps.exif_transpose(img))          # 16-bit greyscale scaled, not clipped white
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} has far more than {MAX_PIXELS:,} pixels: resize it first") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"{path} is not an image Pillow can read ({type(err).__name__}): give a JPEG or PNG photo"
                         ) from None
 
