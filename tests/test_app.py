@@ -486,3 +486,28 @@ def test_help_lists_serve_without_importing_gradio():
     first, help_text = out.stdout.split("\n", 1)
     assert first == "False" and out.returncode == 0
     assert "--checkpoint" in help_text and "--share" in help_text and "127.0.0.1" in help_text
+
+
+def test_stale_server_folders_are_removed_and_uploads_are_bounded(tmp_path):
+    """A server killed with kill -9 leaves its scratch folder (uploads included): the next server removes it;
+    the uploads a running server keeps are bounded, the oldest going first."""
+    import os
+    import subprocess
+    import sys
+    from ddpm_faces.app.serve import SCRATCH_PREFIX, remove_stale_scratch
+    from ddpm_faces.io import trim_oldest
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live = tmp_path / f"{SCRATCH_PREFIX}{dead.pid}-x1", tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}-x2"
+    for folder in (stale, live):
+        (folder / "gradio").mkdir(parents=True)
+        (folder / "gradio" / "upload.png").write_bytes(b"x" * 100)
+    assert remove_stale_scratch(tmp_path) == [stale] and not stale.exists() and live.exists()
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    for i in range(5):
+        path = uploads / f"u{i}.png"
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1000 + i, 1000 + i))
+    assert trim_oldest(uploads, 2500) == 3000
+    assert sorted(p.name for p in uploads.iterdir()) == ["u3.png", "u4.png"]

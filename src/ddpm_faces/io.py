@@ -133,3 +133,25 @@ class PipeSafe:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+def trim_oldest(folder: Path, max_bytes: int) -> int:
+    """Delete the oldest files under `folder` until it holds at most `max_bytes`; returns the bytes freed."""
+    files = []
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file():
+                stat = path.stat()
+                files.append((stat.st_mtime, stat.st_size, path))
+        except OSError:
+            continue
+    total, freed = sum(size for _, size, _ in files), 0
+    for _, size, path in sorted(files, key=lambda f: f[0]):
+        if total - freed <= max_bytes:
+            break
+        try:
+            path.unlink()
+            freed += size
+        except OSError:
+            continue
+    return freed

@@ -28,12 +28,14 @@ from ..evaluation.attributes import keep_photo_attributes
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
 from ..pipeline import EditPlan, generate, stage_steps
+from ..io import trim_oldest
 from ..runs import model_name
 from . import outputs as out
 from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
 from .job import Cancelled, Job
 
 CANVAS_PX = 512                  # the painting canvas's longer side (the strokes are stretched to the photo's)
+MAX_SCRATCH_BYTES = 256 * 2**20          # the server's uploads and pictures kept at once (oldest go first)
 MAX_LAYERS = 4                   # painted layers one request may send
 FRAMED = "photo (framed)"        # the caption of the framed photo, first in the gallery
 MASK_FILE = "mask.png"           # the painted mask (the photo's size) as --mask takes it, offered beside the picture
@@ -161,6 +163,8 @@ class PhotoEditing:
         few steps, then the framed photo and the edits side by side, the PNG of them (with the command, the
         model and "edited" in its text chunks; and the mask PNG when a region was painted), the command
         line and the status."""
+        if self.scratch is not None:              # uploads accumulate there: the oldest go beyond the bound
+            trim_oldest(self.scratch, MAX_SCRATCH_BYTES)
         entry, pipe, request = self.request(model, sampler, steps, num, seed, guidance, precision, attributes,
                                             kind="edit")
         strength = round(check_number(strength, "strength", 0, 1, " (0 = the photo back, 1 = a fresh sample)"), 4)

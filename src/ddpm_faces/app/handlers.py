@@ -75,6 +75,7 @@ class FaceApp(PhotoEditing):
             self.attribute_names += [a for a in entry.cfg.model.attributes if a not in self.attribute_names]
         self.jobs = Jobs()
         self.out_dir = Path(tempfile.mkdtemp(prefix="ddpm-faces-app-", dir=out_dir))
+        self.scratch = Path(out_dir) if out_dir is not None else None     # the server's folder, uploads included
         self._pipes: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
         atexit.register(self.close)

@@ -93,11 +93,38 @@ def serve(checkpoints: list[str] | None = None, *, host: str = "127.0.0.1", port
             app.close()
 
 
+SCRATCH_PREFIX = "ddpm-faces-serve-"
+
+
+def remove_stale_scratch(root: Path) -> list[Path]:
+    """Remove the scratch folders (uploads included) of servers that died without cleaning up (kill -9): those
+    named after a process that no longer runs. Returns what was removed."""
+    removed = []
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                   # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def scratch_folder() -> Iterator[Path]:
     """A temporary folder for the server's files, Gradio's cache included (GRADIO_TEMP_DIR), removed at the
     end with the empty folders Gradio makes in the system's temporary folder."""
-    scratch = Path(tempfile.mkdtemp(prefix="ddpm-faces-serve-"))
+    remove_stale_scratch(Path(tempfile.gettempdir()))
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
     shared = Path(tempfile.gettempdir()) / "gradio"
     made = [p for p in (shared / "vibe_edit_history", shared) if not p.exists()]
     before = os.environ.get("GRADIO_TEMP_DIR")
