@@ -208,13 +208,15 @@ def test_one_edit_is_the_face_itself_and_inverting_deterministically_draws_it_on
 
 def test_sample_pngs_say_how_to_make_them_again(tmp_path):
     out = run("sample", "--checkpoint", "faces32", "--num", "2", "--steps", "5", "--seed", "4", "--age", "20-29",
-              "--out", str(tmp_path / "a.png"),
+              "--out", str(tmp_path / "a.png"), "--upscale", "2", "--strip", str(tmp_path / "strip.png"),
               "--no-progress")
     assert out.returncode == 0, out.stderr
     text = Image.open(tmp_path / "a.png").text
     assert "synthetic" in text["Description"] and text["ddpm-faces step"] == "9000"
+    assert Image.open(tmp_path / "strip.png").text == text                 # the strip says what made it too
     command = text["ddpm-faces command"].replace("'", "").split()[1:]
-    again = run(*command, "--out", str(tmp_path / "b.png"), "--no-progress")
+    assert command[-4:] == ["--out", "a.png", "--strip", "strip.png"] and str(tmp_path) not in " ".join(command)
+    again = run(*command[:-4], "--out", str(tmp_path / "b.png"), "--no-progress")         # the same file again
     assert again.returncode == 0, again.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 

@@ -297,3 +297,13 @@ def test_a_latent_run_pins_the_autoencoder_it_trained_on(tmp_path, face_folder, 
     cfg.train.max_steps = 12
     with pytest.raises(UserError, match="--resume: .*another autoencoder"):
         train(cfg, resume=True, progress=False)
+
+
+def test_an_export_without_its_autoencoder_names_the_missing_file(tmp_path):
+    import shutil
+    from ddpm_faces.runs import bundled
+    shipped = tmp_path / "latent128"
+    shutil.copytree(bundled("latent128"), shipped)
+    (shipped / CODEC_FILE).unlink()
+    with pytest.raises(UserError, match=f"{CODEC_FILE} is missing: this export carries"):
+        load_pipeline(shipped)

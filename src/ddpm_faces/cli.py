@@ -216,7 +216,10 @@ def _sample(args) -> None:
     progress = not args.no_progress
     checkpoint = f"--checkpoint {args.checkpoint} " if args.checkpoint else ""
     grid_by = f" --grid-by {args.grid_by}" if args.grid_by else ""
-    text = provenance(f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}", model_name(pipe.source), pipe.step)
+    layout = "".join(f" --{k} {v}" for k, v in (("nrow", args.nrow), ("upscale", args.upscale)) if v not in (None, 1))
+    command = f"ddpm-faces sample {checkpoint}{request.cli_flags()}{grid_by}{layout}"
+    text = provenance(f"{command} --out {Path(args.out).name}" + (f" --strip {Path(args.strip).name}" if args.strip
+                      else ""), model_name(pipe.source), pipe.step)
     if args.grid_by:
         rows = grid_rows(pipe, args.grid_by, request.attributes)
         # the same seeds and the same drawn attributes in every row: the attribute is the only thing that changes
@@ -232,7 +235,8 @@ def _sample(args) -> None:
     out = save_image(make_grid(images, nrow=args.nrow), args.out, upscale=args.upscale, text=text)
     print(f"wrote {len(images)} faces to {out}")
     if strip is not None:
-        print(f"wrote the denoising steps to {save_image(strip.picture(), args.strip, upscale=args.upscale)}")
+        print(f"wrote the denoising steps to "
+              f"{save_image(strip.picture(), args.strip, upscale=args.upscale, text=text)}")
     if args.save_individual:
         folder = Path(args.save_individual)
         for i, img in enumerate(images):
@@ -281,8 +285,9 @@ def _edit(args) -> None:
                                  f"--strength {args.strength:g}", "--invert" if args.invert else "",
                                  f"--mask {Path(args.mask).name}" if args.mask else "",
                                  f"--resample {args.resample}" if args.resample > 1 else "",
-                                 "--no-detect" if args.no_detect else "",
-                                 request.cli_flags()) if f)
+                                 "--no-detect" if args.no_detect else "", "--compare" if args.compare else "",
+                                 request.cli_flags(), f"--upscale {args.upscale}" if args.upscale > 1 else "",
+                                 f"--out {Path(args.out).name}") if f)
     text = provenance(f"ddpm-faces edit {flags}", model_name(pipe.source), pipe.step, note=EDITED)
     nrow = args.nrow or (len(images) if args.compare else None)          # before/after: one strip
     picture = images[0] if len(images) == 1 else make_grid(images, nrow=nrow)     # one face: no grid border

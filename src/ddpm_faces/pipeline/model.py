@@ -190,7 +190,14 @@ def load_pipeline(path: str | Path | None = None, device: str | torch.device = "
         raise UserError(f"{files.weights} does not match its config.yaml ({len(wrong)} missing or differently shaped, "
                         f"{len(set(state) - set(expected))} unexpected tensors): export the run again")
     net.load_state_dict(state)
-    codec = build_codec(cfg, files.folder / CODEC_FILE)
+    carried = files.folder / CODEC_FILE
+    try:
+        codec = build_codec(cfg, carried)
+    except UserError:
+        if codec_key is not None and not carried.is_file():      # an export that carried its autoencoder
+            raise UserError(f"{carried} is missing: this export carries the autoencoder it was trained with; copy "
+                            "the whole export folder") from None
+        raise
     if codec_key is not None and codec_key not in (tensors_key(codec, codec.ENCODING), tensors_key(codec)):
         raise UserError(f"{files.weights} was trained on another autoencoder's latents than the one it is loaded "
                         "with: use the autoencoder.safetensors exported with it")
