@@ -16,11 +16,11 @@ photos.
     serve.py     launch and serve
 """
 from .handlers import FaceApp
-from .inputs import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS
+from .inputs import MAX_GUIDANCE, MAX_IMAGES, MAX_PAGE_SEED, MAX_STEPS
 from .job import Job, Jobs, RunRecord
 from .models import ModelEntry, discover_models, model_card
 from .page import build_page
 from .serve import launch, serve
 
-__all__ = ["FaceApp", "MAX_GUIDANCE", "MAX_IMAGES", "MAX_SEED", "MAX_STEPS", "Job", "Jobs", "RunRecord",
+__all__ = ["FaceApp", "MAX_GUIDANCE", "MAX_IMAGES", "MAX_PAGE_SEED", "MAX_STEPS", "Job", "Jobs", "RunRecord",
            "ModelEntry", "discover_models", "model_card", "build_page", "launch", "serve"]

@@ -28,7 +28,7 @@ from ..hardware import resolve_precision
 from ..pipeline import (RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline,
                         stage_steps)
 from . import outputs as out
-from .inputs import (ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, check_attributes, check_choice,
+from .inputs import (ANY_CHOICE, MAX_GUIDANCE, MAX_IMAGES, MAX_PAGE_SEED, MAX_STEPS, check_attributes, check_choice,
                      check_int, check_number)
 from .edit import PhotoEditing
 from .job import Job, Jobs
@@ -127,12 +127,12 @@ class FaceApp(PhotoEditing):
                    "edit_steps": gr.update(maximum=most)}
         for name in self.attribute_names:
             values = m.vocab[name] if name in m.attributes else []
-            changes[f"attribute_{name}"] = gr.update(visible=name in m.attributes, value=ANY, choices=[ANY, *values])
+            changes[f"attribute_{name}"] = gr.update(visible=name in m.attributes, value=ANY_CHOICE, choices=[ANY_CHOICE, *values])
         return changes
 
     @staticmethod
     def random_seed() -> int:
-        return random.SystemRandom().randint(0, MAX_SEED)
+        return random.SystemRandom().randint(0, MAX_PAGE_SEED)
 
     def random_seeds(self) -> tuple[int, int]:
         return self.random_seed(), self.random_seed()
@@ -147,7 +147,7 @@ class FaceApp(PhotoEditing):
         steps = check_int(steps, "steps", 1, min(MAX_STEPS, entry.max_steps))
         num_name, fewest, seed_name = NAMES[kind]
         num = check_int(num, num_name, fewest, MAX_IMAGES)
-        seed = check_int(seed, seed_name, 0, MAX_SEED)
+        seed = check_int(seed, seed_name, 0, MAX_PAGE_SEED)
         guidance = check_number(guidance, "guidance scale", 0, MAX_GUIDANCE, " (1 = no guidance)")
         precision = check_choice(precision, SAMPLING_PRECISIONS, "precision")
         known = {a: entry.cfg.model.vocab[a] for a in entry.cfg.model.attributes}
@@ -230,7 +230,7 @@ class FaceApp(PhotoEditing):
         starting noise of two seeds, as one row."""
         entry, pipe, request = self.request(model, sampler, steps, num, seed_a, guidance, precision, attributes,
                                             kind="interpolate")
-        seed_b = check_int(seed_b, "seed B", 0, MAX_SEED)
+        seed_b = check_int(seed_b, "seed B", 0, MAX_PAGE_SEED)
         scale, nrow = out.display_scale(pipe.codec.image_size), request.num
 
         def work(callback):

@@ -21,8 +21,8 @@ from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
 MAX_IMAGES = 16
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
-MAX_SEED = 2**31 - 1             # a seed the browser's numbers hold exactly
-ANY = "any"                      # an attribute left to the model
+MAX_PAGE_SEED = 2**31 - 1        # a seed the browser's numbers hold exactly (the library takes up to 2**63 - 1)
+ANY_CHOICE = "any"               # the dropdown entry of an attribute left to the model
 QUOTE = 80                       # characters of a client's value that an error message repeats
 MAX_MESSAGE = 400                # characters of any error message sent back
 
@@ -85,13 +85,13 @@ def check_attributes(label: str, known: dict[str, list[str]], names: list[str], 
         raise UserError(f"expected at most {len(names)} attribute values ({', '.join(names) or 'none'}), got {count}")
     wanted = {}
     for name, value in zip(names, values):
-        if value in (None, "", ANY):
+        if value in (None, "", ANY_CHOICE):
             continue
         if name not in known:
             having = ", ".join(known) or "no attributes (an unconditional model)"
             raise UserError(f"{shorten(label)} is not conditioned on {name} (it knows {having}): leave {name} "
-                            f"at '{ANY}'")
-        wanted[name] = check_choice(value, [ANY, *known[name]], name)
+                            f"at '{ANY_CHOICE}'")
+        wanted[name] = check_choice(value, [ANY_CHOICE, *known[name]], name)
     return wanted
 
 

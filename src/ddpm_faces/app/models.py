@@ -15,9 +15,9 @@ from ..diffusion import sampler_spec
 from ..errors import UserError
 from ..models import count_parameters
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
-from ..runs import BUNDLED_DIR, DEFAULT_MODEL, RunFolder, bundled_folders, checkpoint_step, find_model
+from ..runs import (BUNDLED_DIR, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, RunFolder, bundled_folders, checkpoint_step,
+                    find_model)
 
-EXPORT_FILES = ("model.safetensors", "config.yaml")
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ModelEntry:
         return self.cfg.diffusion.timesteps
 
 
-def read_config(config_file: Path) -> Config:
+def read_model_config(config_file: Path) -> Config:
     """The ddpm-faces config in `config_file`, or a UserError naming the file."""
     try:
         return config_from_dict(read_yaml(config_file))
@@ -47,10 +47,10 @@ def read_config(config_file: Path) -> Config:
 def _is_diffusion_model(folder: Path) -> bool:
     """An export of a model that samples faces: its config reads as a ddpm-faces config (not, say, the attribute
     classifier's) of a denoiser, not a codec (an autoencoder only encodes and decodes)."""
-    if not all((folder / name).is_file() for name in EXPORT_FILES):
+    if not all((folder / name).is_file() for name in (WEIGHTS_FILE, CONFIG_FILE)):
         return False
     try:
-        return not read_config(folder / "config.yaml").kind.codec
+        return not read_model_config(folder / "config.yaml").kind.codec
     except UserError:
         return False
 
@@ -64,17 +64,17 @@ def _given(path: str) -> ModelEntry:
     files = find_model(path)                         # UserError for a path that holds no model
     if not files.config.is_file():
         raise UserError(f"{files.config} is missing: the model's config must sit beside its weights")
-    return ModelEntry(str(path), str(path), read_config(files.config), files.folder, str(path))
+    return ModelEntry(str(path), str(path), read_model_config(files.config), files.folder, str(path))
 
 
 def _found(runs_dir: str | Path) -> list[ModelEntry]:
-    entries = [ModelEntry(f"{folder.name} (bundled)", str(folder), read_config(folder / "config.yaml"), folder,
+    entries = [ModelEntry(f"{folder.name} (bundled)", str(folder), read_model_config(folder / "config.yaml"), folder,
                           None if folder.name == DEFAULT_MODEL else folder.name) for folder in bundled_models()]
     runs = Path(runs_dir)
     for export in sorted(runs.glob("*/export")) if runs.is_dir() else []:
         if _is_diffusion_model(export):
             label = str(export.parent) if runs.is_absolute() else f"{runs_dir}/{export.parent.name}"
-            entries.append(ModelEntry(label, str(export), read_config(export / "config.yaml"), export, label))
+            entries.append(ModelEntry(label, str(export), read_model_config(export / "config.yaml"), export, label))
     return entries
 
 

@@ -28,7 +28,7 @@ from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPL
 from . import outputs as out
 from .edit import LOST_CANVAS, MAX_LAYERS
 from .handlers import FaceApp
-from .inputs import ANY, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, one_line
+from .inputs import ANY_CHOICE, MAX_GUIDANCE, MAX_IMAGES, MAX_PAGE_SEED, MAX_STEPS, one_line
 
 DEFAULT_NUM = 4
 EDIT_HEIGHT = 360                # px: the photo and the canvas to paint on
@@ -102,7 +102,7 @@ def _controls(app: FaceApp, c: dict) -> None:
                                       "fp32; bf16 without them is many times slower", elem_id="precision")
     for name in app.attribute_names:
         values = m.vocab[name] if name in m.attributes else []
-        c[f"attribute_{name}"] = gr.Dropdown([ANY, *values], value=ANY, label=name.capitalize(),
+        c[f"attribute_{name}"] = gr.Dropdown([ANY_CHOICE, *values], value=ANY_CHOICE, label=name.capitalize(),
                                              visible=name in m.attributes, elem_id=f"attr-{name}")
     with gr.Accordion("Model card", open=True):
         c["card"] = gr.Markdown(app.card(app.default), elem_id="model-card")
@@ -114,7 +114,7 @@ def _generate_tab(c: dict, most: int) -> None:
         c["steps"] = gr.Slider(1, most, value=min(DEFAULT_STEPS, most), step=1, label="Steps", elem_id="steps")
         c["num"] = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM, step=1, label="Number of images")
     with gr.Row():
-        c["seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+        c["seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_PAGE_SEED, label="Seed")
         c["randomize"] = gr.Button("Random seed", scale=0)
     with gr.Row():
         c["run"] = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -140,8 +140,8 @@ def _interpolate_tab(c: dict, most: int) -> None:
                                            elem_id="interpolate-steps")
         c["interpolate_num"] = gr.Slider(2, MAX_IMAGES, value=8, step=1, label="Number of faces")
     with gr.Row():
-        c["seed_a"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed A")
-        c["seed_b"] = gr.Number(1, precision=0, minimum=0, maximum=MAX_SEED, label="Seed B")
+        c["seed_a"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_PAGE_SEED, label="Seed A")
+        c["seed_b"] = gr.Number(1, precision=0, minimum=0, maximum=MAX_PAGE_SEED, label="Seed B")
         c["randomize_both"] = gr.Button("Random seeds", scale=0)
     with gr.Row():
         c["interpolate_run"] = gr.Button("Interpolate", variant="primary", elem_id="interpolate")
@@ -170,7 +170,7 @@ def _edit_tab(c: dict, most: int) -> None:
                                     info="the sampler's steps below the strength's start run", elem_id="edit-steps")
         c["edit_num"] = gr.Slider(1, MAX_IMAGES, value=DEFAULT_NUM, step=1, label="Number of faces")
     with gr.Row():
-        c["edit_seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
+        c["edit_seed"] = gr.Number(0, precision=0, minimum=0, maximum=MAX_PAGE_SEED, label="Seed")
         c["edit_invert"] = gr.Checkbox(False, label="Keep the person (DDIM inversion)",
                                        info="start from the photo's inversion instead of fresh noise")
         c["edit_detect"] = gr.Checkbox(True, label="Find the face", info="off: the photo's centre square")

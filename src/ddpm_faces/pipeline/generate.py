@@ -89,7 +89,7 @@ def stage_steps(pipe: Pipeline, request: SamplingRequest, upscaling: bool = Fals
     return [request.for_stage(s).steps if s.superres else request.steps for s in stages]
 
 
-def stage_callback(run: Run, bar, callback):
+def stage_callback(run: StageRun, bar, callback):
     """The sampler's per-step callback for one stage: the progress bar and the caller's callback, with the
     current estimate decoded to images."""
     def step(i, t, x_i, x0):
@@ -99,8 +99,8 @@ def stage_callback(run: Run, bar, callback):
     return step
 
 
-def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, given_lowres: bool) -> list[Run]:
-    """One Run per stage that draws the images, first stage first (one for a plain model; with given lowres
+def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, given_lowres: bool) -> list[StageRun]:
+    """One StageRun per stage that draws the images, first stage first (one for a plain model; with given lowres
     images a super-resolution stage alone). The request's sampler settings and attributes go to stage 1; a
     super-resolution stage takes its own steps, level and guidance."""
     stages = [pipe] if given_lowres or pipe.previous is None else pipe.stages
@@ -109,7 +109,7 @@ def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise,
     runs = []
     for k, stage in enumerate(stages):                  # an edit (plan) runs on stage 1; later stages upscale it
         stage_request = request if k == 0 and not stage.superres else request.for_stage(stage)
-        runs.append(Run(stage, stage_request, plan if k == 0 else None, labels, initial_noise if k == 0 else None,
+        runs.append(StageRun(stage, stage_request, plan if k == 0 else None, labels, initial_noise if k == 0 else None,
                         stream=int(stage.superres)))
     return runs
 
@@ -133,7 +133,7 @@ def check_inputs(pipe: Pipeline, num: int, labels: torch.Tensor | None, initial_
                         "upscale, or load it with its stage 1")
 
 
-class Run:
+class StageRun:
     """One generate() call: the denoiser, the timesteps and what each batch of images starts from."""
 
     def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, stream: int = 0):
