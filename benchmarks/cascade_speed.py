@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 

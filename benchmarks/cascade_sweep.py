@@ -22,7 +22,7 @@ from ddpm_faces.data import prepare_dataset
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import target_labels
 from ddpm_faces.evaluation.reference import evaluate_images, reference_stats
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 from side_by_side import model_labels

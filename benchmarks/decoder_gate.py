@@ -23,7 +23,7 @@ from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.model_eval import evaluate_codec
 from ddpm_faces.hardware import machine_info
 from ddpm_faces.images import make_grid, save_image, to_uint8
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.pipeline import SamplingRequest, build_codec, generate, load_codec, load_pipeline, read_config
 from ddpm_faces.runs import CODEC_FILE, bundled, find_model
 

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddpm_faces.hardware import machine_info
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.framing import frame_photo, open_photo
 from ddpm_faces.pipeline import EditPlan, Pipeline, SamplingRequest, generate, load_pipeline

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.data import prepare_dataset, resolve_source
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ddpm_faces.data import prepare_dataset
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.reference import evaluate_images, reference_stats, spread
 from ddpm_faces.hardware import machine_info, resolve_precision

@@ -112,7 +112,7 @@ def test_latent_codec_normalises_with_its_statistics():
 def test_latent_cache_holds_both_flips_is_keyed_and_rebuilt_when_damaged(tmp_path, face_folder):
     from ddpm_faces.data import prepare_dataset
     from ddpm_faces.data.latents import LatentLoader, encode_latents
-    from ddpm_faces.data.loader import to_model_range
+    from ddpm_faces.images import to_model_range
 
     data = prepare_dataset(str(face_folder), 16, cache_dir=tmp_path, progress=False)
     torch.manual_seed(0)

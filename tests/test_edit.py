@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import draw_face
 from ddpm_faces.app.models import bundled_models
-from ddpm_faces.data.loader import to_model_range
+from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.reconstruction import psnr
 from ddpm_faces.images import to_uint8

@@ -249,7 +249,7 @@ def _edit(args) -> None:
     import numpy as np
     import torch
 
-    from .data.loader import to_model_range
+    from .images import to_model_range
     from .evaluation.attributes import keep_photo_attributes
     from .evaluation.framing import frame_photo, open_photo
     from .images import EDITED, enlarge, make_grid, provenance, save_image
@@ -301,7 +301,7 @@ def _upscale(args) -> None:
     import numpy as np
     import torch
 
-    from .data.loader import to_model_range
+    from .images import to_model_range
     from .evaluation.framing import frame_photo, open_photo
     from .images import UPSCALED, enlarge, make_grid, provenance, save_image
     from .pipeline import SamplingRequest, generate, load_pipeline

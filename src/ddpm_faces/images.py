@@ -13,6 +13,11 @@ from .errors import UserError
 from .io import atomic_file
 
 
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]: what the models take (to_uint8 is the inverse)."""
+    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..data.loader import to_model_range
+from ..images import to_model_range
 from ..errors import UserError
 from ..evaluation.faces import INSTALL_HINT, load_detector
 from ..evaluation.attributes import keep_photo_attributes

@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..images import resize_images
+from ..images import resize_images, to_model_range
 from ..io import atomic_folder
-from .loader import BatchLoader, to_model_range
+from .loader import BatchLoader
 from .prepare import PreparedData, cache_root, check_space, raise_for_cache, reserved_memmap
 
 LATENTS_FILE, META_FILE = "latents.npy", "meta.json"

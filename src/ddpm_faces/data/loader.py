@@ -11,11 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-
-
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
-    return images_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+from ..images import to_model_range
 
 
 def random_resized_crop(x: torch.Tensor, rng: np.random.Generator, scale: float = 1.1) -> torch.Tensor:
