@@ -406,7 +406,7 @@ def main() -> None:
     p.add_argument("--num", type=int, default=200, help="val faces (default 200)")
     p.add_argument("--strengths", type=float, nargs="+", default=list(STRENGTHS))
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"sampler steps at strength 1 (default {DEFAULT_STEPS}; edit uses 20)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--precision", default="auto", choices=SAMPLING_PRECISIONS)
     p.add_argument("--seed", type=int, default=0)
