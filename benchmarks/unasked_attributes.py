@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--precision", default="auto")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only at timesteps LO..HI (every guided setting)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,13 +63,16 @@ def main() -> None:
         for setting in args.settings:
             unasked, guidance = setting.split(":")
             request = SamplingRequest(num=args.num, seed=args.seed, unasked=unasked, guidance=float(guidance),
-                                      precision=args.precision)
+                                      precision=args.precision,
+                                      guidance_interval=tuple(args.guidance_interval) if args.guidance_interval
+                                      else None)
             start = time.perf_counter()
             images = generate(pipe, request, progress=True)
             sampling = time.perf_counter() - start
             metrics = evaluate_images(enlarge(images, args.resolution), real, extractor=extractor,
                                       with_face_rate=True, progress=False)
             row = {"model": source, "unasked": unasked, "guidance": float(guidance),
+                   "guidance_interval": request.guidance_interval,
                    "request": request.cli_flags(),
                    **{k: metrics[k] for k in ("fid", "kid_mean", "precision", "recall", "face_rate", "num_fake")},
                    "seconds_4_faces_1_thread": round(time_four(pipe, request), 3),

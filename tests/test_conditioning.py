@@ -249,3 +249,15 @@ def test_sampling_draws_unasked_attributes_per_image_and_reproducibly(tmp_path):
     cfg.model.label_counts = [1, 2, 3]
     with pytest.raises(UserError, match="invalid model.label_counts: 6 counts"):
         config_from_dict(cfg.to_dict())
+
+
+def test_guidance_applies_in_the_default_band_unless_an_interval_is_given():
+    from ddpm_faces.pipeline.request import GUIDANCE_BAND
+    pipe = load_pipeline("faces32")
+    lo, hi = SamplingRequest().interval_for(pipe.schedule.T)
+    assert (lo, hi) == (GUIDANCE_BAND[0] * 999, GUIDANCE_BAND[1] * 999)
+    request = SamplingRequest(num=1, steps=8, attributes={"age": "60-69"}, unasked="model")
+    band = generate(pipe, request, progress=False)
+    assert (generate(pipe, request.replace(guidance_interval=(lo, hi)), progress=False) == band).all()
+    every = generate(pipe, request.replace(guidance_interval=(0.0, 999.0)), progress=False)
+    assert (every != band).any()                         # the steps outside the band are guided only there

@@ -17,9 +17,10 @@ from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 # (measured: at most 1 level, in 0.01% of the values, between AVX2 and AVX-512 on one AMD EPYC). Any change
 # to the sampler, the schedule or the network moves far more than that.
 REFERENCE = Path(__file__).parent / "data" / "faces32-fp32-reference.npz"
-PINNED = {         # with the defaults of their time: the unasked attributes left to the model, guidance 1
+PINNED = {         # with the defaults of their time: unasked attributes left to the model, guidance 1, every step
     "dpmpp-2m": dict(sampler="dpmpp-2m", steps=20, guidance=1.0, unasked="model"),
-    "ddpm-guided": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0, unasked="model"),
+    "ddpm-guided": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0, unasked="model",
+                        guidance_interval=(0.0, 999.0)),                  # every step
     "ddim-eta": dict(sampler="ddim", steps=10, eta=0.5, seed=7, guidance=1.0, unasked="model"),
     "heun-interval": dict(sampler="heun", steps=6, attributes={"age": "60-69"}, guidance=2.0,
                           guidance_interval=(100.0, 900.0), unasked="model"),

@@ -150,7 +150,7 @@ class StageRun:
     def denoiser_for(self, net) -> Denoiser:
         request = self.request
         return Denoiser(net, self.pipe.schedule, self.pipe.cfg.diffusion.prediction, request.guidance,
-                        request.guidance_interval)
+                        request.interval_for(self.pipe.schedule.T))
 
     def images(self, start: int, first_index: int, callback, lowres: torch.Tensor | None = None) -> torch.Tensor:
         """Images start .. start + batch_size (at most up to first_index + num), decoded, in [-1, 1]; a

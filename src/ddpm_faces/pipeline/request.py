@@ -20,6 +20,10 @@ from .runtime import KINDS as RUNTIMES
 
 SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: the network's; the sampler stays fp32
 MAX_SEED = 2**63 - 1
+# Guidance only in the middle of the noise levels (Kynkaenniemi et al. 2024, https://arxiv.org/abs/2404.07724):
+# timesteps 0.2 (T-1) .. 0.96 (T-1). On cascade128 (500 faces, 8 steps, guidance 3) FID 52.2 against 52.4 for
+# guiding every step, for 22 % less time (README, benchmarks/unasked_attributes.py --guidance-interval).
+GUIDANCE_BAND = (0.2, 0.96)
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
 UNASKED = ("data", "photo", "model")             # attributes not asked for: drawn from the data, an edited photo's own
 #                                                  (evaluation.attributes.keep_photo_attributes), or left to the model
@@ -43,7 +47,8 @@ class SamplingRequest:
     eta: float = 0.0                             # DDIM only: 0 deterministic, 1 like DDPM
     guidance: float = 3.0                        # classifier-free guidance scale w; 1 = plain conditional. 3: with the
     #                                              unasked attributes drawn from the data, the lowest FID (README)
-    guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi
+    guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi; None: the
+    #                                              GUIDANCE_BAND of the model's timesteps (0 T-1: every step)
     precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
     runtime: str = "plain"                       # plain (PyTorch) | onnx (ONNX Runtime, fp32 on the CPU: pipeline/runtime.py)
     attributes: dict[str, str] = field(default_factory=dict)   # conditional models: name -> value
@@ -76,6 +81,12 @@ class SamplingRequest:
     def sampler_options(self) -> dict:
         """The keyword options this sampler takes (e.g. DDIM's eta)."""
         return {name: getattr(self, name) for name in self.spec.options}
+
+    def interval_for(self, timesteps: int) -> tuple[float, float]:
+        """The timesteps lo..hi where guidance applies on a model with `timesteps` steps."""
+        if self.guidance_interval is not None:
+            return tuple(self.guidance_interval)
+        return GUIDANCE_BAND[0] * (timesteps - 1), GUIDANCE_BAND[1] * (timesteps - 1)
 
     def replace(self, **changes) -> SamplingRequest:
         return dataclasses.replace(self, **changes)
