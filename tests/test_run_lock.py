@@ -121,3 +121,14 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch, ca
     with RunLock(RunFolder(tmp_path)) as lock:
         assert not lock.held
     assert "no file locks" in caplog.text
+
+
+def test_a_train_that_fails_before_writing_leaves_no_run_folder(tmp_path):
+    """A failed `train` (here: data that does not exist) takes the lock, then gives it back with its folder."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "ddpm_faces", "train", "--data", str(tmp_path / "no-such-data"),
+                          "--set", f"train.out_dir={tmp_path / 'runs'}", "--set", "name=failed"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "runs" / "failed").exists()

@@ -65,6 +65,14 @@ def describe_holder(path: Path) -> str:
     return f"process {pid} ({shown})" if shown else f"process {pid}"
 
 
+def _same_file(handle, path: Path) -> bool:
+    """Whether the open lock file is still the one at `path` (its last holder may have removed it)."""
+    try:
+        return os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
+
+
 class RunLock:
     """Held from `acquire` (or `with`) to `release`, or until the object is garbage collected (its open file is
     the lock); `acquire` raises UserError when another process holds it."""
@@ -76,21 +84,27 @@ class RunLock:
     def acquire(self) -> RunLock:
         """Take the lock without waiting (creating the run folder if needed): UserError naming the holder if it is
         taken."""
-        self.run.root.mkdir(parents=True, exist_ok=True)
-        # unbuffered "a+b": the holder's record stays until we hold it, and a failed write leaves nothing pending
-        handle = open(self.path, "a+b", buffering=0)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(10):                       # a lock file removed by its last holder meanwhile: open it anew
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            # unbuffered "a+b": the holder's record stays until we hold it, and a failed write leaves nothing pending
+            handle = open(self.path, "a+b", buffering=0)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise self.taken() from None
+            except OSError as err:
+                handle.close()
+                if err.errno not in NO_LOCKS:
+                    raise
+                log.warning("the file system of %s has no file locks: nothing stops a second trainer on this run",
+                            self.run.root)
+                return self
+            if _same_file(handle, self.path):
+                break
             handle.close()
-            raise self.taken() from None
-        except OSError as err:
-            handle.close()
-            if err.errno not in NO_LOCKS:
-                raise
-            log.warning("the file system of %s has no file locks: nothing stops a second trainer on this run",
-                        self.run.root)
-            return self
+        else:
+            raise UserError(f"{self.path} keeps being replaced by other processes: train another run name")
         self.file = handle
         try:
             self.record(holder_record())
@@ -111,11 +125,16 @@ class RunLock:
         self.file.write(text.encode())
 
     def release(self) -> None:
-        """Clear the record and drop the lock (closing the file drops it)."""
+        """Clear the record and drop the lock (closing the file drops it). A run folder that holds nothing but the
+        lock (a `train` that failed before writing anything) is removed with it, so failed commands leave no
+        folders behind."""
         if self.file is None:
             return
         try:
             self.record("")
+            if self.run.root.is_dir() and [p.name for p in self.run.root.iterdir()] == [self.path.name]:
+                self.path.unlink()                # still held: a waiting acquire sees the file gone and retries
+                self.run.root.rmdir()
         except OSError:
             pass                                  # a full disk cannot stop the release
         self.file.close()
