@@ -106,13 +106,19 @@ def test_encode_attributes_by_name_case_insensitive_and_errors_list_the_values()
         encode_attributes(VOCAB, ["age", "gender"], {"race": "Black"}, 1)
 
 
-def test_vocabularies_survive_export_and_load_and_sampling_follows_them(tmp_path):
-    net = conditional_unet()
+def conditional_config():
+    """The config of conditional_unet(), vocabularies filled in as training would."""
     cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
                                      "model.channel_mults=[1,2]", "model.blocks_per_level=1",
                                      "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
                                      "model.dropout=0.0", "model.attributes=[age,gender]"])
     cfg.model.vocab = VOCAB
+    return cfg
+
+
+def test_vocabularies_survive_export_and_load_and_sampling_follows_them(tmp_path):
+    net = conditional_unet()
+    cfg = conditional_config()
     export_model(net, cfg, tmp_path / "export")
     pipe = load_pipeline(tmp_path / "export")
     assert pipe.cfg.model.vocab == VOCAB and pipe.cfg.model.attributes == ["age", "gender"]
@@ -222,11 +228,7 @@ def test_unasked_attributes_follow_the_data_given_the_asked_ones():
 
 def test_sampling_draws_unasked_attributes_per_image_and_reproducibly(tmp_path):
     net = conditional_unet()
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
-                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
-                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
-                                     "model.dropout=0.0", "model.attributes=[age,gender]"])
-    cfg.model.vocab = VOCAB
+    cfg = conditional_config()
     cfg.model.label_counts = [5, 0, 0, 5, 5, 5]
     export_model(net, cfg, tmp_path / "export")
     pipe = load_pipeline(tmp_path / "export")

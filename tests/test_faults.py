@@ -129,15 +129,21 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_pat
     assert same(final_weights(tmp_path), uninterrupted)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_path, face_folder, uninterrupted):
-    """SIGTERM is how Slurm, Kubernetes and docker stop end a job: treated like Ctrl-C."""
+def stopped_by(sig: int, tmp_path: Path, face_folder: Path):
+    """A real training process sent `sig` once its step-4 checkpoint exists: (process, stdout, stderr, run)."""
     run = tmp_path / "runs" / "tiny"
     sets = sum((["--set", o] for o in overrides(tmp_path, face_folder)), [])
     proc = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "train", "--no-progress", *sets], text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     wait_for(lambda: (run / "checkpoints" / "step-4").is_dir(), proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
+    return proc, out, err, run
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_matches(tmp_path, face_folder, uninterrupted):
+    """SIGTERM is how Slurm, Kubernetes and docker stop end a job: treated like Ctrl-C."""
+    proc, out, err, run = stopped_by(signal.SIGTERM, tmp_path, face_folder)
     assert proc.returncode == 0, err[-2000:]
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err
     assert f"Continue with: ddpm-faces train --config {run} --resume" in out
@@ -292,12 +298,6 @@ def test_a_closed_output_pipe_does_not_end_training(tmp_path, face_folder):
 
 def test_sighup_saves_a_checkpoint_and_exits_cleanly(tmp_path, face_folder):
     """A closed terminal (SIGHUP) stops the run like SIGTERM: a checkpoint, then exit 0."""
-    run = tmp_path / "runs" / "tiny"
-    sets = sum((["--set", o] for o in overrides(tmp_path, face_folder)), [])
-    proc = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "train", "--no-progress", *sets], text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: (run / "checkpoints" / "step-4").is_dir(), proc)
-    proc.send_signal(signal.SIGHUP)
-    out, err = proc.communicate(timeout=120)
+    proc, out, err, run = stopped_by(signal.SIGHUP, tmp_path, face_folder)
     assert proc.returncode == 0 and "interrupted (SIGHUP)" in err and "Traceback" not in err, err[-2000:]
     assert 4 <= int(list_checkpoints(run)[-1].name.split("-")[1]) < STEPS

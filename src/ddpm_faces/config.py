@@ -129,19 +129,15 @@ class LowResConfig:
 class TaskKind:
     """What a kind of model is, for every layer that must tell the kinds apart: what it trains, what its export
     records and how it is used. A model is a chain of stages (docs/architecture.md): codecs, then denoisers."""
-    name: str
     codec: bool                               # a first stage: it encodes and decodes images (no denoiser)
     records: tuple[str, ...]                  # config sections its export records and a loader checks
-    summary: str
 
 
 TASK_KINDS = {
-    "diffusion": TaskKind("diffusion", codec=False, records=("model", "diffusion"),
-                          summary="a denoiser on pixels or on a codec's latents (optionally a super-resolution stage "
-                                  "conditioned on a lower-resolution image); it samples faces"),
-    "autoencoder": TaskKind("autoencoder", codec=True, records=("autoencoder",),
-                            summary="a codec: the first stage of latent diffusion; it encodes and decodes, and is "
-                                    "evaluated by its reconstructions"),
+    # a denoiser on pixels or on a codec's latents (optionally a super-resolution stage): it samples faces
+    "diffusion": TaskKind(codec=False, records=("model", "diffusion")),
+    # a codec, the first stage of latent diffusion: it encodes and decodes, evaluated by its reconstructions
+    "autoencoder": TaskKind(codec=True, records=("autoencoder",)),
 }
 TASKS = tuple(TASK_KINDS)
 
@@ -505,9 +501,8 @@ def derive_shapes(raw: dict) -> dict:
     model = dict(raw.get("model") or {})
     try:
         if (raw.get("codec") or {}).get("autoencoder"):
-            ae = {**dataclasses.asdict(AutoencoderConfig()), **(raw.get("autoencoder") or {})}
-            shape = {"resolution": int(ae["resolution"]) // 2 ** (len(ae["channels"]) - 1),
-                     "in_channels": int(ae["latent_channels"])}
+            ae = AutoencoderConfig(**(raw.get("autoencoder") or {}))
+            shape = {"resolution": int(ae.latent_size), "in_channels": int(ae.latent_channels)}
         else:
             shape = {"resolution": int((raw.get("data") or {}).get("resolution", DataConfig().resolution)),
                      "in_channels": 3}

@@ -73,9 +73,10 @@ def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Te
                         "data": data.root.name, "sum": digest(out)}
                 del out
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            latents = np.load(folder / LATENTS_FILE, mmap_mode="r", allow_pickle=False)   # summed just above
     except OSError as error:
         raise_for_cache(folder.parent, error)
-    return open_latents(folder, data, key)
+    return LatentData(folder, latents, data)
 
 
 @contextmanager

@@ -111,14 +111,8 @@ def crop_square(photo: Image.Image, box: tuple[int, int, int, int]) -> Image.Ima
     pad = max(0, -left, -top, right - width, bottom - height)
     if not pad:
         return photo.crop(box)
-    pixels = np.asarray(photo)
-    while pad:                                   # reflection reaches at most the photo's size per round
-        step = min(pad, width - 1, height - 1) if min(width, height) > 1 else pad
-        mode = "reflect" if min(width, height) > 1 else "edge"
-        pixels = np.pad(pixels, ((step, step), (step, step), (0, 0)), mode=mode)
-        left, top, right, bottom = left + step, top + step, right + step, bottom + step
-        width, height, pad = width + 2 * step, height + 2 * step, pad - step
-    return Image.fromarray(pixels).crop((left, top, right, bottom))
+    pixels = np.pad(np.asarray(photo), ((pad, pad), (pad, pad), (0, 0)), mode="reflect")   # repeats as needed
+    return Image.fromarray(pixels).crop((left + pad, top + pad, right + pad, bottom + pad))
 
 
 def _crop_box(face, photo_size) -> tuple[int, int, int, int]:

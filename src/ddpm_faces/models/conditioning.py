@@ -86,22 +86,10 @@ def draw_unasked(counts: list[int], vocab_sizes: list[int], asked: torch.Tensor,
     the combinations that agree with the asked values, i.e. from the data's distribution given what was asked.
     Where no counted combination agrees, the unasked attributes stay UNSPECIFIED."""
     table = torch.tensor(counts, dtype=torch.float64).reshape(vocab_sizes)
-    for i, value in enumerate(asked.tolist()):
-        if value != UNSPECIFIED:
-            keep = torch.zeros(vocab_sizes[i], dtype=torch.bool)
-            keep[value] = True
-            shape = [1] * len(vocab_sizes)
-            shape[i] = vocab_sizes[i]
-            table = table * keep.reshape(shape)
-    weights = table.flatten()
+    agrees = torch.zeros_like(table, dtype=torch.bool)
+    agrees[tuple(slice(None) if v == UNSPECIFIED else v for v in asked.tolist())] = True
+    weights = (table * agrees).flatten()
     if float(weights.sum()) <= 0:
         return asked.long().reshape(1, -1).repeat(len(generators), 1)
-    rows = []
-    for g in generators:
-        flat = int(torch.multinomial(weights, 1, generator=g))
-        row = []
-        for size in reversed(vocab_sizes):
-            flat, value = divmod(flat, size)
-            row.append(value)
-        rows.append(row[::-1])
-    return torch.tensor(rows, dtype=torch.long).reshape(len(generators), len(vocab_sizes))
+    flat = torch.cat([torch.multinomial(weights, 1, generator=g) for g in generators])
+    return torch.stack(torch.unravel_index(flat, tuple(vocab_sizes)), 1).long()

@@ -116,9 +116,10 @@ def export_model(model: torch.nn.Module, cfg: Config, out_dir: Path, dtype: torc
     if out_dir.exists() and (not out_dir.is_dir() or {p.name for p in out_dir.iterdir()} - EXPORT_FILES):
         raise UserError(f"{out_dir} exists and holds other files: export into a new or empty folder")
     metadata = weights_metadata(cfg, step)
-    carries_codec = codec_key(codec) is not None
+    key = codec_key(codec)                     # the latents' identity: a new decoder keeps it
+    carries_codec = key is not None
     if carries_codec:
-        metadata["codec"] = codec_key(codec)
+        metadata["codec"] = key
     with atomic_folder(out_dir) as tmp:
         save_file(state_tensors(model, dtype), tmp / WEIGHTS_FILE, metadata=metadata)
         if carries_codec:

@@ -145,6 +145,10 @@ class Run:
         """Other networks trained beside the model, saved in its checkpoints: name -> (network, optimizer)."""
         return {}
 
+    def trained_on(self) -> str | None:
+        """The key of the latents the model trains on, recorded in its checkpoints (None: pixels, or a codec)."""
+        return None
+
     # ---- helpers ---------------------------------------------------------------------------------------------
 
     def zeros(self) -> torch.Tensor:
@@ -281,7 +285,7 @@ class Run:
     def save_state(self, rng: dict) -> None:
         """The checkpoint and the export of this step (main process)."""
         state = {"data": self.loader.state_dict(), "best": self.stopper.best, "bad_evals": self.stopper.bad}
-        key = codec_key(getattr(getattr(self, "averaged", None), "codec", None))    # the latents it trained on
+        key = self.trained_on()
         save_checkpoint(self.folder, self.step, model=self.raw_model, ema=self.ema,
                         optimizer=self.trainees.optimizer.optimizer, scheduler=self.trainees.scheduler,
                         state={**state, **({"codec": key} if key else {})}, rng=rng, scaler=self.acc.scaler,
@@ -382,6 +386,9 @@ class DiffusionRun(Run):
         if tc.best_metric == "fid":
             fid = self.acc.gather(torch.tensor([metrics["fid"] if self.main else 0.0], device=self.acc.device))
             self.track_best(f"FID ({tc.fid_images} samples)", fid[0].item())
+
+    def trained_on(self) -> str | None:
+        return codec_key(self.averaged.codec)
 
     def export(self, folder: Path) -> None:
         """The EMA weights (with the codec they were trained through) as an export in `folder`."""
