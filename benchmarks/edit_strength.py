@@ -52,6 +52,7 @@ from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier
 from ddpm_faces.evaluation.faces import face_rate
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
+from ddpm_faces.diffusion import DEFAULT_EDIT_STEPS
 from ddpm_faces.pipeline.edit import DEFAULT_STRENGTH
 from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, SamplingRequest,
                                  generate, load_pipeline)
@@ -398,6 +399,49 @@ def pictures(pipe, data, names, base: SamplingRequest, args) -> None:
           f"asked for its own {own}")
 
 
+OLD_AGE, YOUNG_AGE = "60-69", "20-29"
+
+
+def faces_picture(args) -> None:
+    """--faces-picture PATH: --picture-faces faces that --picture-checkpoint (default cascade128, edit's default)
+    draws itself, one per row: the face, then --strengths without and with --invert, each edit made as
+    `ddpm-faces edit --age A` makes it (A = 60-69 for a face read as younger than 40, else 20-29; the other
+    attributes the photo's own as the classifier reads them; edit's default 20 steps and guidance 3)."""
+    from ddpm_faces.evaluation.attributes import keep_photo_attributes, read_attributes
+    from ddpm_faces.evaluation.framing import frame_photo
+    from PIL import Image
+
+    pipe = load_pipeline(args.picture_checkpoint)
+    first = pipe.stages[0]                          # a cascade edits at its stage 1 and upscales the edit
+    clf = load_classifier(args.classifier)
+    vocab = first.cfg.model.vocab
+    drawn = generate(pipe, SamplingRequest(num=args.picture_faces, seed=args.synthetic_seed, guidance=3.0),
+                     progress=False)
+    base = SamplingRequest(num=1, seed=args.seed, steps=args.edit_steps, guidance=3.0, precision=args.precision,
+                           unasked="photo")
+    tiles, lines = [], []
+    for i, face in enumerate(drawn):
+        small = frame_photo(Image.fromarray(face), first.codec.image_size, detect=False).image
+        read = read_attributes(clf, small, vocab)
+        age = OLD_AGE if vocab["age"].index(read.get("age", YOUNG_AGE)) < vocab["age"].index("40-49") else YOUNG_AGE
+        request, kept = keep_photo_attributes(base.replace(attributes={"age": age}), vocab, small, clf)
+        photo = to_model_range(torch.from_numpy(small.copy())[None])
+        row = [face]
+        for invert in (False, True):
+            for s in args.strengths:
+                plan = EditPlan(first, photo, strength=s, invert=invert, seed=request.seed)
+                row.append(generate(pipe, request, plan=plan, first_index=i, progress=False)[0])
+        tiles.extend(row)
+        lines.append(f"face {i}: read {read}, asked age {age}")
+    text = provenance(f"python benchmarks/edit_strength.py --faces-picture {Path(args.faces_picture).name} "
+                      f"--picture-faces {args.picture_faces} --synthetic-seed {args.synthetic_seed} --strengths "
+                      + " ".join(f"{s:g}" for s in args.strengths), str(pipe.source), pipe.step,
+                      note=f"{EDITED}; photos: faces the model drew (seed {args.synthetic_seed})")
+    path = save_image(make_grid(np.stack(tiles), nrow=1 + 2 * len(args.strengths)), args.faces_picture, text=text)
+    print(f"wrote {path}: per row the drawn face, then strengths {', '.join(f'{s:g}' for s in args.strengths)} "
+          "noised, then the same inverted\n" + "\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="faces32", help="the model: a run, export or checkpoint (default: the bundled 32 px model, which a cascade edits with)")
@@ -424,7 +468,15 @@ def main() -> None:
                    help=f"strength of edit-ages.png (default {DEFAULT_STRENGTH}, edit's)")
     p.add_argument("--inpaint-strength", type=float, default=1.0, help="strength of edit-inpaint.png (default 1)")
     p.add_argument("--markdown", action="store_true", help="also print the table in Markdown (for the README)")
+    p.add_argument("--faces-picture", help="only draw this picture (see faces_picture) and stop")
+    p.add_argument("--picture-checkpoint", default="cascade128", help="the model of --faces-picture")
+    p.add_argument("--picture-faces", type=int, default=6)
+    p.add_argument("--edit-steps", type=int, default=DEFAULT_EDIT_STEPS, help="steps of --faces-picture's edits")
     args = p.parse_args()
+    if args.faces_picture:
+        torch.set_num_threads(args.threads)
+        faces_picture(args)
+        return
     if args.plot:
         try:
             import matplotlib  # noqa: F401
