@@ -167,11 +167,11 @@ def seam_rows(pipe, clf, photos, vocab, args, out, result) -> None:
 
 def edit_one_resampled(pipe, image, request, *, resample: int, strength: float, invert: bool, index: int, mask):
     from ddpm_faces.images import to_model_range
-    from ddpm_faces.pipeline import EditPlan, generate
+    from ddpm_faces.pipeline import EditPlan, EditRequest, generate
 
     photo = to_model_range(torch.from_numpy(np.array(image, dtype=np.uint8))[None])
-    plan = EditPlan(pipe, photo, strength=strength, mask=torch.from_numpy(mask)[None, None], invert=invert,
-                    seed=request.seed, resample=resample)
+    edit = EditRequest(strength=strength, mask=torch.from_numpy(mask)[None, None], invert=invert, resample=resample)
+    plan = EditPlan(pipe, photo, edit, seed=request.seed)
     return generate(pipe, request, plan=plan, first_index=index, progress=False)
 
 

@@ -28,7 +28,7 @@ from ddpm_faces.hardware import machine_info
 from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.framing import frame_photo, open_photo
-from ddpm_faces.pipeline import EditPlan, Pipeline, SamplingRequest, generate, load_pipeline
+from ddpm_faces.pipeline import EditPlan, EditRequest, Pipeline, SamplingRequest, generate, load_pipeline
 
 SAMPLE_PHOTOS = Path("../shared/data/fairface-sample/train")
 BUDGETS = {"pixel": 1.0, "latent": 2.0}          # seconds per edit, from the issue
@@ -73,7 +73,7 @@ def one_edit(pipe: Pipeline, source: Path | None, request: SamplingRequest, stre
     framed = frame_photo(photo, pipe.codec.image_size, detect=source is not None)
     framed_at = time.perf_counter()
     x = to_model_range(torch.from_numpy(framed.image.copy())[None])
-    plan = EditPlan(pipe, x, strength=strength, invert=invert, seed=request.seed)
+    plan = EditPlan(pipe, x, EditRequest(strength=strength, invert=invert), seed=request.seed)
     image = generate(pipe, request, plan=plan, progress=False)
     end = time.perf_counter()
     assert image.shape[0] == 1

@@ -53,8 +53,8 @@ from ddpm_faces.evaluation.attributes import load_classifier
 from ddpm_faces.evaluation.faces import face_rate
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
 from ddpm_faces.diffusion import DEFAULT_EDIT_STEPS
-from ddpm_faces.pipeline.edit import DEFAULT_STRENGTH
-from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, SamplingRequest,
+from ddpm_faces.pipeline import DEFAULT_STRENGTH
+from ddpm_faces.pipeline import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, EditPlan, EditRequest, SamplingRequest,
                                  generate, load_pipeline)
 
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -156,7 +156,7 @@ def edit_one(pipe, image: np.ndarray, request: SamplingRequest, *, strength: flo
     """`request.num` edits of one (H, W, 3) uint8 photo, noise from images index.. of request.seed."""
     photo = to_model_range(torch.from_numpy(np.array(image, dtype=np.uint8))[None])
     m = None if mask is None else torch.from_numpy(mask)[None, None]
-    plan = EditPlan(pipe, photo, strength=strength, mask=m, invert=invert, seed=request.seed)
+    plan = EditPlan(pipe, photo, EditRequest(strength=strength, mask=m, invert=invert), seed=request.seed)
     return generate(pipe, request, plan=plan, first_index=index, progress=False)
 
 
@@ -429,7 +429,7 @@ def faces_picture(args) -> None:
         row = [face]
         for invert in (False, True):
             for s in args.strengths:
-                plan = EditPlan(first, photo, strength=s, invert=invert, seed=request.seed)
+                plan = EditPlan(first, photo, EditRequest(strength=s, invert=invert), seed=request.seed)
                 row.append(generate(pipe, request, plan=plan, first_index=i, progress=False)[0])
         tiles.extend(row)
         lines.append(f"face {i}: read {read}, asked age {age}")

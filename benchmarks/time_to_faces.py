@@ -30,7 +30,7 @@ import torch
 from ddpm_faces.images import to_model_range
 from ddpm_faces.evaluation.framing import frame_photo
 from ddpm_faces.hardware import bf16_native, cpu_label, machine_info, resolve_precision
-from ddpm_faces.pipeline import DEFAULT_EDIT_STEPS, EditPlan, SamplingRequest, fast_net, generate, load_pipeline
+from ddpm_faces.pipeline import DEFAULT_EDIT_STEPS, EditPlan, EditRequest, SamplingRequest, fast_net, generate, load_pipeline
 
 from edit_speed import ASK, drawn_face
 
@@ -88,7 +88,7 @@ def edit_seconds(pipe, repeats: int) -> float:
     def edit():
         framed = frame_photo(drawn_face(), pipe.codec.image_size, detect=False)
         x = to_model_range(torch.from_numpy(framed.image.copy())[None])
-        generate(pipe, request, plan=EditPlan(pipe, x, strength=0.6, seed=0), progress=False)
+        generate(pipe, request, plan=EditPlan(pipe, x, EditRequest(strength=0.6), seed=0), progress=False)
     return median_seconds(edit, repeats)
 
 

@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slow          # a real Chromium against a real server: `make test-fast` leaves it out
 
-from ddpm_faces.pipeline.edit import DEFAULT_STRENGTH
+from ddpm_faces.pipeline import DEFAULT_STRENGTH
 
 CHROMIUM = "/usr/bin/chromium"
 DRIVER = "/usr/bin/chromedriver"

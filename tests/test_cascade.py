@@ -213,14 +213,14 @@ def test_weights_from_before_a_setting_existed_load_only_at_its_default(stages, 
 
 def test_a_cascade_edits_at_its_stage_one_and_upscales_the_edit(stages, tmp_path):
     """The edit (a plan on stage 1) is what stage 1 alone makes of the photo; stage 2 upscales exactly that."""
-    from ddpm_faces.pipeline import EditPlan
+    from ddpm_faces.pipeline import EditPlan, EditRequest
 
     cascade = load_pipeline(stages["sr"])
     first = cascade.stages[0]
     photo = torch.rand(1, 3, 8, 8) * 2 - 1
     request = SamplingRequest(num=2, seed=3, steps=6, precision="fp32")
-    edited = generate(cascade, request, plan=EditPlan(first, photo, strength=0.5), progress=False)
-    small = generate(first, request, plan=EditPlan(first, photo, strength=0.5), progress=False)
+    edited = generate(cascade, request, plan=EditPlan(first, photo, EditRequest(strength=0.5)), progress=False)
+    small = generate(first, request, plan=EditPlan(first, photo, EditRequest(strength=0.5)), progress=False)
     upscaled = generate(load_pipeline(stages["sr"], stage1=False), request,
                         lowres=torch.from_numpy(small).permute(0, 3, 1, 2).float() / 127.5 - 1, progress=False)
     assert edited.shape == (2, 16, 16, 3) and np.abs(edited.astype(int) - upscaled.astype(int)).max() <= 1

@@ -17,7 +17,7 @@ from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.reconstruction import psnr
 from ddpm_faces.images import to_uint8
-from ddpm_faces.pipeline import EditPlan, SamplingRequest, generate, load_pipeline
+from ddpm_faces.pipeline import DEFAULT_STRENGTH, EditPlan, EditRequest, SamplingRequest, generate, load_pipeline
 
 
 # the diffusion models among the weights that edit by themselves; a cascade edits at its stage 1 (bundled too,
@@ -60,7 +60,7 @@ def run(*args):
 def test_strength_zero_gives_the_photo_back_up_to_the_codec(each_bundled):
     pipe = each_bundled
     image, x = face_photo(pipe.codec.image_size)
-    out = generate(pipe, SamplingRequest(num=2, steps=10), plan=EditPlan(pipe, x, strength=0.0), progress=False)
+    out = generate(pipe, SamplingRequest(num=2, steps=10), plan=EditPlan(pipe, x, EditRequest(strength=0.0)), progress=False)
     with torch.inference_mode():
         round_trip = to_uint8(pipe.codec.decode(pipe.codec.encode(x)))
     # the decoder's float rounding may differ between a batch of 2 and of 1 (at most one level of 255)
@@ -72,7 +72,7 @@ def test_strength_zero_gives_the_photo_back_up_to_the_codec(each_bundled):
 def test_strength_moves_the_result_away_from_the_photo(bundled, photo):
     image, x = photo
     request = SamplingRequest(num=4, steps=20, sampler="ddim")
-    close = [psnr(np.repeat(image[None], 4, 0), generate(bundled, request, plan=EditPlan(bundled, x, strength=s),
+    close = [psnr(np.repeat(image[None], 4, 0), generate(bundled, request, plan=EditPlan(bundled, x, EditRequest(strength=s)),
                                                          progress=False)).mean() for s in (0.2, 0.6, 1.0)]
     assert close[0] > close[1] > close[2]
 
@@ -102,7 +102,7 @@ def test_two_photos_stay_apart_until_strength_one(bundled):
     gap = {}
     for strength in (0.8, 0.9, 1.0):
         a, b = (generate(bundled, request, plan=EditPlan(bundled, to_model_range(torch.from_numpy(f.copy())[None]),
-                                                         strength=strength), progress=False) for f in faces)
+                                                         EditRequest(strength=strength)), progress=False) for f in faces)
         gap[strength] = np.abs(a.astype(float) - b.astype(float)).mean()
     assert gap[0.8] > 8 and gap[0.9] > 4 and gap[1.0] == 0, gap
 
@@ -111,8 +111,8 @@ def test_ddim_inversion_keeps_the_person_where_fresh_noise_does_not(each_bundled
     pipe = each_bundled
     image, x = face_photo(pipe.codec.image_size)
     request = SamplingRequest(num=1, steps=50, sampler="ddim", guidance=1.0)
-    inverted = generate(pipe, request, plan=EditPlan(pipe, x, strength=0.8, invert=True), progress=False)
-    fresh = generate(pipe, request, plan=EditPlan(pipe, x, strength=0.8), progress=False)
+    inverted = generate(pipe, request, plan=EditPlan(pipe, x, EditRequest(strength=0.8, invert=True)), progress=False)
+    fresh = generate(pipe, request, plan=EditPlan(pipe, x, EditRequest(strength=0.8)), progress=False)
     assert psnr(image[None], inverted)[0] > psnr(image[None], fresh)[0] + 3
 
 
@@ -125,7 +125,7 @@ def test_the_inversion_can_be_stopped_between_its_steps(bundled, photo):
         if len(seen) == 3:
             raise KeyboardInterrupt
 
-    plan = EditPlan(bundled, x, strength=0.5, invert=True, between_steps=stop_after_three)
+    plan = EditPlan(bundled, x, EditRequest(strength=0.5, invert=True), between_steps=stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         generate(bundled, SamplingRequest(num=1, steps=20, sampler="ddim"), plan=plan, progress=False)
     assert len(seen) == 3
@@ -138,7 +138,7 @@ def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(each_bu
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
     out = generate(pipe, SamplingRequest(num=2, steps=6, sampler=sampler),
-                   plan=EditPlan(pipe, x, strength=1.0, mask=mask), progress=False)
+                   plan=EditPlan(pipe, x, EditRequest(strength=1.0, mask=mask)), progress=False)
     keep = ~mask[0, 0].bool().numpy()
     assert (out[:, keep] == image[keep]).all()
     assert (out[:, ~keep] != image[~keep]).any() and (out[0] != out[1]).any()
@@ -154,7 +154,7 @@ def test_resampled_inpainting_keeps_the_black_region_and_takes_more_network_call
         for r in (1, 3):
             calls.clear()
             outs[r] = generate(bundled, SamplingRequest(num=1, steps=6, sampler="ddpm"), progress=False,
-                               plan=EditPlan(bundled, x, strength=1.0, mask=mask, resample=r))
+                               plan=EditPlan(bundled, x, EditRequest(strength=1.0, mask=mask, resample=r)))
             assert len(calls) == (6 if r == 1 else 5 * 3 + 1), r          # the last step is not resampled
     finally:
         hook.remove()
@@ -169,9 +169,9 @@ def test_edit_inputs_are_checked(bundled, photo):
                                                            "black and white"),
                        (dict(strength=0.5, mask=torch.zeros(1, 1, 16, 16)), "mask must be")):
         with pytest.raises(UserError, match=words):
-            EditPlan(bundled, x, **bad)
+            EditPlan(bundled, x, EditRequest(**bad))
     with pytest.raises(UserError, match="photo must be"):
-        EditPlan(bundled, torch.zeros(1, 3, 64, 64), strength=0.5)
+        EditPlan(bundled, torch.zeros(1, 3, 64, 64), EditRequest(strength=0.5))
 
 
 def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_path):
@@ -289,7 +289,7 @@ def test_resampling_refuses_an_eta_it_would_ignore(bundled, photo):
     _, x = photo
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 16:, :] = 1
-    plan = EditPlan(bundled, x, strength=1.0, mask=mask, resample=2)
+    plan = EditPlan(bundled, x, EditRequest(strength=1.0, mask=mask, resample=2))
     with pytest.raises(UserError, match="no eta"):
         generate(bundled, SamplingRequest(num=1, steps=2, sampler="ddim", eta=0.5), plan=plan, progress=False)
 
@@ -301,3 +301,16 @@ def test_a_16_bit_greyscale_photo_is_read_as_its_picture_not_white(tmp_path):
     rgb = np.asarray(open_photo(tmp_path / "grey16.png"))
     assert rgb.shape == (64, 64, 3) and rgb.min() <= 1 and rgb.max() >= 254
     assert abs(float(rgb.mean()) - 127.5) < 2                       # the ramp, not a white square
+
+
+def test_an_edit_request_names_its_flags_once_for_the_command_line_and_the_web_page():
+    mask = torch.ones(1, 1, 32, 32)
+    assert EditRequest().cli_flags() == f"--strength {DEFAULT_STRENGTH:g}"
+    edit = EditRequest(strength=0.5, invert=True, mask=mask, resample=3)
+    assert edit.cli_flags("m.png") == "--strength 0.5 --invert --mask m.png --resample 3"
+    with pytest.raises(UserError, match="invert must be true or false"):
+        EditRequest(invert=1).validate()
+    deterministic, stochastic = SamplingRequest(sampler="ddim"), SamplingRequest(sampler="ddpm")
+    assert EditRequest(invert=True).one_face(deterministic)
+    assert not EditRequest(invert=True).one_face(stochastic)
+    assert not EditRequest(invert=True, mask=mask).one_face(deterministic)   # the kept region is re-noised per seed

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_overrides
 from ddpm_faces.config import load_config
+from ddpm_faces.diffusion import SAMPLERS
 from ddpm_faces.errors import UserError
 from ddpm_faces.models.codec import LatentCodec, PixelCodec
 from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate, load_pipeline
@@ -164,7 +165,7 @@ def test_an_autoencoder_exports_as_a_codec_that_loads(tmp_path, autoencoder_run)
 
 
 def test_inpainting_a_latent_model_keeps_the_black_pixels_exactly(tmp_path, face_folder, autoencoder_run):
-    from ddpm_faces.pipeline import EditPlan
+    from ddpm_faces.pipeline import EditPlan, EditRequest
 
     cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **latent_overrides(
         RunFolder(autoencoder_run).export, **{"train.max_steps": 3, "train.checkpoint_every": 3})))
@@ -172,7 +173,7 @@ def test_inpainting_a_latent_model_keeps_the_black_pixels_exactly(tmp_path, face
     photo = torch.rand(1, 3, 16, 16) * 2 - 1
     mask = torch.zeros(1, 1, 16, 16)
     mask[..., :8, :] = 1                                               # redraw the top half
-    out = generate(pipe, SamplingRequest(num=2, steps=4), plan=EditPlan(pipe, photo, strength=0.7, mask=mask),
+    out = generate(pipe, SamplingRequest(num=2, steps=4), plan=EditPlan(pipe, photo, EditRequest(strength=0.7, mask=mask)),
                    progress=False)
     from ddpm_faces.images import to_uint8
     kept = to_uint8(photo)[0, 8:]
@@ -202,7 +203,7 @@ class _ConstantX0(torch.nn.Module):
         return torch.full_like(x, 2.0)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_x0_is_clipped_to_the_pixel_range_only_for_pixels(sampler):
     """About a third of the normalised training latents lie outside [-1, 1]; clipping the x0 estimates there,
     right for pixels, shrank latent samples to a std of 0.6 (washed-out faces). Samplers clip only when the

@@ -254,7 +254,7 @@ def _edit(args) -> None:
     from .evaluation.attributes import keep_photo_attributes
     from .evaluation.framing import frame_photo, open_photo
     from .images import EDITED, enlarge, make_grid, provenance, save_image
-    from .pipeline import EditPlan, generate, load_pipeline
+    from .pipeline import EditPlan, EditRequest, generate, load_pipeline
     from .runs import model_name
 
     _set_threads(args.threads)
@@ -268,14 +268,14 @@ def _edit(args) -> None:
         print(f"{framed.faces} faces found: editing the largest", file=sys.stderr)
     photo = to_model_range(torch.from_numpy(framed.image.copy())[None])
     mask = read_mask(args.mask, framed, size) if args.mask else None
-    plan = EditPlan(first, photo, strength=args.strength, mask=mask, invert=args.invert, seed=request.seed,
-                    resample=args.resample)
+    edit = EditRequest(strength=args.strength, invert=args.invert, mask=mask, resample=args.resample)
+    plan = EditPlan(first, photo, edit, seed=request.seed)
     request, kept = keep_photo_attributes(request, first.cfg.model.vocab, framed.image)
     if kept:
         print("kept from the photo (as the attribute classifier reads it): " + ", ".join(
               f"{k} {v}" for k, v in kept.items()) + "; ask for one to change it, or --unasked model to leave them "
               "to the model", file=sys.stderr)
-    if plan.one_face(request) and request.num > 1:
+    if edit.one_face(request) and request.num > 1:
         print(f"--invert with the deterministic {request.sampler} sampler gives one face whatever the seed: drawing "
               "1 (for variations: --sampler ddpm, or --sampler ddim --eta 1)", file=sys.stderr)
         request = request.replace(num=1)
@@ -283,9 +283,7 @@ def _edit(args) -> None:
     if args.compare:
         images = np.concatenate([enlarge(framed.image[None], images.shape[1]), images])
     flags = " ".join(f for f in (f"--checkpoint {args.checkpoint}" if args.checkpoint else "", f"--image {Path(args.image).name}",
-                                 f"--strength {args.strength:g}", "--invert" if args.invert else "",
-                                 f"--mask {Path(args.mask).name}" if args.mask else "",
-                                 f"--resample {args.resample}" if args.resample > 1 else "",
+                                 edit.cli_flags(Path(args.mask).name if args.mask else None),
                                  "--no-detect" if args.no_detect else "", "--compare" if args.compare else "",
                                  request.cli_flags(), f"--upscale {args.upscale}" if args.upscale > 1 else "",
                                  f"--out {Path(args.out).name}") if f)
@@ -555,7 +553,7 @@ def _sample_parser(sub) -> None:
 
 def _edit_parser(sub) -> None:
     from .diffusion import DEFAULT_EDIT_STEPS
-    from .pipeline.edit import DEFAULT_STRENGTH
+    from .pipeline import DEFAULT_STRENGTH
 
     p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
     p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "

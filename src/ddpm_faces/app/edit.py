@@ -27,7 +27,7 @@ from ..evaluation.faces import INSTALL_HINT, load_detector
 from ..evaluation.attributes import keep_photo_attributes
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
-from ..pipeline import EditPlan, generate, stage_steps
+from ..pipeline import EditPlan, EditRequest, generate, stage_steps
 from ..io import trim_oldest
 from ..runs import model_name
 from . import outputs as out
@@ -119,13 +119,11 @@ def framed_mask(painted: np.ndarray | None, framing: Framing, size: int) -> torc
     return mask
 
 
-def edit_command(entry, photo: Photo, strength: float, invert: bool, mask: bool, detect: bool, request,
-                 scale: int) -> str:
+def edit_command(entry, photo: Photo, edit: EditRequest, detect: bool, request, scale: int) -> str:
     """The `ddpm-faces edit` line that writes the same picture (the framed photo, then the edits); its last
     word is the picture's file name."""
     flags = " ".join(f for f in (f"--checkpoint {entry.cli_checkpoint}" if entry.cli_checkpoint else "",
-                                 f"--image {shlex.quote(photo.name)}", f"--strength {strength:g}",
-                                 "--invert" if invert else "", f"--mask {MASK_FILE}" if mask else "",
+                                 f"--image {shlex.quote(photo.name)}", edit.cli_flags(MASK_FILE),
                                  "" if detect else "--no-detect", request.cli_flags()) if f)
     return f"ddpm-faces edit {flags} --compare --upscale {scale} --out edited-seed{request.seed}.png"
 
@@ -181,10 +179,11 @@ class PhotoEditing:
             if job is not None and job.stop.is_set():
                 raise Cancelled()
 
-        plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), strength=strength,
-                        mask=mask, invert=invert, seed=request.seed, between_steps=stop_inverting)
+        edit = EditRequest(strength=strength, invert=invert, mask=mask)
+        plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), edit,
+                        seed=request.seed, between_steps=stop_inverting)
         request, kept = keep_photo_attributes(request.replace(unasked="photo"), first.cfg.model.vocab, framing.image)
-        if plan.one_face(request):                 # every seed gives the same face: draw it once
+        if edit.one_face(request):                 # every seed gives the same face: draw it once
             request = request.replace(num=1)
         steps_run = len(plan.timesteps(request.steps, request.timestep_spacing))
         steps_run += sum(stage_steps(pipe, request)[1:])
@@ -214,7 +213,7 @@ class PhotoEditing:
         if images is None:
             return
         masked = mask is not None
-        command = edit_command(entry, picture, strength, invert, masked, detect, request, scale)
+        command = edit_command(entry, picture, edit, detect, request, scale)
         folder, both = out.new_folder(self.out_dir), np.concatenate([framed_image[None], images])
         path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
                           text=provenance(command, model_name(pipe.source), pipe.step, note=EDITED))

@@ -23,7 +23,7 @@ from gradio.components.base import server
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
-from ..pipeline.edit import DEFAULT_STRENGTH
+from ..pipeline import DEFAULT_STRENGTH
 from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest
 from . import outputs as out
 from .edit import LOST_CANVAS, MAX_LAYERS

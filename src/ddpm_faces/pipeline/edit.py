@@ -1,8 +1,12 @@
 """Editing a real photo with any model: start the sampler from the photo instead of from noise.
 
     photo = to_model_range(...)                                  # (1, 3, S, S) in [-1, 1], S = codec.image_size
-    plan = EditPlan(pipe, photo, strength=0.8)                   # + mask=..., invert=True
+    plan = EditPlan(pipe, photo, EditRequest(strength=0.8))      # + mask=..., invert=True, resample=...
     faces = generate(pipe, SamplingRequest(num=4, attributes={"age": "60-69"}, guidance=3), plan=plan)
+
+generate() asks the plan, in order: `timesteps` (where the edit's steps fall), `starting_latents` (the photo
+noised or inverted to the first of them), `kept_region` (the projection of the region a mask keeps),
+`denoise` (the sampler, or RePaint's resampled steps) and `blend` (the kept pixels from the photo itself).
 
 - SDEdit (Meng et al. 2022, https://arxiv.org/abs/2108.01073, sec. 3): encode the photo, x0 = E(photo), noise it
   to the timestep that `strength` picks, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) z (Ho et al. 2020, eq. 4),
@@ -30,35 +34,31 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..diffusion import ddim_invert, image_seed, q_sample, sample_repaint, sampling_timesteps
+from ..diffusion import SamplerSpec, ddim_invert, image_seed, q_sample, sample_repaint, sampling_timesteps
 from ..errors import UserError
 from .model import Pipeline
+from .request import EditRequest
 
-DEFAULT_STRENGTH = 0.8       # README "Editing: what the strength does": where the asked attributes show, the person kept
-MAX_RESAMPLE = 20           # RePaint used 10 (on 250 steps)
 MASK_SEED = 2**40            # the noise that re-imposes the kept region has its own seeds, apart from the image's
 
 
 class EditPlan:
-    """What generate() needs to start from `photo` (1, 3, S, S) in [-1, 1]: the timesteps, the start, the
-    projection of the kept region and the final blend."""
+    """The edit `edit` of `photo` (1, 3, S, S) in [-1, 1] as generate() runs it: the timesteps, the starting
+    latents, the projection of the kept region, the denoising and the final blend. `seed` seeds the noise that
+    re-imposes a mask's kept region; `between_steps` is called between DDIM inversion steps (raise to stop)."""
 
-    def __init__(self, pipe: Pipeline, photo: torch.Tensor, *, strength: float, mask: torch.Tensor | None = None,
-                 invert: bool = False, seed: int = 0, resample: int = 1, between_steps=None):
-        check_edit(pipe, photo, strength, mask, resample)
-        self.pipe, self.strength, self.invert, self.seed = pipe, float(strength), invert, seed
-        self.resample = resample
-        self.between_steps = between_steps      # called between DDIM inversion steps; raise from it to stop
+    def __init__(self, pipe: Pipeline, photo: torch.Tensor, edit: EditRequest = EditRequest(), *, seed: int = 0,
+                 between_steps=None):
+        edit.validate()
+        check_photo(pipe, photo, edit.mask)
+        self.pipe, self.edit, self.seed, self.between_steps = pipe, edit, seed, between_steps
+        self.strength, self.invert, self.resample = float(edit.strength), edit.invert, edit.resample
         self.photo = photo.to(pipe.device, torch.float32)
         with torch.inference_mode():
             self.x0 = pipe.codec.encode(self.photo)
+        mask = edit.mask
         self.mask = None if mask is None else mask.to(pipe.device, torch.float32)
         self.latent_mask = None if mask is None else F.adaptive_max_pool2d(self.mask, self.x0.shape[-2:])
-
-    def one_face(self, request) -> bool:
-        """Whether every image of `request` would be the same face: a DDIM-inverted start (no seed in it) run by a
-        deterministic sampler, without a mask (whose kept region is re-noised with each image's seed)."""
-        return self.invert and self.mask is None and request.deterministic and 0 < self.strength
 
     def timesteps(self, steps: int, spacing: str) -> list[float]:
         """The edit's timesteps: round(strength x steps) of them (at least one), placed by the sampler's spacing
@@ -71,7 +71,7 @@ class EditPlan:
         count = max(1, round(self.strength * steps))
         return sampling_timesteps(schedule, count, spacing, t_max=start_timestep(schedule, self.strength))
 
-    def start(self, noise_x: torch.Tensor, rows: slice, denoiser, cond, timesteps: list[float]) -> torch.Tensor:
+    def starting_latents(self, noise_x: torch.Tensor, denoiser, timesteps: list[float]) -> torch.Tensor:
         """The photo's x0 taken to timesteps[0]: noised with the batch's seeded noise, or DDIM-inverted."""
         x0 = self.x0.expand(len(noise_x), *self.x0.shape[1:])
         if not timesteps:
@@ -83,8 +83,9 @@ class EditPlan:
         t = torch.full((len(x0),), timesteps[0])
         return q_sample(self.pipe.schedule, x0, t, noise_x)
 
-    def project(self, rows: slice, timesteps: list[float]):
-        """RePaint's re-imposition of the kept region after every step (None without a mask)."""
+    def kept_region(self, rows: slice):
+        """RePaint's re-imposition of the kept region after every step, for the images `rows` (None without a
+        mask)."""
         if self.latent_mask is None:
             return None
         keep = 1.0 - self.latent_mask
@@ -100,17 +101,20 @@ class EditPlan:
             return self.latent_mask * x + keep * known
         return project
 
-    def sample(self, sampler, denoiser, x: torch.Tensor, timesteps: list[float], *, project, **kwargs) -> torch.Tensor:
-        """Run `sampler` from the start, or with resample > 1 RePaint's resampled ancestral steps."""
+    def denoise(self, spec: SamplerSpec, denoiser, x: torch.Tensor, timesteps: list[float], *, project,
+                common: dict, own: dict) -> torch.Tensor:
+        """Run the sampler `spec` from the start with the options every sampler takes (`common`) and its own
+        (`own`, the registry's spec.options), or with resample > 1 RePaint's resampled ancestral steps, which take
+        none of a sampler's own options."""
         if self.resample > 1:
-            if kwargs.get("eta"):
-                raise UserError("resampling (RePaint) takes ancestral DDPM steps, which have no eta: leave eta at 0, "
-                                "or resample at 1")
-            kwargs = {k: v for k, v in kwargs.items() if k in ("noise", "cond", "callback", "clip_x0")}
-            return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **kwargs)
-        return sampler(denoiser, x, timesteps, project=project, **kwargs)
+            given = {k: v for k, v in own.items() if v}
+            if given:
+                raise UserError(f"resampling (RePaint) takes ancestral DDPM steps, which have no {', '.join(given)}: "
+                                f"leave {', '.join(given)} at 0, or resample at 1")
+            return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **common)
+        return spec.fn(denoiser, x, timesteps, project=project, **common, **own)
 
-    def finish(self, images: torch.Tensor, rows: slice) -> torch.Tensor:
+    def blend(self, images: torch.Tensor) -> torch.Tensor:
         """With a mask, the kept pixels come from the photo itself (the codec may have changed them)."""
         if self.mask is None:
             return images
@@ -127,20 +131,12 @@ def start_timestep(schedule, strength: float) -> float:
     return float(schedule.t_from_sigma(torch.tensor([sigma]))[0])
 
 
-def check_edit(pipe: Pipeline, photo: torch.Tensor, strength, mask: torch.Tensor | None, resample: int = 1) -> None:
-    """One-line errors for what an edit cannot work with."""
+def check_photo(pipe: Pipeline, photo: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """One-line errors for a photo or mask of a shape the model cannot edit."""
     size = pipe.codec.image_size
-    if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0 <= strength <= 1:
-        raise UserError(f"strength must be a number from 0 (the photo back) to 1 (a fresh sample), got {strength!r}")
-    if not isinstance(resample, int) or isinstance(resample, bool) or not 1 <= resample <= MAX_RESAMPLE:
-        raise UserError(f"resample must be a whole number from 1 (off) to {MAX_RESAMPLE}, got {resample!r}")
-    if resample > 1 and mask is None:
-        raise UserError("resampling (RePaint) redraws a masked region: give a mask, or leave resample at 1")
     if tuple(photo.shape) != (1, 3, size, size):
         raise UserError(f"the photo must be (1, 3, {size}, {size}) for this model, got {tuple(photo.shape)}")
     if mask is None:
         return
     if tuple(mask.shape) != (1, 1, size, size):
         raise UserError(f"the mask must be (1, 1, {size}, {size}) like the photo, got {tuple(mask.shape)}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise UserError("the mask must be black and white only (white = redraw, black = keep)")

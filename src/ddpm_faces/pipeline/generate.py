@@ -24,6 +24,7 @@ from ..errors import UserError
 from ..hardware import DTYPES
 from ..images import resize_images, to_uint8
 from ..models.conditioning import UNSPECIFIED, draw_unasked
+from .edit import EditPlan
 from .model import Pipeline
 from .request import SamplingRequest
 from .runtime import fast_net
@@ -33,7 +34,7 @@ LABEL_STREAM = 1000          # the per-image generator stream that draws unasked
 
 def generate(pipe: Pipeline, request: SamplingRequest, *, first_index: int = 0, progress: bool = True,
              callback=None, labels: torch.Tensor | None = None, initial_noise: torch.Tensor | None = None,
-             plan=None, lowres: torch.Tensor | None = None) -> np.ndarray:
+             plan: EditPlan | None = None, lowres: torch.Tensor | None = None) -> np.ndarray:
     """`request.num` images as (num, H, W, 3) uint8.
 
     `labels` (num, n_attributes) class indices give each image its own attributes (instead of
@@ -99,7 +100,7 @@ def stage_callback(run: StageRun, bar, callback):
     return step
 
 
-def chain(pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, given_lowres: bool) -> list[StageRun]:
+def chain(pipe: Pipeline, request: SamplingRequest, plan: EditPlan | None, labels, initial_noise, given_lowres: bool) -> list[StageRun]:
     """One StageRun per stage that draws the images, first stage first (one for a plain model; with given lowres
     images a super-resolution stage alone). The request's sampler settings and attributes go to stage 1; a
     super-resolution stage takes its own steps, level and guidance."""
@@ -136,7 +137,8 @@ def check_inputs(pipe: Pipeline, num: int, labels: torch.Tensor | None, initial_
 class StageRun:
     """One generate() call: the denoiser, the timesteps and what each batch of images starts from."""
 
-    def __init__(self, pipe: Pipeline, request: SamplingRequest, plan, labels, initial_noise, stream: int = 0):
+    def __init__(self, pipe: Pipeline, request: SamplingRequest, plan: EditPlan | None, labels, initial_noise,
+                 stream: int = 0):
         self.pipe, self.request, self.plan, self.labels, self.initial_noise = pipe, request, plan, labels, initial_noise
         self.stream = stream
         self.shared = pipe.labels(request.attributes, min(request.num, request.batch_size))
@@ -167,16 +169,16 @@ class StageRun:
             x = self.initial_noise[rows].to(pipe.device, torch.float32)
         cond = self.labels[rows].to(pipe.device) if self.labels is not None else \
             None if self.shared is None else self.shared[:n]
-        options = dict(noise=noise, cond=cond, callback=callback, clip_x0=pipe.codec.bounded,
-                       **request.sampler_options())
+        common = dict(noise=noise, cond=cond, callback=callback, clip_x0=pipe.codec.bounded)
+        own = request.sampler_options()             # the sampler's own options, as the registry lists them
         if plan is None:
-            x = request.spec.fn(denoiser, x, self.timesteps, **options)
+            x = request.spec.fn(denoiser, x, self.timesteps, **common, **own)
         else:
-            x = plan.start(x, rows, denoiser, cond, self.timesteps)
-            x = plan.sample(request.spec.fn, denoiser, x, self.timesteps,
-                            project=plan.project(rows, self.timesteps), **options)
+            x = plan.starting_latents(x, denoiser, self.timesteps)
+            x = plan.denoise(request.spec, denoiser, x, self.timesteps, project=plan.kept_region(rows),
+                             common=common, own=own)
         images = pipe.codec.decode(x)
-        return plan.finish(images, rows) if plan is not None else images
+        return plan.blend(images) if plan is not None else images
 
     def with_lowres(self, lowres: torch.Tensor, noise: PerImageNoise):
         """The network with the low-resolution images bound, augmented to the request's level with noise drawn

@@ -1,4 +1,5 @@
-"""One sampling request: every option of a generation, its one set of defaults, and its one check.
+"""One sampling request: every option of a generation, its one set of defaults, and its one check; and one edit
+request (EditRequest): what an edit does to a photo.
 
     request = SamplingRequest(num=16, seed=0, sampler="dpmpp-2m", steps=20, attributes={"gender": "Female"},
                               guidance=3.0).validate(pipe)
@@ -194,3 +195,56 @@ class SamplingRequest:
         if attributes:
             parts += [f"--{k} '{v}'" for k, v in self.attributes.items()]
         return " ".join(parts)
+
+
+# docs/editing.md "The strength": the asked attributes show and the person is kept
+DEFAULT_STRENGTH = 0.8
+MAX_RESAMPLE = 20                                # RePaint used 10 (on 250 steps)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What an edit does to a photo, beside the SamplingRequest that says how to sample: its one set of defaults
+    and its one check. pipeline/edit.py's EditPlan carries it out.
+
+        edit = EditRequest(strength=0.6, invert=True).validate()
+        faces = generate(pipe, SamplingRequest(num=4, attributes={"age": "60-69"}), plan=EditPlan(pipe, photo, edit))
+    """
+    strength: float = DEFAULT_STRENGTH           # the noise's share of the start: 0 = the photo back, 1 = a fresh sample
+    invert: bool = False                         # start from the photo's DDIM inversion instead of noising it
+    mask: object = field(default=None, compare=False)   # None, or a (1, 1, S, S) tensor: 1 = redraw, 0 = keep
+    resample: int = 1                            # inpainting: each ancestral step taken this many times (RePaint)
+
+    def validate(self) -> EditRequest:
+        """Raises UserError naming the field; the mask's shape is checked against the photo by EditPlan."""
+        s = self.strength
+        if not _is_number(s) or not 0 <= s <= 1:
+            raise UserError(f"strength must be a number from 0 (the photo back) to 1 (a fresh sample), got {s!r}")
+        if not isinstance(self.invert, bool):
+            raise UserError(f"invert must be true or false, got {self.invert!r}")
+        if not _is_int(self.resample) or not 1 <= self.resample <= MAX_RESAMPLE:
+            raise UserError(f"resample must be a whole number from 1 (off) to {MAX_RESAMPLE}, got {self.resample!r}")
+        if self.resample > 1 and self.mask is None:
+            raise UserError("resampling (RePaint) redraws a masked region: give a mask, or leave resample at 1")
+        if self.mask is not None and not bool(((self.mask == 0) | (self.mask == 1)).all()):
+            raise UserError("the mask must be black and white only (white = redraw, black = keep)")
+        return self
+
+    def one_face(self, request: SamplingRequest) -> bool:
+        """Whether every image of `request` is the same face: a DDIM-inverted start (no seed in it) run by a
+        deterministic sampler, without a mask (whose kept region is re-noised with each image's seed)."""
+        return self.invert and self.mask is None and request.deterministic and 0 < self.strength
+
+    def cli_flags(self, mask_file: str | None = None) -> str:
+        """The `ddpm-faces edit` flags that ask for this edit (the mask by its file name)."""
+        parts = [f"--strength {self.strength:g}"]
+        if self.invert:
+            parts.append("--invert")
+        if self.mask is not None and mask_file:
+            parts.append(f"--mask {mask_file}")
+        if self.resample > 1:
+            parts.append(f"--resample {self.resample}")
+        return " ".join(parts)
+
+    def replace(self, **changes) -> EditRequest:
+        return dataclasses.replace(self, **changes)
