@@ -23,7 +23,7 @@ SAMPLING_PRECISIONS = PRECISIONS                 # auto | fp32 | bf16 | fp16: th
 MAX_SEED = 2**63 - 1
 # Guidance only in the middle of the noise levels (Kynkaenniemi et al. 2024, https://arxiv.org/abs/2404.07724):
 # timesteps 0.2 (T-1) .. 0.96 (T-1). On cascade128 (500 faces, 8 steps, guidance 3) FID 52.2 against 52.4 for
-# guiding every step, for 22 % less time (README, benchmarks/unasked_attributes.py --guidance-interval).
+# guiding every step, for 22 % less time (docs/results.md, benchmarks/unasked_attributes.py --guidance-interval).
 GUIDANCE_BAND = (0.2, 0.96)
 ANY = ("", "any", None)                          # attribute values that mean "not asked for"
 UNASKED = ("data", "photo", "model")             # attributes not asked for: drawn from the data, an edited photo's own
@@ -47,7 +47,7 @@ class SamplingRequest:
     spacing: str | None = None                   # where the steps fall; None = the sampler's default
     eta: float = 0.0                             # DDIM only: 0 deterministic, 1 like DDPM
     guidance: float = 3.0                        # classifier-free guidance scale w; 1 = plain conditional. 3: with the
-    #                                              unasked attributes drawn from the data, the lowest FID (README)
+    #                                              unasked attributes drawn from the data, the lowest FID (docs/results.md)
     guidance_interval: tuple[float, float] | None = None    # guide only at timesteps lo <= t <= hi; None: the
     #                                              GUIDANCE_BAND of the model's timesteps (0 T-1: every step)
     precision: str = "auto"                      # auto (bf16 where the device has bf16 units, else fp32) | fp32 | bf16 | fp16 (GPU)
