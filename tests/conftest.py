@@ -1,7 +1,8 @@
-"""Shared fixtures: small face-like data sets that the tests draw themselves, and tiny configs."""
+"""Shared fixtures: small face-like data sets that the tests draw themselves, and tiny configs and models."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -53,20 +54,50 @@ def tiny_overrides(tmp_path: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+# The tiny network most tests sample from: 16 px, 8 base channels, two levels, attention at 8 px (49 k weights).
+TINY_MODEL = {
+    "model.resolution": 16, "data.resolution": 16, "model.base_channels": 8, "model.channel_mults": "[1,2]",
+    "model.blocks_per_level": 1, "model.attn_resolutions": "[8]", "model.head_channels": 8, "model.groups": 4,
+    "model.dropout": 0.0,
+}
+
+
+def tiny_config(*overrides: str, **model):
+    """quickstart with the tiny network of TINY_MODEL; `overrides` are further --set values, `model` replaces
+    UNetConfig fields that --set cannot spell (a vocabulary, say)."""
+    from ddpm_faces.config import load_config
+
+    cfg = load_config("quickstart", [f"{k}={v}" for k, v in TINY_MODEL.items()] + list(overrides))
+    cfg.model = dataclasses.replace(cfg.model, **model)
+    return cfg
+
+
+def tiny_model(*overrides: str, seed: int = 0, **model):
+    """(an untrained network of tiny_config(*overrides, **model), that config), its weights drawn from `seed`."""
+    import torch
+
+    from ddpm_faces.models import UNet
+
+    cfg = tiny_config(*overrides, **model)
+    torch.manual_seed(seed)
+    return UNet(cfg.model), cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline():
+    """A Pipeline over the untrained tiny network, 50 timesteps: fast to sample from, images of noise."""
+    from ddpm_faces.pipeline import Pipeline
+
+    net, cfg = tiny_model("diffusion.timesteps=50")
+    return Pipeline(net.eval(), cfg, Path("tiny"))
+
+
 @pytest.fixture(scope="session")
 def unconditional_model(tmp_path_factory) -> Path:
     """A tiny 16 px unconditional export (the bundled model is conditional)."""
-    import torch
-
-    from ddpm_faces.config import load_config
-    from ddpm_faces.models import UNet
     from ddpm_faces.runs import export_model
 
-    torch.manual_seed(0)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
-                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
-                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4"])
-    return export_model(UNet(cfg.model), cfg, tmp_path_factory.mktemp("unconditional") / "export")
+    return export_model(*tiny_model(), tmp_path_factory.mktemp("unconditional") / "export")
 
 
 def free_port() -> int:

@@ -24,17 +24,16 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, tiny_model
 from ddpm_faces.app import MAX_IMAGES, FaceApp, discover_models
 from ddpm_faces.app.guard import RequestGuard
 from ddpm_faces.app.models import bundled_models
 from ddpm_faces.app.outputs import GENERATE_OUTPUTS, STOPPED
 from ddpm_faces.app.page import gradio_handler
 from ddpm_faces.cli import build_parser, main
-from ddpm_faces.config import load_config
+from ddpm_faces.diffusion import SAMPLERS
 from ddpm_faces.errors import UserError
 from ddpm_faces.images import make_grid
-from ddpm_faces.models import UNet, UNetConfig
 from ddpm_faces.pipeline.generate import drawn_labels
 from ddpm_faces.pipeline import SamplingRequest, generate
 from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL, export_model
@@ -45,12 +44,7 @@ VOCAB = {"age": ["0-2", "20-29"], "gender": ["Female", "Male"]}
 
 def tiny_export(folder: Path, seed: int, **conditioning) -> str:
     """A tiny 16 px model (100 timesteps) exported to `folder`."""
-    torch.manual_seed(seed)
-    unet_cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
-                          attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4, **conditioning)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
-    cfg.model = unet_cfg
-    return str(export_model(UNet(unet_cfg), cfg, folder))
+    return str(export_model(*tiny_model("diffusion.timesteps=100", seed=seed, **conditioning), folder))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +179,7 @@ HUGE_NAME = "m" * 500_000
 @pytest.mark.parametrize("position, value, message", [
     (0, "nope", "unknown model 'nope'"),
     (0, HUGE_NAME, "unknown model 'mmmm"),
-    (1, "euler", "unknown sampler 'euler': choose one of ddpm, ddim, dpmpp-2m"),
+    (1, "euler", f"unknown sampler 'euler': choose one of {', '.join(SAMPLERS)}"),
     (2, 0, "steps must be from 1 to 1000, got 0"),
     (2, 1001, "steps must be from 1 to 1000, got 1001"),
     (2, 2.5, "steps must be a whole number"),

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ddpm_faces.app.job import Job, Jobs
-from ddpm_faces.config import load_config
-from ddpm_faces.models import UNet
-from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate
+from ddpm_faces.pipeline import SamplingRequest, generate
 
 SIDE = 8
 
@@ -110,16 +107,6 @@ def test_stop_all_ends_every_worker():
     started = [jobs.start(Job("generate", 100_000, stepping(100_000, pause=0.002))) for _ in range(3)]
     jobs.stop_all(timeout=5)
     assert all(not job.thread.is_alive() and job.record.outcome == "cancelled" for job in started)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipeline():
-    torch.manual_seed(0)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
-                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
-                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
-                                     "diffusion.timesteps=50"])
-    return Pipeline(UNet(cfg.model).eval(), cfg, Path("tiny"))
 
 
 def test_a_job_runs_generate_and_gives_its_images(tiny_pipeline):

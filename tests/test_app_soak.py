@@ -16,13 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import free_port
-from ddpm_faces.config import load_config
-from ddpm_faces.models import UNet
+from conftest import free_port, tiny_model
 from ddpm_faces.runs import export_model
 
 CLIENTS = 4
@@ -43,12 +40,7 @@ def rss_mb(pid: int) -> float:
 def server(tmp_path_factory):
     """`ddpm-faces serve` over a tiny 16 px model, in its own process: (url, process, model label)."""
     folder = tmp_path_factory.mktemp("soak")
-    torch.manual_seed(0)
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
-                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
-                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
-                                     "diffusion.timesteps=100"])
-    model = str(export_model(UNet(cfg.model), cfg, folder / "export"))
+    model = str(export_model(*tiny_model("diffusion.timesteps=100"), folder / "export"))
     port = free_port()
     env = {**os.environ, "TMPDIR": str(folder), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "ddpm_faces", "serve", "--checkpoint", model, "--port",

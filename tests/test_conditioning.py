@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import tiny_config, tiny_model, tiny_overrides
 from ddpm_faces.config import config_from_dict, load_config
 from ddpm_faces.data import prepare_dataset
 from ddpm_faces.diffusion import Denoiser, NoiseSchedule
 from ddpm_faces.diffusion.schedules import cosine_betas
 from ddpm_faces.errors import UserError
-from ddpm_faces.models import UNet, UNetConfig
+from ddpm_faces.models import UNet
 from ddpm_faces.models.conditioning import (UNSPECIFIED, AttributeEmbedding, count_combinations, draw_unasked, drop_labels,
                                            encode_attributes)
 from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate, load_pipeline
@@ -27,10 +27,7 @@ VOCAB = {"age": ["0-2", "20-29", "30-39"], "gender": ["Female", "Male"]}
 
 
 def conditional_unet(seed: int = 0) -> UNet:
-    torch.manual_seed(seed)
-    cfg = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1, attn_resolutions=[8],
-                     head_channels=8, dropout=0.0, groups=4, attributes=["age", "gender"], vocab=VOCAB)
-    net = UNet(cfg).eval()
+    net = tiny_model(seed=seed, attributes=["age", "gender"], vocab=VOCAB)[0].eval()
     with torch.no_grad():                       # zero-initialised output layers would hide every difference
         for p in net.parameters():
             if not p.any():
@@ -108,10 +105,7 @@ def test_encode_attributes_by_name_case_insensitive_and_errors_list_the_values()
 
 def conditional_config():
     """The config of conditional_unet(), vocabularies filled in as training would."""
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "model.base_channels=8",
-                                     "model.channel_mults=[1,2]", "model.blocks_per_level=1",
-                                     "model.attn_resolutions=[8]", "model.head_channels=8", "model.groups=4",
-                                     "model.dropout=0.0", "model.attributes=[age,gender]"])
+    cfg = tiny_config("model.attributes=[age,gender]")
     cfg.model.vocab = VOCAB
     return cfg
 

@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_model
 from ddpm_faces import cli
 from ddpm_faces import pipeline as pipeline_module
 from ddpm_faces.config import SECTIONS, Config, load_config
@@ -82,7 +83,7 @@ def _fast_sampler(denoiser, x, timesteps, **kwargs):
 SAMPLE_FLAGS = {
     "--num": st.integers(-3, 40).map(str), "--steps": st.one_of(st.integers(-5, 2000).map(str), words),
     "--seed": st.one_of(st.integers(-5, 2**70).map(str), words), "--sampler": st.one_of(st.sampled_from(
-        ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"]), words), "--spacing": st.one_of(st.sampled_from(
+        list(REGISTRY)), words), "--spacing": st.one_of(st.sampled_from(
             ["trailing", "karras", "leading"]), words),
     "--eta": st.one_of(st.floats(allow_nan=True).map(str), words), "--batch-size": st.integers(-2, 40).map(str),
     "--guidance": st.one_of(st.floats(allow_nan=True).map(str), words), "--age": words, "--gender": words,
@@ -154,19 +155,12 @@ def test_help_exits_zero(flag):
 @pytest.fixture(scope="module")
 def tiny_app(tmp_path_factory):
     """The web app over a tiny 16 px conditional model with 100 timesteps (fast enough to fuzz)."""
-    import torch
-
     from ddpm_faces.app import FaceApp
-    from ddpm_faces.models import UNet, UNetConfig
     from ddpm_faces.runs import export_model
 
-    torch.manual_seed(0)
-    unet = UNetConfig(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1, attn_resolutions=[8],
-                      head_channels=8, dropout=0.0, groups=4, attributes=["age", "gender"],
-                      vocab={"age": ["0-2", "20-29"], "gender": ["Female", "Male"]})
-    cfg = load_config("quickstart", ["model.resolution=16", "data.resolution=16", "diffusion.timesteps=100"])
-    cfg.model = unet
-    folder = export_model(UNet(unet), cfg, tmp_path_factory.mktemp("fuzz-app") / "export")
+    net, cfg = tiny_model("diffusion.timesteps=100", attributes=["age", "gender"],
+                          vocab={"age": ["0-2", "20-29"], "gender": ["Female", "Male"]})
+    folder = export_model(net, cfg, tmp_path_factory.mktemp("fuzz-app") / "export")
     app = FaceApp.from_paths([str(folder)], threads=1)
     yield app
     app.close()
@@ -176,7 +170,7 @@ anything = st.one_of(st.none(), st.booleans(), st.integers(-10, 120), st.integer
                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8))
 
 
-VALID = {"sampler": st.sampled_from(["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"]), "steps": st.integers(1, 12),
+VALID = {"sampler": st.sampled_from(list(REGISTRY)), "steps": st.integers(1, 12),
          "num": st.integers(1, 3), "seed": st.integers(0, 2**31 - 1), "guidance": st.floats(0, 20),
          "precision": st.sampled_from(["fp32", "bf16"]),
          "attributes": st.tuples(st.sampled_from(["any", "0-2", "20-29"]), st.sampled_from(["any", "Female", "Male"]))}

@@ -8,15 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_config
 from ddpm_faces.models import UNet, UNetConfig, count_parameters, timestep_embedding
 from ddpm_faces.models.unet import Attention
 
 
 def tiny(**kw) -> UNetConfig:
-    values = dict(resolution=16, base_channels=8, channel_mults=[1, 2], blocks_per_level=1,
-                  attn_resolutions=[8], head_channels=8, dropout=0.0, groups=4)
-    values.update(kw)
-    return UNetConfig(**values)
+    """The shared tiny network's config, `kw` replacing its fields."""
+    return tiny_config(**kw).model
 
 
 def perturb_zero_params(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:

@@ -17,6 +17,8 @@ from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 # (measured: at most 1 level, in 0.01% of the values, between AVX2 and AVX-512 on one AMD EPYC). Any change
 # to the sampler, the schedule or the network moves far more than that.
 REFERENCE = Path(__file__).parent / "data" / "faces32-fp32-reference.npz"
+# Four samplers, not every one: the reference file holds these cases only (unipc is pinned instead by its exact
+# ODE solution and diffusers' UniPC in test_fast_samplers.py).
 PINNED = {         # with the defaults of their time: unasked attributes left to the model, guidance 1, every step
     "dpmpp-2m": dict(sampler="dpmpp-2m", steps=20, guidance=1.0, unasked="model"),
     "ddpm-guided": dict(sampler="ddpm", steps=10, attributes={"gender": "Female"}, guidance=3.0, unasked="model",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ddpm_faces.diffusion import (
+    REGISTRY,
     Denoiser,
     NoiseSchedule,
     PerImageNoise,
@@ -267,11 +268,16 @@ def _generate(sampler, seed, count, batch):
         n = min(batch, count - start)
         noise = PerImageNoise(seed, start, n)
         x_T = noise(torch.empty(n, 3, 8, 8))
-        out.append(get_sampler(sampler)(den, x_T, ts, noise=noise, **({"eta": 1.0} if sampler == "ddim" else {})))
+        options = {"eta": 1.0} if "eta" in REGISTRY[sampler].options else {}
+        out.append(get_sampler(sampler)(den, x_T, ts, noise=noise, **options))
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+# Every sampler that draws noise along the way: the stochastic ones, and those with an eta (run at eta = 1)
+NOISY = [name for name, spec in REGISTRY.items() if spec.stochastic or "eta" in spec.options]
+
+
+@pytest.mark.parametrize("sampler", NOISY)
 def test_per_image_noise_is_batch_independent(sampler):
     all16 = _generate(sampler, seed=5, count=16, batch=16)
     first4 = _generate(sampler, seed=5, count=4, batch=4)
