@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
+from ddpm_faces.cli import FIXES
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
 from ddpm_faces.runs import RunFolder
@@ -61,9 +62,9 @@ def test_a_second_process_is_refused_with_the_holders_pid_and_command_until_a_ki
     try:
         with pytest.raises(UserError) as err:
             RunLock(folder).acquire()
-        message = str(err.value)
+        message = err.value.worded(FIXES)                              # as the command line says it
         assert f"is being trained by process {holder.pid} (" in message and "--marker" in message
-        assert "\n" not in message and "--set name=<new>" in message
+        assert "\n" not in message and "--set name=<new>" in message and "--set" not in str(err.value)
         assert read_holder(lock_path(folder))[0] == holder.pid          # a refused process leaves the record alone
     finally:
         kill_9(holder)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
+from ddpm_faces.cli import FIXES
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
 from ddpm_faces.hardware import bf16_native
@@ -124,9 +125,11 @@ def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
 def test_resuming_a_run_that_does_not_exist_names_the_runs_there(tmp_path, face_folder):
     train(load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 1})), progress=False)
     typo = load_config("quickstart", tiny_overrides(tmp_path, face_folder, name="tiyn"))
-    with pytest.raises(UserError, match=r"no run 'tiyn' in .*the runs there: tiny\)\. .*leave out --resume") as err:
+    with pytest.raises(UserError, match=r"no run 'tiyn' to continue in .*the runs there: tiny\)\. Check the run name, "
+                                        "or start a new run") as err:
         train(typo, resume=True, progress=False)
     assert "\n" not in str(err.value) and not (tmp_path / "runs" / "tiyn").exists()
+    assert err.value.worded(FIXES).endswith("start a new run (leave out --resume)")
     elsewhere = load_config("quickstart", tiny_overrides(tmp_path / "empty", face_folder))
     with pytest.raises(UserError, match="there are no runs there yet"):
         train(elsewhere, resume=True, progress=False)
@@ -135,10 +138,10 @@ def test_resuming_a_run_that_does_not_exist_names_the_runs_there(tmp_path, face_
 def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(tmp_path, face_folder):
     train(load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 2})), progress=False)
     run = tmp_path / "runs" / "tiny"
-    with pytest.raises(UserError, match=r"nothing left to train: step-2 is at train.max_steps \(2\).*"
-                                        r"--resume --set train.max_steps=4") as err:
+    with pytest.raises(UserError, match=r"nothing left to train: step-2 is at train.max_steps \(2\)") as err:
         train(load_config(run), resume=True, progress=False)
     assert "\n" not in str(err.value)
+    assert err.value.worded(FIXES).endswith(f"ddpm-faces train --config {run} --resume --set train.max_steps=4")
     assert train(load_config(run, ["train.max_steps=3"]), resume=True, progress=False).step == 3
 
 

@@ -1,7 +1,8 @@
 """The `ddpm-faces` command: train, sample, edit, eval, classifier, export, serve, data.
 
 Thin over the library: parse the flags, build a config or a SamplingRequest, call the library, print. Every
-UserError becomes one line `error: ...` and exit status 2, here in `main` and nowhere else.
+UserError becomes one line `error: ...` and exit status 2, here in `main` and nowhere else, with its fix worded
+in flags (FIXES).
 """
 from __future__ import annotations
 
@@ -12,7 +13,27 @@ import os
 import sys
 from pathlib import Path
 
+from . import errors
 from .errors import UserError
+
+# The library names a remedy (errors.py); the command line words it in flags, with the error's facts
+FIXES = {
+    errors.RESUME: ": ddpm-faces train --config {run_dir} --resume",
+    errors.NEW_RUN: ": pass --resume to continue it, or pick another run name with --set name=<new>",
+    errors.OTHER_NAME: " with --set name=<new>",
+    errors.RESUME_AS_SAVED: "; resume with the run's own config (--config {saved})",
+    errors.NOT_RESUMING: " (leave out --resume)",
+    errors.RUN_LONGER: "; to train further raise it: ddpm-faces train --config {run_dir} --resume "
+                       "--set train.max_steps={steps}",
+    errors.MORE_PATIENCE: "; to train further raise the patience (0 = never stop): ddpm-faces train --config "
+                          "{run_dir} --resume --set train.patience={patience}",
+    errors.OTHER_OUT_DIR: " (--set train.out_dir=DIR)",
+    errors.CACHE_ELSEWHERE: " (or --cache-dir DIR)",
+    errors.CPU_DEVICE: ": use --device cpu",
+    errors.CENTRE_SQUARE: ", or --no-detect to take its centre square as it is",
+    errors.WITHOUT_DETECTOR: ", or go on without it (eval: --no-face-rate; edit and upscale: --no-detect)",
+    errors.OTHER_MODEL: ", or pass --checkpoint with a run, export or checkpoint folder",
+}
 
 
 def _train(args) -> None:
@@ -697,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err.worded(FIXES)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

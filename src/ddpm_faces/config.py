@@ -395,7 +395,7 @@ def yaml_load(text: str):
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise UserError(f"--set expects section.key=value, got {text!r} (e.g. --set train.lr=2e-4)")
+        raise UserError(f"a setting must be section.key=value, got {text!r} (e.g. train.lr=2e-4)")
     key, raw = text.split("=", 1)
     try:
         value = yaml_load(raw)
@@ -411,7 +411,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {text!r}: {part!r} is not a config section")
+                raise UserError(f"setting {text!r}: {part!r} is not a config section")
         node[path[-1]] = value
     return raw
 

@@ -23,7 +23,6 @@ from PIL import Image, ImageOps
 
 from ..images import to_model_range
 from ..errors import UserError
-from ..evaluation.faces import INSTALL_HINT, load_detector
 from ..evaluation.attributes import keep_photo_attributes
 from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
@@ -40,8 +39,6 @@ MAX_LAYERS = 4                   # painted layers one request may send
 FRAMED = "photo (framed)"        # the caption of the framed photo, first in the gallery
 MASK_FILE = "mask.png"           # the painted mask (the photo's size) as --mask takes it, offered beside the picture
 LOST_CANVAS = object()           # what the page hands over for a canvas the browser named but never sent
-NO_FACE = ("no face found in the photo: use a photo with a frontal face, or untick 'Find the face' to take its "
-           "centre square as it is (--no-detect)")
 
 
 @dataclass
@@ -60,24 +57,13 @@ def read_photo(value) -> Photo:
     if isinstance(source, bytes):
         raise UserError(f"the photo must be an uploaded file, got {quote(source)}")
     open_upload(source, f"the photo {name!r}").close()
-    try:
-        return Photo(open_photo(source), name)
-    except UserError:
-        raise UserError(f"the photo {name!r} cannot be decoded (a damaged or cut-off file?): give another") from None
+    return Photo(open_photo(source, name=name), name)
 
 
 def frame(photo: Photo, size: int, detect: bool) -> Framing:
-    """The photo framed like the training faces (around its largest face, or its centre square)."""
-    if detect:
-        try:
-            load_detector()
-        except UserError:
-            raise UserError(f"the face detector is not installed ({INSTALL_HINT}): untick 'Find the face' to "
-                            "take the photo's centre square") from None
-    try:
-        return frame_photo(photo.image, size, detect=detect)
-    except UserError:                                   # the only one left: no face found
-        raise UserError(NO_FACE) from None
+    """The photo framed like the training faces (around its largest face, or its centre square); a missing
+    detector or no face found are errors whose fix the page words (page.FIXES: untick 'Find the face')."""
+    return frame_photo(photo.image, size, detect=detect)
 
 
 def painted_mask(layers, photo_size: tuple[int, int]) -> np.ndarray | None:

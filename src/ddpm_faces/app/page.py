@@ -22,6 +22,7 @@ import gradio as gr
 from gradio.components.base import server
 
 from ..diffusion import SAMPLERS
+from .. import errors
 from ..errors import UserError
 from ..pipeline import DEFAULT_STRENGTH
 from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest
@@ -39,11 +40,19 @@ THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]   # local fonts: the 
 CSS = "#faces .grid-wrap, #edits .grid-wrap { min-height: 0 !important; height: auto !important; }"  # fit the faces
 
 
+# The library names a remedy (errors.py); the web page words it in its own controls, with the error's facts
+FIXES = {
+    errors.CENTRE_SQUARE: ", or untick 'Find the face' to take its centre square as it is",
+    errors.WITHOUT_DETECTOR: ", or untick 'Find the face' to take the photo's centre square",
+    errors.OTHER_MODEL: ", or choose another model",
+}
+
+
 def gradio_error(err: Exception) -> gr.Error:
-    """The Gradio error a client sees, one short line: "Invalid input" for a UserError; for anything else
-    (a fault, whose traceback goes to the server's log) its type and message."""
+    """The Gradio error a client sees, one short line: "Invalid input" for a UserError (its fix worded for the
+    page: FIXES); for anything else (a fault, whose traceback goes to the server's log) its type and message."""
     if isinstance(err, UserError):
-        return gr.Error(one_line(str(err)), title="Invalid input", print_exception=False)
+        return gr.Error(one_line(err.worded(FIXES)), title="Invalid input", print_exception=False)
     traceback.print_exception(err)
     return gr.Error(one_line(f"{type(err).__name__}: {err}"), print_exception=False)
 

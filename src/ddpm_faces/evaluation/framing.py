@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..data.prepare import to_rgb
-from ..errors import UserError
+from ..errors import CENTRE_SQUARE, NoFace, PhotoError
 from .faces import MIN_SCORE, detect_faces
 
 BOX_SIDE = 0.984                 # detector box side / training image side
@@ -34,21 +34,24 @@ class Framing:
     photo_size: tuple[int, int]  # the photo's (width, height), which a mask must have
 
 
-def open_photo(path) -> Image.Image:
-    """An RGB photo with its EXIF rotation applied; one-line errors for files that are not usable images, and
-    for files too large in bytes or pixels (checked from the header, before decoding)."""
+def open_photo(path, name: str | None = None) -> Image.Image:
+    """An RGB photo with its EXIF rotation applied; one-line PhotoErrors for files that are not usable images,
+    and for files too large in bytes or pixels (checked from the header, before decoding). The messages call the
+    file `name` (default: its path; an upload's own name where `path` is a temporary copy)."""
+    name = path if name is None else repr(name)
     try:
         if os.path.getsize(path) > MAX_BYTES:
-            raise UserError(f"{path} is larger than {MAX_BYTES // 2**20} MB: give a smaller photo")
+            raise PhotoError(f"{name} is larger than {MAX_BYTES // 2**20} MB: give a smaller photo")
         with Image.open(path) as img:
             if img.width * img.height > MAX_PIXELS:
-                raise UserError(f"{path} has {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}: resize it first")
+                raise PhotoError(f"{name} has {img.width}x{img.height} pixels, more than {MAX_PIXELS:,}: resize it "
+                                 "first")
             return to_rgb(ImageOps.exif_transpose(img))          # 16-bit greyscale scaled, not clipped white
     except Image.DecompressionBombError:
-        raise UserError(f"{path} has far more than {MAX_PIXELS:,} pixels: resize it first") from None
+        raise PhotoError(f"{name} has far more than {MAX_PIXELS:,} pixels: resize it first") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise UserError(f"{path} is not an image Pillow can read ({type(err).__name__}): give a JPEG or PNG photo"
-                        ) from None
+        raise PhotoError(f"{name} is not an image Pillow can read, or a damaged or cut-off one "
+                         f"({type(err).__name__}): give a JPEG or PNG photo") from None
 
 
 def frame_photo(photo: Image.Image, size: int, detect: bool = True) -> Framing:
@@ -60,8 +63,7 @@ def frame_photo(photo: Image.Image, size: int, detect: bool = True) -> Framing:
         return Framing(_resize(photo.crop(box), size), box, 0, photo.size)
     boxes = _detect(photo)
     if not boxes:
-        raise UserError("no face found in the photo: use a photo with a frontal face, or --no-detect to take "
-                        "its centre square as it is")
+        raise NoFace("no face found in the photo: use a photo with a frontal face", fix=CENTRE_SQUARE)
     box = fit_box(_crop_box(max(boxes, key=lambda b: b[2] * b[3]), photo.size), photo.size)
     return Framing(_resize(crop_square(photo, box), size), box, len(boxes), photo.size)
 

@@ -63,7 +63,7 @@ def attribute_agreement(pipe: Pipeline, classifier, request: SamplingRequest, *,
     num, seed = request.num, request.seed
     m = pipe.cfg.model
     if not m.attributes:
-        raise UserError(f"--attributes needs a conditional model; {pipe.source} is unconditional")
+        raise UserError(f"attribute agreement needs a conditional model; {pipe.source} is unconditional")
     d = pipe.cfg.data
     data = prepare_dataset(reference, pipe.codec.image_size, crop=d.crop, cache_dir=cache_dir, hf_config=d.hf_config,
                            progress=progress)

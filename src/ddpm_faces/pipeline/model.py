@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config, config_from_dict, read_yaml
 from ..diffusion import Denoiser, NoiseSchedule
-from ..errors import UserError
+from ..errors import CPU_DEVICE, DeviceError, UserError
 from ..models import Codec, PixelCodec, UNet
 from ..models.autoencoder import Autoencoder
 from ..models.codec import LatentCodec
@@ -232,11 +232,11 @@ def check_device(device: str | torch.device) -> torch.device:
     except (RuntimeError, TypeError):
         raise UserError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but this PyTorch has no CUDA GPU: use --device cpu")
+        raise DeviceError(f"device {device!r} asked for, but this PyTorch has no CUDA GPU", fix=CPU_DEVICE)
     if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {device!r} asked for, but MPS is not available: use --device cpu")
+        raise DeviceError(f"device {device!r} asked for, but MPS is not available", fix=CPU_DEVICE)
     return dev
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import NOT_RESUMING, RunError, UserError
 from ..io import recover_folder
 
 CONFIG_FILE = "config.yaml"
@@ -84,5 +84,5 @@ def missing_run_error(run: str, out_dir: str | Path) -> UserError:
     """The one-line error of --resume for a run that is not in `out_dir`, naming the runs that are."""
     runs = list_runs(out_dir)
     there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there yet"
-    return UserError(f"--resume: there is no run {run} in {out_dir} ({there}). Check the run name, or leave out "
-                     "--resume to start a new run")
+    return RunError(f"there is no run {run} to continue in {out_dir} ({there}). Check the run name, or start a "
+                    "new run", fix=NOT_RESUMING)

@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import OTHER_NAME, RunError, UserError
 from .layout import RunFolder
 
 LOCK_FILE = "train.lock"
@@ -115,9 +115,9 @@ class RunLock:
     def taken(self) -> UserError:
         """The error for a run that another process trains."""
         holder = describe_holder(self.path)
-        return UserError(f"{self.run.root} is being trained by {holder}: one run folder takes one trainer. Wait for "
-                         "it to end, stop it (Ctrl-C or kill: it saves a checkpoint), or train another run name "
-                         "with --set name=<new>")
+        return RunError(f"{self.run.root} is being trained by {holder}: one run folder takes one trainer. Wait for "
+                        "it to end, stop it (Ctrl-C or kill: it saves a checkpoint), or train another run name",
+                        fix=OTHER_NAME)
 
     def record(self, text: str) -> None:
         """Replace the lock file's content (only while holding the lock)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, TrainConfig, yaml_load
-from ..errors import UserError
+from ..errors import MORE_PATIENCE, NEW_RUN, RESUME_AS_SAVED, RUN_LONGER, RunError, UserError
 from ..runs import RunFolder, codec_key, load_checkpoint, missing_run_error
 from .monitors import EarlyStopping
 
@@ -35,12 +35,11 @@ def check_run_folder(cfg: Config, resume: bool) -> Path | None:
     change what RESUMED_SECTIONS name, or to resume a run that has nothing left to train or no checkpoint."""
     folder = RunFolder(cfg.run_dir)
     if folder.has_trained_model() and not resume:
-        raise UserError(f"{folder.root} already holds a trained model: pass --resume to continue it, or pick another "
-                        "run name with --set name=<new>")
+        raise RunError(f"{folder.root} already holds a trained model", fix=NEW_RUN, run_dir=folder.root)
     newest = folder.latest_checkpoint() if resume else None
     if newest is None and resume and folder.export.exists():
-        raise UserError(f"--resume: {folder.root} has an export but no checkpoint to continue from (they were "
-                        "deleted?); start a new run with another name, or restore checkpoints/")
+        raise RunError(f"{folder.root} has an export but no checkpoint to continue from (they were deleted?); start "
+                       "a new run with another name, or restore checkpoints/")
     if newest is None:
         return None
     if folder.config.is_file():
@@ -60,8 +59,8 @@ def check_same_model(cfg: Config, saved: Path) -> None:
     new["model"].pop("label_counts", None)
     for section in RESUMED_SECTIONS:
         if section in old and old[section] != new[section]:      # runs saved before a section existed skip it
-            raise UserError(f"--resume: the {section} section differs from the one in {saved}; "
-                            f"resume with the run's own config (--config {saved})")
+            raise RunError(f"the {section} section differs from the one the run was trained with, in {saved}",
+                           fix=RESUME_AS_SAVED, saved=saved)
 
 
 def check_same_codec(checkpoint: Path, codec) -> None:
@@ -72,7 +71,7 @@ def check_same_codec(checkpoint: Path, codec) -> None:
     except (OSError, ValueError, AttributeError):
         return                                   # a damaged checkpoint: loading it gives the error
     if recorded is not None and recorded != codec_key(codec):
-        raise UserError(f"--resume: {checkpoint} trained on the latents of another autoencoder than the one "
+        raise RunError(f"{checkpoint} trained on the latents of another autoencoder than the one "
                         "codec.autoencoder names now (it was retrained or replaced): point codec.autoencoder back "
                         "at the autoencoder the run started with, or start a new run")
 
@@ -84,14 +83,14 @@ def check_work_left(cfg: Config, checkpoint: Path) -> None:
         step, best, bad = int(state["step"]), state["best"], int(state["bad_evals"])
     except (OSError, ValueError, KeyError, TypeError):
         return                                   # a damaged checkpoint: loading it gives the error
-    tc, again = cfg.train, f"ddpm-faces train --config {cfg.run_dir} --resume"
+    tc = cfg.train
     if step >= tc.max_steps:
-        raise UserError(f"run {cfg.name!r} has nothing left to train: {checkpoint.name} is at train.max_steps "
-                        f"({tc.max_steps}); to train further raise it: {again} --set train.max_steps={2 * step}")
+        raise RunError(f"run {cfg.name!r} has nothing left to train: {checkpoint.name} is at train.max_steps "
+                       f"({tc.max_steps})", fix=RUN_LONGER, run_dir=cfg.run_dir, steps=2 * step)
     if EarlyStopping(tc.patience, tc.min_delta, best, bad).should_stop:
-        raise UserError(f"run {cfg.name!r} has nothing left to train: it stopped early at {checkpoint.name}, "
-                        f"{bad} evaluations without improvement (train.patience={tc.patience}); to train further "
-                        f"raise the patience (0 = never stop): {again} --set train.patience={tc.patience + bad}")
+        raise RunError(f"run {cfg.name!r} has nothing left to train: it stopped early at {checkpoint.name}, "
+                       f"{bad} evaluations without improvement (train.patience={tc.patience})", fix=MORE_PATIENCE,
+                       run_dir=cfg.run_dir, patience=tc.patience + bad)
 
 
 def gather_rng(accelerator) -> dict:

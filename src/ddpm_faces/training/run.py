@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import RESUME, RunError, UserError
 from ..models import Codec
 from ..pipeline import Pipeline, build_codec
 from ..runs import RunFolder, codec_key, export_model, save_checkpoint
@@ -85,8 +85,9 @@ def write_failure(err: Exception, what: str, folder: RunFolder, step: int) -> Us
     reason = err.strerror if isinstance(err, OSError) and err.strerror else f"{type(err).__name__}: {err}"
     done = folder.checkpoints()
     kept = f"the last complete checkpoint, {done[-1]}, is intact" if done else "no earlier checkpoint exists"
-    return UserError(f"could not write {what} of step {step} in {folder.root}: {reason[:300]} "
-                     f"({free_space(folder.root)}); {kept}. Free some space, then continue with --resume")
+    return RunError(f"could not write {what} of step {step} in {folder.root}: {reason[:300]} "
+                    f"({free_space(folder.root)}); {kept}. Free some space, then continue the run", fix=RESUME,
+                    run_dir=folder.root)
 
 
 class Run:
@@ -316,7 +317,7 @@ class Run:
         if not self.saved:
             self.checkpoint()
         self.interrupted = True
-        self.say(f"stopped at step {self.step}; checkpoint saved: continue with --resume")
+        self.say(f"stopped at step {self.step}; checkpoint saved: the run continues from it when resumed")
 
     def finish(self) -> TrainResult:
         """Close the progress bar and TensorBoard; every rank waits for the others."""

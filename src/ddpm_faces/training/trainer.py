@@ -24,7 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from ..config import Config, TrainConfig, save_config
 from ..data import BatchLoader, PreparedData, prepare_dataset
 from ..data.latents import LatentLoader, encode_latents
-from ..errors import UserError
+from ..errors import OTHER_OUT_DIR, RunError, UserError
 from ..hardware import machine_info, training_precision
 from ..io import atomic_file
 from ..models import Codec, count_parameters
@@ -83,8 +83,8 @@ def check_writable(folder: Path) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot write the run folder {folder}: {err.strerror or err}; choose a writable "
-                        "train.out_dir (--set train.out_dir=...) or free some space") from None
+        raise RunError(f"cannot write the run folder {folder}: {err.strerror or err}; choose a writable "
+                       "train.out_dir or free some space", fix=OTHER_OUT_DIR) from None
 
 
 def make_accelerator(tc: TrainConfig) -> Accelerator:
