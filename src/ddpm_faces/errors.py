@@ -2,7 +2,7 @@
 
 A library error names the problem and the facts (`UserError.facts`). Where the remedy depends on where the user
 is (a command-line flag, a box on the web page), the library names the remedy (`fix`) and never words it:
-each edge words it in one place, `cli.FIXES` and `app.guard.FIXES`, with the error's facts. The message reads
+each edge words it in one place, `cli.FIXES` and `app.page.FIXES`, with the error's facts. The message reads
 whole without it, so an edge that has no wording for a fix adds nothing.
 
     raise NoFace("no face found in the photo: use a photo with a frontal face", fix=CENTRE_SQUARE)
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-# Remedies an edge words its own way (cli.FIXES, app.guard.FIXES); the facts each one's wording may use
+# Remedies an edge words its own way (cli.FIXES, app.page.FIXES); the facts each one's wording may use
 RESUME = "resume"                  # continue the run (facts: run_dir)
 NEW_RUN = "new_run"                # start another run under a new name, or continue this one (run_dir)
 OTHER_NAME = "other_name"          # train under another run name

@@ -13,14 +13,13 @@ The discriminator of the adversarial loss is in models/discriminator.py; the los
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import Upsample
+from .unet import Upsample, group_norm
 
 
 @dataclass
@@ -42,17 +41,14 @@ class AutoencoderConfig:
         return self.resolution // self.factor
 
 
-def _norm(channels: int, groups: int) -> nn.Module:
-    return nn.GroupNorm(math.gcd(groups, channels), channels) if groups else nn.Identity()
-
-
-class ResBlock(nn.Module):
-    """norm-SiLU-conv twice with a skip connection (no time embedding: the autoencoder sees one image)."""
+class PlainResBlock(nn.Module):
+    """norm-SiLU-conv twice with a skip connection: the UNet's ResBlock without a time embedding (the
+    autoencoder sees one image, at no noise level)."""
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = _norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2, self.conv2 = _norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = group_norm(c_out, groups), nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +57,7 @@ class ResBlock(nn.Module):
 
 
 def _blocks(c_in: int, c_out: int, n: int, groups: int) -> list[nn.Module]:
-    return [ResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
+    return [PlainResBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
 
 
 class Encoder(nn.Module):
@@ -75,7 +71,7 @@ class Encoder(nn.Module):
             layers += _blocks(ch[i - 1] if i else ch[0], c, cfg.blocks_per_level, cfg.groups)
             if i < len(ch) - 1:
                 layers.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
-        layers += [ResBlock(ch[-1], ch[-1], cfg.groups), _norm(ch[-1], cfg.groups), nn.SiLU(),
+        layers += [PlainResBlock(ch[-1], ch[-1], cfg.groups), group_norm(ch[-1], cfg.groups), nn.SiLU(),
                    nn.Conv2d(ch[-1], out_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
@@ -90,12 +86,12 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.channels[::-1]
         layers: list[nn.Module] = [nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1),
-                                   ResBlock(ch[0], ch[0], cfg.groups)]
+                                   PlainResBlock(ch[0], ch[0], cfg.groups)]
         for i, c in enumerate(ch):
             layers += _blocks(ch[i - 1] if i else ch[0], c, cfg.blocks_per_level, cfg.groups)
             if i < len(ch) - 1:
                 layers.append(Upsample(c))
-        layers += [_norm(ch[-1], cfg.groups), nn.SiLU()]
+        layers += [group_norm(ch[-1], cfg.groups), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)   # "the last layer" of VQGAN eq. 7
 

@@ -52,8 +52,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
-def norm(channels: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(groups, channels), channels)
+def group_norm(channels: int, groups: int) -> nn.Module:
+    """GroupNorm with the largest group count that divides `channels` and `groups`; groups 0: no norm."""
+    return nn.GroupNorm(math.gcd(groups, channels), channels) if groups else nn.Identity()
 
 
 def zero(module: nn.Module) -> nn.Module:
@@ -68,9 +69,9 @@ class ResBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1, self.conv1 = norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in, groups), nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)
-        self.norm2, self.dropout = norm(c_out, groups), nn.Dropout(dropout)
+        self.norm2, self.dropout = group_norm(c_out, groups), nn.Dropout(dropout)
         self.conv2 = zero(nn.Conv2d(c_out, c_out, 3, padding=1))
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -88,7 +89,7 @@ class Attention(nn.Module):
     def __init__(self, channels: int, head_channels: int, groups: int):
         super().__init__()
         self.heads = max(1, channels // head_channels)
-        self.norm = norm(channels, groups)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero(nn.Conv2d(channels, channels, 1))
 
@@ -174,7 +175,7 @@ class UNet(nn.Module):
             if i > 0:
                 res *= 2
 
-        self.norm_out = norm(c, cfg.groups)
+        self.norm_out = group_norm(c, cfg.groups)
         self.conv_out = zero(nn.Conv2d(c, cfg.in_channels, 3, padding=1))
 
     @property
