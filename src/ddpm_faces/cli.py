@@ -38,6 +38,7 @@ FIXES = {
 
 def _train(args) -> None:
     from .config import load_config
+    from .runs import RunFolder
     from .training import train
 
     config = args.config
@@ -63,17 +64,17 @@ def _train(args) -> None:
         print(f"{why} after {result.step} steps{skipped}; checkpoint saved. Continue with: ddpm-faces train "
               f"--config {result.run_dir} --resume")
         return
-    print(f"trained {result.step} steps{skipped}{best}; model exported to {result.run_dir / 'export'}")
+    print(f"trained {result.step} steps{skipped}{best}; model exported to {RunFolder(result.run_dir).export}")
 
 
 def check_resumed_run_exists(config: str) -> None:
     """--resume --config runs/<name> (or its config.yaml) for a run that is not there: name the runs that are."""
-    from .runs import missing_run_error
+    from .runs import CONFIG_FILE, missing_run_error
 
     path = Path(config)
     if path.exists() or (str(path) == path.name and not path.suffix):      # a bundled config's name
         return
-    folder = path.parent.parent if path.name == "config.yaml" else path.parent
+    folder = path.parent.parent if path.name == CONFIG_FILE else path.parent
     raise missing_run_error(config, folder)
 
 
