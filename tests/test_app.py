@@ -505,3 +505,23 @@ def test_stale_server_folders_are_removed_and_uploads_are_bounded(tmp_path):
         os.utime(path, (1000 + i, 1000 + i))
     assert trim_oldest(uploads, 2500) == 3000
     assert sorted(p.name for p in uploads.iterdir()) == ["u3.png", "u4.png"]
+
+
+def test_each_tab_is_a_unit_whose_inputs_match_its_handler_and_name_page_components(app):
+    import inspect
+
+    import gradio as gr
+
+    from ddpm_faces.app.page import _layout
+
+    with gr.Blocks():
+        components = _layout(app)
+    kinds = [tab.kind for tab in app.tabs]
+    assert kinds == ["generate", "interpolate", "edit"]
+    for tab in app.tabs:
+        params = inspect.signature(tab.handler).parameters.values()
+        positional = [p for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+        assert len(positional) == len(tab.inputs), (tab.kind, [p.name for p in positional], tab.inputs)
+        assert any(p.kind == p.VAR_POSITIONAL for p in params) and "token" in inspect.signature(tab.handler).parameters
+        missing = [name for name in (*tab.inputs, *tab.outputs) if name not in components]
+        assert not missing, (tab.kind, missing)

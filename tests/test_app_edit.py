@@ -108,9 +108,9 @@ def test_canvas_holds_the_photo_upright_at_canvas_size(app, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6                                                                # "rotate 90° to view"
     sideways.save(tmp_path / "phone.jpg", exif=exif)
-    canvas = app.edit_canvas(str(tmp_path / "phone.jpg"))["edit_canvas"]
+    canvas = app.editor.canvas(str(tmp_path / "phone.jpg"))["edit_canvas"]
     assert Image.open(canvas["background"]).size == (CANVAS_PX // 2, CANVAS_PX) and canvas["layers"] == []
-    assert app.edit_canvas(None) == {"edit_canvas": None}
+    assert app.editor.canvas(None) == {"edit_canvas": None}
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -128,13 +128,13 @@ def test_the_canvas_the_browser_sent_ahead_is_taken_once(app, photos):
     canvas = SimpleNamespace(blob_storage={"mine": sent})
     layers = painted_layers(canvas, {"id": "mine", "background": None, "layers": [], "composite": None})
     assert layers == [sent.layers[0]] and painted_layers(canvas, {"id": "mine"}) is LOST_CANVAS
-    final = outputs(app.edit(*edit_args(str(photos["face"]), layers, strength=1.0, num=1)))[-1]
+    final = outputs(app.editor.edit(*edit_args(str(photos["face"]), layers, strength=1.0, num=1)))[-1]
     framed, edit = (unscaled(face) for face, _ in final["edit_gallery"])
     assert np.array_equal(edit[:, 16:], framed[:, 16:]) and not np.array_equal(edit[:, :16], framed[:, :16])
     with pytest.raises(UserError, match="upload a photo first"):                    # the photo's error first
-        next(app.edit(*edit_args(None, LOST_CANVAS)))
+        next(app.editor.edit(*edit_args(None, LOST_CANVAS)))
     with pytest.raises(UserError, match="the painted canvas did not reach the server"):
-        next(app.edit(*edit_args(str(photos["face"]), LOST_CANVAS)))
+        next(app.editor.edit(*edit_args(str(photos["face"]), LOST_CANVAS)))
     api = {"background": None, "layers": [{"path": "a.png"}], "composite": None}
     assert painted_layers(canvas, api) == [{"path": "a.png"}] and painted_layers(canvas, None) is None
 
@@ -149,7 +149,7 @@ def test_the_store_of_canvases_sent_ahead_stays_small():
 
 
 def test_strength_zero_gives_the_framed_photo_back(app, photos):
-    final = outputs(app.edit(*edit_args(str(photos["face"]), strength=0.0, num=1)))[-1]
+    final = outputs(app.editor.edit(*edit_args(str(photos["face"]), strength=0.0, num=1)))[-1]
     (framed, caption), (edit, _) = final["edit_gallery"]
     framing = frame_photo(open_photo(photos["face"]), 32, detect=False)
     assert caption == FRAMED and np.array_equal(unscaled(framed), framing.image)
@@ -158,7 +158,7 @@ def test_strength_zero_gives_the_framed_photo_back(app, photos):
 
 def test_the_latent_model_edits_at_128_px_and_keeps_the_unpainted_part(app, photos, tmp_path):
     strokes = layer(tmp_path / "strokes.png", (96, 96), (0, 0, 48, 96))               # the left half
-    final = outputs(app.edit(*edit_args(str(photos["face"]), [str(strokes)], strength=1.0, num=1, model=LATENT)))[-1]
+    final = outputs(app.editor.edit(*edit_args(str(photos["face"]), [str(strokes)], strength=1.0, num=1, model=LATENT)))[-1]
     (framed, caption), (edited, _) = final["edit_gallery"]
     framing = frame_photo(open_photo(photos["face"]), 128, detect=False)
     assert caption == FRAMED and framed.shape == (128, 128, 3) and np.array_equal(framed, framing.image)
@@ -168,7 +168,7 @@ def test_the_latent_model_edits_at_128_px_and_keeps_the_unpainted_part(app, phot
 
 def test_cancel_ends_the_edit_with_stopped(app, photos):
     token = app.arm()
-    stream = app.edit(*edit_args(str(photos["face"]), strength=1.0, sampler="ddpm", steps=1000, num=MAX_IMAGES),
+    stream = app.editor.edit(*edit_args(str(photos["face"]), strength=1.0, sampler="ddpm", steps=1000, num=MAX_IMAGES),
                       token=token)
     first = next(out for out in stream if out)
     assert first["edit_gallery"][0][1] == FRAMED and first["edit_status"] == "Editing ..."

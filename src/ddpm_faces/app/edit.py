@@ -1,9 +1,10 @@
-"""The "Edit a photo" tab's handlers, plain Python, mixed into FaceApp: the photo put on the painting canvas,
-and the edit itself, one SamplingRequest and one EditPlan (pipeline/edit.py) run as a Job like Generate's
-(worker thread, stop flag, live previews, "Stopped." on Cancel, the same concurrency limit).
+"""The "Edit a photo" tab as a unit, plain Python: PhotoEditor, built on the FaceApp it belongs to (whose
+request checks, pipelines, jobs and folders it uses), with its inputs and outputs by name. The photo is put
+on the painting canvas, and the edit itself, one SamplingRequest and one EditRequest (pipeline/) run as a Job
+like Generate's (worker thread, stop flag, live previews, "Stopped." on Cancel, the same concurrency limit).
 
-    canvas = app.edit_canvas(photo)                   # {"edit_canvas": the photo to paint on}
-    *_, last = app.edit(model, photo, layers, 0.6, "dpmpp-2m", 20, 4, 0, 1.0, "fp32", False, True, "any")
+    canvas = app.editor.canvas(photo)                 # {"edit_canvas": the photo to paint on}
+    *_, last = app.editor.edit(model, photo, layers, 0.8, "dpmpp-2m", 20, 4, 0, 1.0, "fp32", False, True, "any")
     last["edit_gallery"], last["edit_files"], last["edit_command"]
 
 `photo` is the photo input's value (Gradio's FileData dict, or from Python a path); `layers` the painted
@@ -16,6 +17,7 @@ from __future__ import annotations
 import shlex
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +34,9 @@ from ..runs import model_name
 from . import outputs as out
 from .inputs import check_bool, check_number, open_upload, quote, upload_name, upload_source
 from .job import Cancelled, Job
+
+if TYPE_CHECKING:
+    from .handlers import FaceApp
 
 CANVAS_PX = 512                  # the painting canvas's longer side (the strokes are stretched to the photo's)
 MAX_SCRATCH_BYTES = 256 * 2**20          # the server's uploads and pictures kept at once (oldest go first)
@@ -126,10 +131,20 @@ def edit_status(request, strength: float, steps_run: int, invert: bool, mask: bo
     return f"{r.num} edit{'s' if r.num > 1 else ''} of the photo in {seconds:.2f} s ({', '.join(how)}){found}"
 
 
-class PhotoEditing:
-    """FaceApp's "Edit a photo" handlers (they use its request, pipelines, jobs and out_dir)."""
+class PhotoEditor:
+    """The "Edit a photo" tab: `edit` reads the components INPUTS names, in that order (then the attribute
+    dropdowns and the session's job token), and yields the outputs OUTPUTS names; `canvas` puts an uploaded
+    photo on the painting canvas."""
 
-    def edit_canvas(self, photo) -> dict:
+    kind = "edit"                     # its API name, job kind and request checks (FaceApp.request)
+    INPUTS = ("model", "edit_photo", "edit_canvas", "edit_strength", "edit_sampler", "edit_steps", "edit_num",
+              "edit_seed", "guidance", "precision", "edit_invert", "edit_detect")
+    OUTPUTS = out.EDIT_OUTPUTS
+
+    def __init__(self, app: FaceApp):
+        self.app = app
+
+    def canvas(self, photo) -> dict:
         """The photo on the painting canvas (EXIF rotation applied, its longer side CANVAS_PX), or an empty
         canvas when the photo is cleared."""
         if photo is None:
@@ -138,7 +153,7 @@ class PhotoEditing:
         scale = CANVAS_PX / max(image.size)
         canvas = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                               Image.BICUBIC)
-        path = str(save_image(np.asarray(canvas), out.new_folder(self.out_dir) / "photo.png"))
+        path = str(save_image(np.asarray(canvas), out.new_folder(self.app.out_dir) / "photo.png"))
         return {"edit_canvas": {"background": path, "layers": [], "composite": path}}
 
     def edit(self, model, photo, layers, strength, sampler, steps, num, seed, guidance=1.0, precision="auto",
@@ -147,10 +162,11 @@ class PhotoEditing:
         few steps, then the framed photo and the edits side by side, the PNG of them (with the command, the
         model and "edited" in its text chunks; and the mask PNG when a region was painted), the command
         line and the status."""
-        if self.scratch is not None:              # uploads accumulate there: the oldest go beyond the bound
-            trim_oldest(self.scratch, MAX_SCRATCH_BYTES)
-        entry, pipe, request = self.request(model, sampler, steps, num, seed, guidance, precision, attributes,
-                                            kind="edit")
+        app = self.app
+        if app.scratch is not None:               # uploads accumulate there: the oldest go beyond the bound
+            trim_oldest(app.scratch, MAX_SCRATCH_BYTES)
+        entry, pipe, request = app.request(model, sampler, steps, num, seed, guidance, precision, attributes,
+                                           kind=self.kind)
         strength = round(check_number(strength, "strength", 0, 1, " (0 = the photo back, 1 = a fresh sample)"), 4)
         invert = check_bool(invert, "keep the person (DDIM inversion)")
         detect = check_bool(detect, "find the face")
@@ -194,13 +210,13 @@ class PhotoEditing:
             return generate(pipe, request, plan=plan, callback=counted, progress=False)
 
         start = time.perf_counter()
-        job = self.jobs.start(Job("edit", steps_run, work, threads=self.threads), token)
-        images = yield from self._follow(job, show, "edit_status")
+        job = app.jobs.start(Job(self.kind, steps_run, work, threads=app.threads), token)
+        images = yield from app.follow(job, show, "edit_status")
         if images is None:
             return
         masked = mask is not None
         command = edit_command(entry, picture, edit, detect, request, scale)
-        folder, both = out.new_folder(self.out_dir), np.concatenate([framed_image[None], images])
+        folder, both = out.new_folder(app.out_dir), np.concatenate([framed_image[None], images])
         path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
                           text=provenance(command, model_name(pipe.source), pipe.step, note=EDITED))
         files = [path] + ([save_image(painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])

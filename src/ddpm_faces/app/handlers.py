@@ -1,6 +1,7 @@
 """The app's state (models, loaded pipelines, sampling jobs) and its handlers, plain Python: each handler
 checks its inputs, builds one SamplingRequest and validates it against the model, and returns (or yields) a
 dict keyed by output name. They raise UserError for bad input; the page turns that into Gradio's error.
+Each sampling tab is a unit (Tab: its handler, its inputs and outputs by name); the page composes `app.tabs`.
 
     app = FaceApp.from_paths(None)               # the bundled model(s) and the exports under runs/
     *_, last = app.generate(app.default, "dpmpp-2m", 20, 4, 0)
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +32,7 @@ from ..pipeline import (RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest
 from . import outputs as out
 from .inputs import (ANY_CHOICE, MAX_GUIDANCE, MAX_IMAGES, MAX_PAGE_SEED, MAX_STEPS, check_attributes, check_choice,
                      check_int, check_number)
-from .edit import PhotoEditing
+from .edit import PhotoEditor
 from .job import Job, Jobs
 from .models import ModelEntry, discover_models, model_card
 
@@ -55,9 +57,24 @@ def sampling_with_strip(pipe: Pipeline, request: SamplingRequest, strip: Denoisi
     return work
 
 
-class FaceApp(PhotoEditing):
-    """The models on offer, their pipelines (loaded once, on first use), the jobs, and the handlers (those of
-    the "Edit a photo" tab in edit.py)."""
+@dataclass(frozen=True)
+class Tab:
+    """One sampling tab as a unit: its handler, the page components it reads by name in the handler's
+    positional order (the attribute dropdowns and the session's job token follow), and those it writes."""
+    kind: str                          # its API name and job kind
+    handler: Callable                  # yields outputs by name
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+GENERATE_INPUTS = ("model", "sampler", "steps", "num", "seed", "guidance", "precision")
+INTERPOLATE_INPUTS = ("model", "interpolate_sampler", "interpolate_steps", "interpolate_num", "seed_a", "seed_b",
+                      "guidance", "precision")
+
+
+class FaceApp:
+    """The models on offer, their pipelines (loaded once, on first use), the jobs, and the handlers of the
+    Generate and Interpolate tabs; the "Edit a photo" tab is its `editor` (edit.py's PhotoEditor)."""
 
     def __init__(self, models: dict[str, ModelEntry], *, concurrency_limit: int = 1, max_queue: int = 32,
                  threads: int | None = None, device: str = "cpu", out_dir: str | Path | None = None,
@@ -78,7 +95,15 @@ class FaceApp(PhotoEditing):
         self.scratch = Path(out_dir) if out_dir is not None else None     # the server's folder, uploads included
         self._pipes: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
+        self.editor = PhotoEditor(self)
         atexit.register(self.close)
+
+    @property
+    def tabs(self) -> tuple[Tab, ...]:
+        """The sampling tabs, as the page composes them."""
+        return (Tab("generate", self.generate, GENERATE_INPUTS, out.GENERATE_OUTPUTS),
+                Tab("interpolate", self.interpolate, INTERPOLATE_INPUTS, out.INTERPOLATE_OUTPUTS),
+                Tab(self.editor.kind, self.editor.edit, self.editor.INPUTS, self.editor.OUTPUTS))
 
     @classmethod
     def from_paths(cls, checkpoints: list[str] | None = None, runs_dir: str | Path = "runs", **kwargs) -> FaceApp:
@@ -172,7 +197,7 @@ class FaceApp(PhotoEditing):
         self.jobs.cancel(token)
         return {}
 
-    def _follow(self, job: Job, show: Callable, status: str) -> Iterator[Outputs]:
+    def follow(self, job: Job, show: Callable, status: str) -> Iterator[Outputs]:
         """Yield what each event shows (ticks change nothing) until the job ends; returns the images, or
         None when the job was cancelled (after yielding `status` "Stopped.")."""
         with contextlib.closing(job.events()) as events:        # closed early (a client's cancel): job stops
@@ -212,7 +237,7 @@ class FaceApp(PhotoEditing):
         start = time.perf_counter()
         job = self.jobs.start(Job("generate", steps, sampling_with_strip(pipe, request, strip),
                                   threads=self.threads), token)
-        images = yield from self._follow(job, show, "status")
+        images = yield from self.follow(job, show, "status")
         if images is not None:
             yield self._faces(entry, pipe, request, images, strip, time.perf_counter() - start)
 
@@ -242,7 +267,7 @@ class FaceApp(PhotoEditing):
 
         start = time.perf_counter()
         job = self.jobs.start(Job("interpolate", request.steps, work, threads=self.threads), token)
-        images = yield from self._follow(job, show, "interpolate_status")
+        images = yield from self.follow(job, show, "interpolate_status")
         if images is not None:
             yield {"row": out.enlarge(make_grid(images, nrow=nrow), scale),
                    "interpolate_status": out.interpolate_status(request, seed_b, time.perf_counter() - start)}

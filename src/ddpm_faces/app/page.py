@@ -28,7 +28,7 @@ from ..pipeline import DEFAULT_STRENGTH
 from ..pipeline import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLING_PRECISIONS, SamplingRequest
 from . import outputs as out
 from .edit import LOST_CANVAS, MAX_LAYERS
-from .handlers import FaceApp
+from .handlers import FaceApp, Tab
 from .inputs import ANY_CHOICE, MAX_GUIDANCE, MAX_IMAGES, MAX_PAGE_SEED, MAX_STEPS, one_line
 
 DEFAULT_NUM = 4
@@ -270,21 +270,23 @@ def painted_layers(canvas: gr.ImageEditor, value):
     return [layer for layer in blobs.layers if layer] if blobs is not None else LOST_CANVAS
 
 
-def _editing(app: FaceApp, canvas: gr.ImageEditor) -> Callable:
+def _with_canvas(handler: Callable, canvas: gr.ImageEditor) -> Callable:
+    """The edit handler with the canvas's value turned into its painted layers (painted_layers)."""
     def edit(model, photo, painted, *rest, token=None):
-        yield from app.edit(model, photo, painted_layers(canvas, painted), *rest, token=token)
+        yield from handler(model, photo, painted_layers(canvas, painted), *rest, token=token)
     return edit
 
 
-def _sampling_event(app: FaceApp, c: dict, kind: str, inputs: list[str], names: tuple[str, ...]) -> None:
-    """Run button -> arm the tab's job token (a gr.State) -> the handler with it; Cancel -> that token's stop."""
-    button, stop, state, cancel_name = SAMPLING[kind]
+def _sampling_event(app: FaceApp, c: dict, tab: Tab) -> None:
+    """Run button -> arm the tab's job token (a gr.State) -> the tab's handler with it; Cancel -> that token's
+    stop. The handler reads the components its tab names, then the attribute dropdowns, then the token."""
+    button, stop, state, cancel_name = SAMPLING[tab.kind]
     run, cancel, token = c[button], c[stop], c[state]
     attributes = [f"attribute_{name}" for name in app.attribute_names]
-    fn = _editing(app, c["edit_canvas"]) if kind == "edit" else getattr(app, kind)
+    fn = _with_canvas(tab.handler, c["edit_canvas"]) if "edit_canvas" in tab.inputs else tab.handler
     run.click(app.arm, token, token, queue=False, api_visibility="private").then(
-        gradio_handler(fn, names, token_last=True), [c[n] for n in inputs + attributes] + [token],
-        [c[n] for n in names], api_name=kind, preprocess=False, concurrency_id="sampling",
+        gradio_handler(fn, tab.outputs, token_last=True), [c[n] for n in (*tab.inputs, *attributes)] + [token],
+        [c[n] for n in tab.outputs], api_name=tab.kind, preprocess=False, concurrency_id="sampling",
         concurrency_limit=app.concurrency_limit)
     cancel.click(gradio_handler(app.cancel, ()), token, None, queue=False, api_visibility="private",
                  api_name=cancel_name)
@@ -297,14 +299,9 @@ def _wire(app: FaceApp, c: dict) -> None:
     c["randomize"].click(app.random_seed, None, c["seed"], api_name="random_seed", queue=False)
     c["randomize_both"].click(app.random_seeds, None, [c["seed_a"], c["seed_b"]], api_name="random_seeds",
                               queue=False)
-    _sampling_event(app, c, "generate", ["model", "sampler", "steps", "num", "seed", "guidance", "precision"],
-                    out.GENERATE_OUTPUTS)
-    _sampling_event(app, c, "interpolate", ["model", "interpolate_sampler", "interpolate_steps", "interpolate_num",
-                                            "seed_a", "seed_b", "guidance", "precision"], out.INTERPOLATE_OUTPUTS)
-    _sampling_event(app, c, "edit", ["model", "edit_photo", "edit_canvas", "edit_strength", "edit_sampler",
-                                     "edit_steps", "edit_num", "edit_seed", "guidance", "precision", "edit_invert",
-                                     "edit_detect"], out.EDIT_OUTPUTS)
-    c["edit_photo"].change(gradio_handler(app.edit_canvas, out.CANVAS_OUTPUTS), c["edit_photo"], c["edit_canvas"],
+    for tab in app.tabs:
+        _sampling_event(app, c, tab)
+    c["edit_photo"].change(gradio_handler(app.editor.canvas, out.CANVAS_OUTPUTS), c["edit_photo"], c["edit_canvas"],
                            preprocess=False, api_visibility="private")
 
 
