@@ -17,7 +17,8 @@ from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation.reconstruction import psnr
 from ddpm_faces.images import to_uint8
-from ddpm_faces.pipeline import DEFAULT_STRENGTH, EditPlan, EditRequest, SamplingRequest, generate, load_pipeline
+from ddpm_faces.diffusion import SAMPLERS
+from ddpm_faces.pipeline import DEFAULT_STRENGTH, MASK_RESAMPLE, EditPlan, EditRequest, SamplingRequest, generate, load_pipeline
 
 
 # the diffusion models among the weights that edit by themselves; a cascade edits at its stage 1 (bundled too,
@@ -131,14 +132,14 @@ def test_the_inversion_can_be_stopped_between_its_steps(bundled, photo):
     assert len(seen) == 3
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m", "unipc", "heun"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_inpainting_keeps_the_black_region_exactly_and_redraws_the_white(each_bundled, sampler):
     pipe, size = each_bundled, each_bundled.codec.image_size
     image, x = face_photo(size)
     mask = torch.zeros(1, 1, size, size)
     mask[..., size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
-    out = generate(pipe, SamplingRequest(num=2, steps=6, sampler=sampler),
-                   plan=EditPlan(pipe, x, EditRequest(strength=1.0, mask=mask)), progress=False)
+    out = generate(pipe, SamplingRequest(num=2, steps=6, sampler=sampler),     # resample 1: the sampler's own steps
+                   plan=EditPlan(pipe, x, EditRequest(strength=1.0, mask=mask, resample=1)), progress=False)
     keep = ~mask[0, 0].bool().numpy()
     assert (out[:, keep] == image[keep]).all()
     assert (out[:, ~keep] != image[~keep]).any() and (out[0] != out[1]).any()
@@ -314,3 +315,39 @@ def test_an_edit_request_names_its_flags_once_for_the_command_line_and_the_web_p
     assert EditRequest(invert=True).one_face(deterministic)
     assert not EditRequest(invert=True).one_face(stochastic)
     assert not EditRequest(invert=True, mask=mask).one_face(deterministic)   # the kept region is re-noised per seed
+
+
+def test_a_masked_edit_resamples_by_default_unless_told_or_its_sampler_has_an_option_set():
+    mask = torch.ones(1, 1, 32, 32)
+    assert EditRequest(mask=mask).resample_for({}) == MASK_RESAMPLE > 1
+    assert EditRequest(mask=mask).resample_for({"eta": 0.5}) == 1          # RePaint's ancestral steps have no eta
+    assert EditRequest(mask=mask, resample=1).resample_for({}) == 1
+    assert EditRequest().resample_for({}) == 1                              # nothing to resample without a mask
+    assert "--resample" not in EditRequest(mask=mask).cli_flags("m.png")    # the default stays the default
+
+
+def test_a_default_masked_edit_takes_resample_times_the_network_calls(bundled, photo):
+    _, x = photo
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:, :] = 1
+    calls = []
+
+    def counted(net):
+        def forward(*args, **kwargs):
+            calls.append(1)
+            return net(*args, **kwargs)
+        return forward
+
+    request = SamplingRequest(num=1, steps=4, guidance=1.0)
+    counts = {}
+    for resample in (None, 1):
+        calls.clear()
+        plan = EditPlan(bundled, x, EditRequest(strength=1.0, mask=mask, resample=resample))
+        real = bundled.net.forward
+        bundled.net.forward = counted(real)
+        try:
+            generate(bundled, request, plan=plan, progress=False)
+        finally:
+            bundled.net.forward = real
+        counts[resample] = len(calls)
+    assert counts[None] > 2 * counts[1], counts

@@ -87,6 +87,16 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads or default_threads())
 
 
+def check_name_lengths(path: str, flag: str) -> None:
+    """Fail before any work when a file or folder name in `path` is longer than a file system allows."""
+    from .io import NAME_MAX, name_bytes
+
+    long = [part for part in Path(path).parts if name_bytes(part) > NAME_MAX]
+    if long:
+        raise UserError(f"a file or folder name in {flag} is {name_bytes(long[0])} bytes long, more than the "
+                        f"{NAME_MAX} a file system allows: use a shorter name")
+
+
 def check_image_path(path: str) -> None:
     """Fail before any work when an output image could not be written (tries to create it)."""
     from PIL import Image
@@ -98,10 +108,7 @@ def check_image_path(path: str) -> None:
     Image.init()
     if fmt not in Image.SAVE:
         raise UserError(f"{out.suffix} images can be read but not written: use .png, .jpg or .webp for {out.name}")
-    long = [part for part in out.parts if len(os.fsencode(part)) > 255]
-    if long:
-        raise UserError(f"a file or folder name in --out is {len(os.fsencode(long[0]))} bytes long, more than the "
-                        "255 a file system allows: use a shorter name")
+    check_name_lengths(path, "--out")
     existed = out.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +241,14 @@ def _sample(args) -> None:
     check_image_path(args.out)
     if args.strip:
         check_image_path(args.strip)
+    if args.save_individual:
+        check_name_lengths(args.save_individual, "--save-individual")
+        try:
+            Path(args.save_individual).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            why = "it is a file, not a folder" if isinstance(err, FileExistsError) else err.strerror or err
+            raise UserError(f"cannot write into {args.save_individual}: {why}; choose another --save-individual"
+                            ) from None
     pipe = load_pipeline(args.checkpoint, device=args.device)
     request = request_from_args(args).validate(pipe)           # every bad option: one line, before any work
     progress = not args.no_progress
@@ -432,6 +447,8 @@ def _eval(args) -> None:
     from .pipeline import load_pipeline, read_config
 
     _set_threads(args.threads)
+    if args.json:
+        check_name_lengths(args.json, "--json")
     check_json_path(args.json)
     if args.checkpoint and read_config(args.checkpoint).kind.codec:
         return _eval_codec(args)
@@ -575,7 +592,7 @@ def _sample_parser(sub) -> None:
 
 def _edit_parser(sub) -> None:
     from .diffusion import DEFAULT_EDIT_STEPS
-    from .pipeline import DEFAULT_STRENGTH
+    from .pipeline import DEFAULT_STRENGTH, MASK_RESAMPLE
 
     p = sub.add_parser("edit", help="edit a real photo: change its age or gender, or redraw a masked region")
     p.add_argument("--image", required=True, help="the photo (JPEG, PNG ...); its largest face is framed like "
@@ -588,10 +605,10 @@ def _edit_parser(sub) -> None:
     p.add_argument("--invert", action="store_true",
                    help="start from the photo's DDIM inversion instead of fresh noise (keeps more of the person)")
     p.add_argument("--mask", help="black and white image of the photo's size: white = redraw, black = keep")
-    p.add_argument("--resample", type=positive_int, default=1, metavar="N",
+    p.add_argument("--resample", type=positive_int, metavar="N",
                    help="with --mask: RePaint's resampling, N ancestral (DDPM) steps per timestep of the sampler's "
-                        "schedule, so the redrawn region fits the kept one better (N times the network calls; "
-                        "default 1 = off)")
+                        "schedule, so the redrawn region fits the kept one without a seam (N times the network "
+                        f"calls; default {MASK_RESAMPLE} with --mask, 1 = off)")
     p.add_argument("--no-detect", action="store_true", help="take the photo's centre square instead of finding "
                                                             "the face")
     p.add_argument("--compare", action="store_true", help="put the framed photo first in the output")

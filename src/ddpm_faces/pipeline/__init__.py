@@ -10,7 +10,7 @@ from .edit import EditPlan
 from .generate import autocast_net, generate, interpolate, slerp, stage_steps, starting_noise
 from .model import (Pipeline, build_codec, build_model, build_schedule, check_device, default_threads,
                     load_codec, load_pipeline, read_config, start_from)
-from .request import (DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, MAX_SEED, RUNTIMES,
+from .request import (DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_STRENGTH, MASK_RESAMPLE, MAX_SEED, RUNTIMES,
                       SAMPLING_PRECISIONS, EditRequest, SamplingRequest)
 from .runtime import fast_net
 
@@ -18,7 +18,7 @@ __all__ = [
     "EditPlan",
     "autocast_net", "generate", "interpolate", "slerp", "stage_steps", "starting_noise",
     "Pipeline", "build_codec", "build_model", "build_schedule", "check_device", "default_threads", "load_codec", "load_pipeline", "read_config", "start_from",
-    "DEFAULT_EDIT_STEPS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "MAX_SEED", "RUNTIMES", "SAMPLING_PRECISIONS",
+    "DEFAULT_EDIT_STEPS", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_STRENGTH", "MASK_RESAMPLE", "MAX_SEED", "RUNTIMES", "SAMPLING_PRECISIONS",
     "EditRequest", "SamplingRequest",
     "fast_net",
 ]

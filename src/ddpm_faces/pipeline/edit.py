@@ -52,7 +52,7 @@ class EditPlan:
         edit.validate()
         check_photo(pipe, photo, edit.mask)
         self.pipe, self.edit, self.seed, self.between_steps = pipe, edit, seed, between_steps
-        self.strength, self.invert, self.resample = float(edit.strength), edit.invert, edit.resample
+        self.strength, self.invert = float(edit.strength), edit.invert
         self.photo = photo.to(pipe.device, torch.float32)
         with torch.inference_mode():
             self.x0 = pipe.codec.encode(self.photo)
@@ -106,12 +106,13 @@ class EditPlan:
         """Run the sampler `spec` from the start with the options every sampler takes (`common`) and its own
         (`own`, the registry's spec.options), or with resample > 1 RePaint's resampled ancestral steps, which take
         none of a sampler's own options."""
-        if self.resample > 1:
+        resample = self.edit.resample_for(own)
+        if resample > 1:
             given = {k: v for k, v in own.items() if v}
             if given:
                 raise UserError(f"resampling (RePaint) takes ancestral DDPM steps, which have no {', '.join(given)}: "
                                 f"leave {', '.join(given)} at 0, or resample at 1")
-            return sample_repaint(denoiser, x, timesteps, project=project, resample=self.resample, **common)
+            return sample_repaint(denoiser, x, timesteps, project=project, resample=resample, **common)
         return spec.fn(denoiser, x, timesteps, project=project, **common, **own)
 
     def blend(self, images: torch.Tensor) -> torch.Tensor:
