@@ -112,7 +112,7 @@ def guidance_rows(pipe, clf, photos, own_age, own_gender, vocab, args, out, resu
                 for i in range(len(photos))]
     top = pipe.schedule.T - 1
     for strength in args.strengths:
-        for invert in (False, True):
+        for invert in args.inverts:
             for interval in args.intervals:
                 for guidance in args.guidances:
                     if guidance == 1 and interval != args.intervals[0]:
@@ -207,6 +207,8 @@ def main() -> None:
     p.add_argument("--strengths", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     p.add_argument("--guidances", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0, 5.0])
     p.add_argument("--intervals", nargs="+", default=["band", "all"], choices=["band", "all"])
+    p.add_argument("--inverts", nargs="+", type=lambda v: v == "invert", default=[False, True],
+                   help="noised and/or invert (default both)")
     p.add_argument("--mask-strengths", type=float, nargs="*", default=[0.8, 1.0])
     p.add_argument("--resamples", type=int, nargs="+", default=[1, 2, 5, 10])
     p.add_argument("--sampler", default=DEFAULT_SAMPLER)

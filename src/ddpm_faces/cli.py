@@ -485,7 +485,7 @@ def _eval_attributes(args, pipe) -> None:
     classifier = load_classifier(args.classifier)
     scales = args.guidance or [1.0, 2.0, 3.0, 5.0]
     result = attribute_agreement(pipe, classifier, request_from_args(args), reference=args.reference,
-                                 guidance=scales, split=args.split, cache_dir=args.cache_dir,
+                                 guidance_scales=scales, split=args.split, cache_dir=args.cache_dir,
                                  with_fid=not args.no_fid, progress=not args.no_progress)
     print(format_agreement(result))
     _write_json(args.json, result)

@@ -3,7 +3,7 @@ asked for, next to how well the same classifier reads real faces.
 
     clf = load_classifier()                                   # the bundled one (weights/attributes32)
     acc = classifier_accuracy(clf, images_uint8, labels)      # per attribute, on real faces
-    rows = model_eval.attribute_agreement(pipe, clf, SamplingRequest(num=300), reference=..., guidance=[1, 3])
+    rows = model_eval.attribute_agreement(pipe, clf, SamplingRequest(num=300), reference=..., guidance_scales=[1, 3])
     kept = read_attributes(clf, photo_uint8, pipe.cfg.model.vocab)   # what an edit keeps of the photo
 
 The network is a plain CNN (three stages of two 3x3 convolutions with GroupNorm and SiLU, global average

@@ -54,12 +54,12 @@ def evaluate_codec(codec, *, reference: str, split: str = "val", num: int | None
 
 
 def attribute_agreement(pipe: Pipeline, classifier, request: SamplingRequest, *, reference: str,
-                        guidance: list[float], split: str = "val", cache_dir: str | Path | None = None,
+                        guidance_scales: list[float], split: str = "val", cache_dir: str | Path | None = None,
                         extractor=None, with_fid: bool = True, progress: bool = True) -> dict:
     """For each guidance scale: how often `classifier` reads the attributes asked for in `request.num`
     conditional samples (attribute combinations drawn from the reference's val labels), with FID at the same
     scale; plus the classifier's own accuracy on the real val faces, the ceiling to compare with."""
-    requests = [request.replace(guidance=w).validate(pipe) for w in guidance]
+    requests = [request.replace(guidance=w).validate(pipe) for w in guidance_scales]
     num, seed = request.num, request.seed
     m = pipe.cfg.model
     if not m.attributes:
