@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from ddpm_faces.data import prepare_dataset
 from ddpm_faces.diffusion import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER
 from ddpm_faces.evaluation.attributes import keep_photo_attributes, load_classifier
-from ddpm_faces.evaluation.faces import MIN_SCORE, face_scores
+from ddpm_faces.photos.faces import MIN_SCORE, face_scores
 from ddpm_faces.hardware import machine_info, resolve_precision
 from ddpm_faces.pipeline import SAMPLING_PRECISIONS, SamplingRequest, load_pipeline
 

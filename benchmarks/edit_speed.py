@@ -3,7 +3,7 @@
     python benchmarks/edit_speed.py --threads 1 --out benchmarks/results/edit-speed-cpu-1thread.json \\
         [--latent runs/latent128]
 
-One edit = open the photo, find the face and frame it (evaluation/framing.py: detection on a 320 px copy), encode
+One edit = open the photo, find the face and frame it (photos/framing.py: detection on a 320 px copy), encode
 it, strength 0.6 of 20 DPM-Solver++ steps (12 run) with guidance 3 in bf16 asking for an age bin and a gender,
 decode: what `ddpm-faces edit --strength 0.6 --steps 20 --precision bf16` does after loading the model (loading is
 not timed). The photo is the first of ../shared/data/fairface-sample/train/ with one face (or --photo); without it a
@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from ddpm_faces.hardware import machine_info
 from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
-from ddpm_faces.evaluation.framing import frame_photo, open_photo
+from ddpm_faces.photos.framing import frame_photo, open_photo
 from ddpm_faces.pipeline import EditPlan, EditRequest, Pipeline, SamplingRequest, generate, load_pipeline
 
 SAMPLE_PHOTOS = Path("../shared/data/fairface-sample/train")

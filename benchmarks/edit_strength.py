@@ -50,7 +50,7 @@ from ddpm_faces.images import to_model_range
 from ddpm_faces.errors import UserError
 from ddpm_faces.evaluation import InceptionFeatures
 from ddpm_faces.evaluation.attributes import load_classifier
-from ddpm_faces.evaluation.faces import face_rate
+from ddpm_faces.photos.faces import face_rate
 from ddpm_faces.images import EDITED, make_grid, provenance, save_image
 from ddpm_faces.diffusion import DEFAULT_EDIT_STEPS
 from ddpm_faces.pipeline import DEFAULT_STRENGTH
@@ -408,7 +408,7 @@ def faces_picture(args) -> None:
     `ddpm-faces edit --age A` makes it (A = 60-69 for a face read as younger than 40, else 20-29; the other
     attributes the photo's own as the classifier reads them; edit's default 20 steps and guidance 3)."""
     from ddpm_faces.evaluation.attributes import keep_photo_attributes, read_attributes
-    from ddpm_faces.evaluation.framing import frame_photo
+    from ddpm_faces.photos.framing import frame_photo
     from PIL import Image
 
     pipe = load_pipeline(args.picture_checkpoint)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ddpm_faces.images import to_model_range
-from ddpm_faces.evaluation.framing import frame_photo
+from ddpm_faces.photos.framing import frame_photo
 from ddpm_faces.hardware import bf16_native, cpu_label, machine_info, resolve_precision
 from ddpm_faces.pipeline import DEFAULT_EDIT_STEPS, EditPlan, EditRequest, SamplingRequest, fast_net, generate, load_pipeline
 

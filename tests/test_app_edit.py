@@ -29,7 +29,7 @@ from ddpm_faces.app.outputs import STOPPED
 from ddpm_faces.app.page import KEEP_CANVASES, keep_newest, layer_index_ok, painted_layers
 from ddpm_faces.cli import main
 from ddpm_faces.errors import UserError
-from ddpm_faces.evaluation.framing import frame_photo, open_photo
+from ddpm_faces.photos.framing import frame_photo, open_photo
 from ddpm_faces.images import EDITED
 
 MODEL = "faces32 (bundled)"              # how the page names the bundled 32 px model
@@ -341,10 +341,9 @@ def test_server_refuses_files_that_were_not_uploaded(server, photo, words):
 def test_a_path_on_the_server_is_not_read(server):
     demo, _ = server
     reply = call(demo, edit_args({"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}))
-    assert reply.status_code == 200                             # Gradio's own check answers on the event stream
-    events = httpx.get(demo.local_url + f"gradio_api/call/edit/{reply.json()['event_id']}", timeout=30).text
-    assert "event: error" in events and "not uploaded by a user" in events
-    assert Path("/etc/hostname").read_text().strip() not in events.replace("/etc/hostname", "")
+    assert reply.status_code == 422                             # refused before Gradio reads (or logs) anything
+    assert "must be uploaded first" in reply.json()["detail"] and "/etc/hostname" in reply.json()["detail"]
+    assert Path("/etc/hostname").read_text().strip() not in reply.text.replace("/etc/hostname", "")
 
 
 def test_an_upload_over_the_photo_limit_is_refused_before_it_is_sent(server):

@@ -257,3 +257,21 @@ def test_guidance_applies_in_the_default_band_unless_an_interval_is_given():
     assert (generate(pipe, request.replace(guidance_interval=(lo, hi)), progress=False) == band).all()
     every = generate(pipe, request.replace(guidance_interval=(0.0, 999.0)), progress=False)
     assert (every != band).any()                         # the steps outside the band are guided only there
+
+
+def test_grid_by_rows_are_labelled_with_their_values(tmp_path):
+    from PIL import Image
+
+    from ddpm_faces.cli import main
+
+    out = tmp_path / "by-gender.png"
+    assert main(["sample", "--checkpoint", "faces32", "--grid-by", "gender", "--num", "2", "--steps", "2",
+                 "--no-progress", "--out", str(out)]) == 0
+    picture = np.asarray(Image.open(out).convert("L")).astype(int)
+    faces = 2 * 32 + 3 * 2                                      # make_grid: two 32 px faces, 2 px borders
+    assert picture.shape[0] == 2 * 32 + 3 * 2 and picture.shape[1] > faces
+    column = picture[:, :picture.shape[1] - faces]              # the labels, left of the faces
+    rows = [column[2:34], column[36:68]]                        # each row's band
+    assert all((band < 128).sum() > 10 for band in rows)        # text in both bands
+    assert (column[:, :3] == 255).all()                         # on white
+    assert not np.array_equal(rows[0] < 128, rows[1] < 128)    # "Female" and "Male" differ

@@ -253,7 +253,7 @@ def drawn_face_photo(bundled):
 
 
 def test_a_face_crop_at_the_training_framing_is_used_as_it_is(drawn_face_photo):
-    from ddpm_faces.evaluation.framing import frame_photo
+    from ddpm_faces.photos.framing import frame_photo
     framed = frame_photo(Image.fromarray(drawn_face_photo), 128)
     assert framed.faces >= 1 and framed.box == (0, 0, 128, 128)
     assert np.abs(framed.image.astype(int) - drawn_face_photo.astype(int)).max() <= 1
@@ -262,7 +262,7 @@ def test_a_face_crop_at_the_training_framing_is_used_as_it_is(drawn_face_photo):
 def test_a_face_at_the_photo_edge_is_framed_without_black_bands(drawn_face_photo, monkeypatch):
     """The training framing reaches past the photo's corner: what lies outside is the photo mirrored, never
     black (the detector is told where the face is, half outside the photo)."""
-    from ddpm_faces.evaluation import framing
+    from ddpm_faces.photos import framing
     photo = np.full((150, 150, 3), 170, np.uint8)
     photo[:98, :98] = np.maximum(drawn_face_photo[30:, 30:], 60)          # no pixel of the photo is dark
     monkeypatch.setattr(framing, "_detect", lambda _: [(-30.0, -30.0, 126.0, 126.0)])
@@ -296,7 +296,7 @@ def test_resampling_refuses_an_eta_it_would_ignore(bundled, photo):
 
 
 def test_a_16_bit_greyscale_photo_is_read_as_its_picture_not_white(tmp_path):
-    from ddpm_faces.evaluation.framing import open_photo
+    from ddpm_faces.photos.framing import open_photo
     ramp = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "grey16.png")                  # uint16: mode I;16
     rgb = np.asarray(open_photo(tmp_path / "grey16.png"))

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_overrides
+from ddpm_faces.cli import FIXES
 from ddpm_faces.config import load_config
 from ddpm_faces.errors import UserError
 from ddpm_faces.runs import RunFolder
@@ -215,8 +216,9 @@ def test_disk_full_at_save_keeps_the_previous_checkpoint(tmp_path, face_folder, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, metadata=metadata)
     monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
-    with pytest.raises(UserError, match="step 4.*No space left on device.*step-2, is intact.*--resume"):
+    with pytest.raises(UserError, match="step 4.*No space left on device.*step-2, is intact.*continue the run") as err:
         train(load_config("quickstart", overrides(tmp_path, face_folder)), progress=False)
+    assert err.value.worded(FIXES).endswith(f"ddpm-faces train --config {tmp_path / 'runs' / 'tiny'} --resume")
     ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
     assert [p.name for p in list_checkpoints(tmp_path / "runs" / "tiny")] == ["step-2"]
     assert not list(ckpts.glob("*.tmp"))

@@ -14,7 +14,8 @@ import torch
 from PIL import Image, ImageFilter
 
 from ddpm_faces.errors import UserError
-from ddpm_faces.evaluation import faces, features, metrics, reference
+from ddpm_faces.evaluation import features, metrics, reference
+from ddpm_faces.photos import faces
 from ddpm_faces.evaluation.metrics import FeatureStats, frechet_distance, kid, precision_recall
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -152,6 +152,17 @@ def positive_int(text: str) -> int:
 ATTRIBUTE_FLAGS = ("age", "gender", "race")
 
 
+def bundled_vocab() -> dict[str, list[str]]:
+    """The attribute values the bundled default model knows, for --help ({} where it cannot be read)."""
+    from .pipeline import read_config
+    from .runs import DEFAULT_MODEL, bundled
+
+    try:
+        return dict(read_config(bundled(DEFAULT_MODEL)).model.vocab)
+    except (UserError, OSError, AttributeError):
+        return {}
+
+
 def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int, guidance_scales: bool = False,
                        steps: int | None = None, edit: bool = False):
     """The flags of a SamplingRequest, declared once for every command that samples."""
@@ -179,8 +190,10 @@ def add_sampling_flags(p: argparse.ArgumentParser, *, num: int, batch_size: int,
     p.add_argument("--runtime", default=default.runtime, choices=RUNTIMES,
                    help="onnx: the network through ONNX Runtime in fp32 on the CPU, 1.3-1.4x faster than plain "
                         "fp32 after a few seconds of export (pip install 'ddpm-faces[fast]'); plain by default")
+    known = bundled_vocab()
     for name in ATTRIBUTE_FLAGS:
-        p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any)")
+        values = f"; the bundled models know {', '.join(known[name])}" if known.get(name) else ""
+        p.add_argument(f"--{name}", help=f"conditional models: the {name} to ask for (default: any){values}")
     if edit:
         p.add_argument("--unasked", default="photo", choices=("photo", "model"),
                        help="the attributes not asked for: photo (default) keeps the photo's own, as the bundled "
@@ -233,7 +246,9 @@ def request_from_args(args, **changes):
 def _sample(args) -> None:
     import numpy as np
 
-    from .images import DenoisingStrip, make_grid, provenance, save_image
+    from PIL import Image
+
+    from .images import DenoisingStrip, label_rows, make_grid, provenance, save_image
     from .pipeline import generate, load_pipeline, stage_steps
     from .runs import model_name
 
@@ -265,7 +280,9 @@ def _sample(args) -> None:
                            labels=labels, progress=progress)
                   for value, labels in zip(rows, row_labels(pipe, request, args.grid_by, rows))]
         grid = make_grid(np.concatenate(images), nrow=args.num)
-        out = save_image(grid, args.out, upscale=args.upscale, text=text)
+        grid = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * args.upscale, grid.shape[0] * args.upscale),
+                                                       Image.NEAREST))            # the labels are drawn at full size
+        out = save_image(label_rows(grid, rows, pad=2 * args.upscale, size=max(12, 6 * args.upscale)), args.out, text=text)
         print(f"wrote {len(rows)} rows of {args.num} faces ({args.grid_by}: {', '.join(rows)}) to {out}")
         return
     strip = DenoisingStrip(stage_steps(pipe, request), request.num) if args.strip else None
@@ -289,7 +306,7 @@ def _edit(args) -> None:
 
     from .images import to_model_range
     from .evaluation.attributes import keep_photo_attributes
-    from .evaluation.framing import frame_photo, open_photo
+    from .photos.framing import frame_photo, open_photo
     from .images import EDITED, enlarge, make_grid, provenance, save_image
     from .pipeline import EditPlan, EditRequest, generate, load_pipeline
     from .runs import model_name
@@ -338,7 +355,7 @@ def _upscale(args) -> None:
     import torch
 
     from .images import to_model_range
-    from .evaluation.framing import frame_photo, open_photo
+    from .photos.framing import frame_photo, open_photo
     from .images import UPSCALED, enlarge, make_grid, provenance, save_image
     from .pipeline import SamplingRequest, generate, load_pipeline
     from .runs import DEFAULT_UPSCALER, model_name
@@ -374,7 +391,7 @@ def read_mask(path: str, framing, size: int):
     import numpy as np
     import torch
 
-    from .evaluation.framing import frame_mask, open_photo
+    from .photos.framing import frame_mask, open_photo
 
     img = open_photo(path).convert("L")
     if img.size != framing.photo_size:

@@ -46,6 +46,22 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, fill: i
     return grid
 
 
+def label_rows(grid: np.ndarray, labels: list[str], pad: int = 2, size: int = 12) -> np.ndarray:
+    """`grid` (make_grid's, len(labels) equal rows) with a white column on its left naming each row, the text
+    `size` px high and centred on its row."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max(draw.textbbox((0, 0), label, font=font)[2] for label in labels) + 2 * size // 2
+    column = Image.new("RGB", (width, grid.shape[0]), (255, 255, 255))
+    draw = ImageDraw.Draw(column)
+    row_h = (grid.shape[0] - pad) / len(labels)
+    for i, label in enumerate(labels):
+        draw.text((size // 2, pad + (i + 0.5) * row_h - pad / 2), label, fill=(0, 0, 0), font=font, anchor="lm")
+    return np.concatenate([np.asarray(column), grid], axis=1)
+
+
 def save_image(array: np.ndarray, path: str | Path, upscale: int = 1, text: dict[str, str] | None = None) -> Path:
     """Write an image; a PNG gets `text` as its text chunks (what made it: see `provenance`)."""
     path = Path(path)

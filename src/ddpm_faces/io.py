@@ -11,11 +11,14 @@ Both flush to disk before the rename, and both leave what they write readable as
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+
+NAME_MAX = 255                   # bytes of one file or folder name on the usual file systems
 
 
 def current_umask() -> int:
@@ -41,12 +44,31 @@ def _finish_tree(folder: Path, mode: int) -> None:
     _fsync(folder)
 
 
+def name_bytes(name: str) -> int:
+    """The length of a file or folder name as the file system counts it: in bytes."""
+    return len(os.fsencode(name))
+
+
+def sibling(final: Path, ending: str) -> Path:
+    """`final` with `ending` added to its name (`export` -> `export.tmp`); where that passes NAME_MAX bytes, the
+    name's start, a hash of the whole name, then `ending`: the same for the same `final`, never too long."""
+    final = Path(final)
+    name = final.name + ending
+    if name_bytes(name) <= NAME_MAX:
+        return final.with_name(name)
+    raw = os.fsencode(final.name)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    keep = NAME_MAX - len(digest) - 1 - name_bytes(ending)
+    start = raw[:max(keep, 0)].decode("utf-8", "ignore")      # whole characters only
+    return final.with_name(f"{start}~{digest}{ending}")
+
+
 @contextmanager
 def atomic_folder(final: Path):
     """Yield a temporary sibling folder to fill; on success it is flushed to disk and renamed to `final`
     (replacing an older folder of that name); on an exception it is removed and `final` is untouched."""
     final = Path(final)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = sibling(final, ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -56,7 +78,7 @@ def atomic_folder(final: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        old = final.with_name(final.name + ".old")
+        old = sibling(final, ".old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
@@ -71,7 +93,7 @@ def recover_folder(final: Path) -> bool:
     `final.old` exists only once `final.tmp` was complete and flushed, so with `final` missing the new
     folder is `final.tmp`; with `final` present, `final.old` is a leftover."""
     final = Path(final)
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    tmp, old = sibling(final, ".tmp"), sibling(final, ".old")
     if not old.is_dir():
         return False
     if not final.exists() and tmp.is_dir():
@@ -89,7 +111,9 @@ def atomic_file(final: Path):
     succeeds, removed when it fails."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{final.suffix}")
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    names = [f".{final.stem}.{tag}{final.suffix}", f".{tag}{final.suffix}", f".{tag}.tmp"]   # a long name: shorter
+    tmp = final.with_name(next(name for name in names if name_bytes(name) <= NAME_MAX))
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
@@ -102,7 +126,9 @@ def atomic_file(final: Path):
 class PipeSafe:
     """A text stream (stdout, stderr) whose writes stop, silently, once its reader has gone (EPIPE: `| head`, a
     killed `tee`): a closed pipe must not end a training run. The stream's descriptor is then pointed at
-    /dev/null, so that the interpreter's last flush does not fail either."""
+    /dev/null, so that the interpreter's last flush does not fail either. Text the stream cannot encode (a file
+    name that is not UTF-8, on a terminal whose encoding is strict) is written with escapes (\\xff) instead of
+    failing after the work is done."""
 
     def __init__(self, stream):
         self._stream, self.broken = stream, False
@@ -113,6 +139,8 @@ class PipeSafe:
                 return self._stream.write(text)
             except BrokenPipeError:
                 self._gone()
+            except UnicodeEncodeError:
+                return self.write(escaped(text, getattr(self._stream, "encoding", None) or "utf-8"))
         return len(text)
 
     def flush(self) -> None:
@@ -133,6 +161,16 @@ class PipeSafe:
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
+
+
+def escaped(text: str, encoding: str) -> str:
+    """`text` as `encoding` can write it: the bytes of a file name that is not UTF-8 (Python's surrogate escapes)
+    as \\xNN, any other character the encoding lacks as a backslash escape."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:                  # a lone surrogate that no file name decodes to
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.encode(encoding, "backslashreplace").decode(encoding, "replace")
 
 
 def trim_oldest(folder: Path, max_bytes: int) -> int:

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps
 from ..images import to_model_range
 from ..errors import UserError
 from ..evaluation.attributes import keep_photo_attributes
-from ..evaluation.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
+from ..photos.framing import MAX_BYTES, MAX_PIXELS, Framing, frame_mask, frame_photo, open_photo
 from ..images import EDITED, enlarge, make_grid, provenance, save_image
 from ..pipeline import EditPlan, EditRequest, generate, stage_steps
 from ..io import trim_oldest

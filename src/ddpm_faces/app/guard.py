@@ -5,7 +5,7 @@
     a call (queue/join, run/..., call/...) whose body is not JSON   -> 400
     ... that names no endpoint of the page (api_name or fn_index)   -> 404
     ... whose input list has the wrong length or type               -> 422
-    ... that names a file by URL instead of uploading it            -> 422
+    ... that names a file by URL or by a path outside the uploads   -> 422
 
 Everything else passes through unchanged. The replies are short JSON ({"detail": ...}) that quote at most
 QUOTE characters of what was sent, so neither a client nor the server's log sees an oversized echo.
@@ -13,9 +13,10 @@ QUOTE characters of what was sent, so neither a client nor the server's log sees
 from __future__ import annotations
 
 import json
+import os
 import re
 
-from ..evaluation.framing import MAX_BYTES
+from ..photos.framing import MAX_BYTES
 from .inputs import quote
 
 MAX_BODY = 1 << 20               # bytes of one request body (a sampling request is well under 1 KB)
@@ -121,6 +122,7 @@ class RequestGuard:
         inputs = fn.inputs if len(data) == len(fn.inputs) else [block for block in fn.inputs if not block.skip_api]
         for block, value in zip(inputs, data):
             check_file_input(block, value)
+            check_uploaded(block, value)
 
     def endpoint(self, fn_index, api_name: str | None):
         """The page's event that `fn_index` (when given) or `api_name` names, else Refused(404)."""
@@ -150,6 +152,42 @@ def check_file_input(block, value) -> None:
         if not isinstance(path, str) or path.lower().startswith(("http://", "https://")):
             raise Refused(422, f"{name}: a file must be uploaded first (POST gradio_api/upload), not named by "
                                f"{quote(path)}")
+
+
+def check_uploaded(block, value) -> None:
+    """Refused(422) unless every file that `value` names (Gradio's FileData, in any input, file or not) is an
+    upload: a file in Gradio's upload folder. Gradio makes the same check as it reads the inputs, but answers a
+    refusal with a traceback in the server's log; refused here, it is one line to the client and none there."""
+    paths = file_paths(value)
+    if not paths:
+        return
+    from gradio.utils import get_upload_folder
+
+    uploads = os.path.realpath(get_upload_folder())
+    name = getattr(block, "label", None) or type(block).__name__
+    for path in paths:
+        where = uploaded_where(path, uploads) if isinstance(path, str) else None
+        if where is None:
+            raise Refused(422, f"{name}: a file must be uploaded first (POST gradio_api/upload), not named by "
+                               f"{quote(path)}")
+        if not os.path.isfile(where):
+            raise Refused(422, f"{name}: the uploaded file {quote(path)} is no longer on the server: upload it "
+                               f"again")
+
+
+def uploaded_where(path: str, uploads: str) -> str | None:
+    """`path` resolved (links followed) when it lies inside the folder `uploads` and Gradio would take it (not a
+    dotfile under the working folder), else None."""
+    try:
+        named = os.path.abspath(path)
+        real, cwd = os.path.realpath(named), os.path.realpath(os.getcwd())
+        if os.path.commonpath([real, uploads]) != uploads or real == uploads:
+            return None                                 # a URL ("https:/..." as a path) lands here too
+        if os.path.basename(named).startswith(".") and os.path.commonpath([real, cwd]) == cwd:
+            return None
+    except (OSError, ValueError):                       # a NUL byte, a name too long
+        return None
+    return real
 
 
 def file_paths(data) -> list:

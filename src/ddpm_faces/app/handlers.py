@@ -24,7 +24,7 @@ import gradio as gr
 
 from ..diffusion import SAMPLERS
 from ..errors import UserError
-from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
+from ..photos.framing import MAX_BYTES, MAX_PIXELS
 from ..images import DenoisingStrip, enlarge, make_grid
 from ..hardware import resolve_precision
 from ..pipeline import (RUNTIMES, SAMPLING_PRECISIONS, Pipeline, SamplingRequest, generate, interpolate, load_pipeline,

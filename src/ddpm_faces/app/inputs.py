@@ -16,7 +16,7 @@ from pathlib import PurePath
 from PIL import Image
 
 from ..errors import UserError
-from ..evaluation.framing import MAX_BYTES, MAX_PIXELS
+from ..photos.framing import MAX_BYTES, MAX_PIXELS
 
 MAX_IMAGES = 16
 MAX_STEPS = 1000

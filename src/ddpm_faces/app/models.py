@@ -17,12 +17,13 @@ from ..models import count_parameters
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
 from ..runs import (BUNDLED_DIR, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, RunFolder, bundled_folders, checkpoint_step,
                     find_model)
+from ..runs.weights import readable
 
 
 
 @dataclass
 class ModelEntry:
-    label: str                   # what the model picker shows
+    label: str                   # what the model picker shows (valid UTF-8: a folder name's other bytes as \xNN)
     source: str                  # what load_pipeline takes
     cfg: Config
     folder: Path                 # where the weights are
@@ -64,7 +65,7 @@ def _given(path: str) -> ModelEntry:
     files = find_model(path)                         # UserError for a path that holds no model
     if not files.config.is_file():
         raise UserError(f"{files.config} is missing: the model's config must sit beside its weights")
-    return ModelEntry(str(path), str(path), read_model_config(files.config), files.folder, str(path))
+    return ModelEntry(readable(path), str(path), read_model_config(files.config), files.folder, readable(path))
 
 
 def _found(runs_dir: str | Path) -> list[ModelEntry]:
@@ -73,7 +74,7 @@ def _found(runs_dir: str | Path) -> list[ModelEntry]:
     runs = Path(runs_dir)
     for export in sorted(runs.glob("*/export")) if runs.is_dir() else []:
         if _is_diffusion_model(export):
-            label = str(export.parent) if runs.is_absolute() else f"{runs_dir}/{export.parent.name}"
+            label = readable(export.parent if runs.is_absolute() else f"{runs_dir}/{export.parent.name}")
             entries.append(ModelEntry(label, str(export), read_model_config(export / "config.yaml"), export, label))
     return entries
 
@@ -128,10 +129,10 @@ def where(folder: Path) -> str:
     """A short name for a weights folder: inside the package, under the working folder, or in full."""
     for root, prefix in ((BUNDLED_DIR.parent, "the package's "), (Path.cwd(), "")):
         try:
-            return f"{prefix}{folder.resolve().relative_to(root.resolve())}/"
+            return f"{prefix}{readable(folder.resolve().relative_to(root.resolve()))}/"
         except ValueError:
             continue
-    return str(folder)
+    return readable(folder)
 
 
 def _trained(entry: ModelEntry, pipe: Pipeline) -> str:

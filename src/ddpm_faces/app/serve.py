@@ -5,10 +5,13 @@ server's temporary files).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -18,6 +21,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from ..errors import UserError
+from ..io import PipeSafe
 from ..pipeline import default_threads
 from .guard import MAX_BODY, MAX_UPLOAD, RequestGuard
 from .handlers import FaceApp
@@ -50,11 +54,48 @@ def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, share: bo
                              app_kwargs={"middleware": [Middleware(RequestGuard, demo=demo, max_body=MAX_BODY)]})
         if not quiet:
             where = f"public link {demo.share_url}" if demo.share_url else "no public link; --share makes one"
-            print(f"serving on {demo.local_url} ({where})", flush=True)
+            say(f"serving on {demo.local_url} ({where})")
         if block:
             stopping.wait()
             demo.close(verbose=False)
     return result
+
+
+def say(line: str) -> None:
+    """Print a line to stdout. A reader that went away (`serve | head -1`, a killed `tee`) is no reason to stop
+    serving, nor a failure to start: the line is dropped, and so is what the server prints after it."""
+    out = sys.stdout if isinstance(sys.stdout, PipeSafe) else PipeSafe(sys.stdout)
+    print(line, file=out, flush=True)
+
+
+def check_address(host: str, port: int) -> None:
+    """UserError naming why the server could not listen on host:port (the port in use, a host that is not an
+    address of this machine, a port that needs privileges); nothing when it can. Gradio itself reports every one
+    of these as "Cannot find empty port"."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"cannot serve on {host}:{port}: {host!r} is not an address or a known host name "
+                        f"({getattr(err, 'strerror', None) or err}): pick another --host") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server itself binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(address_error(host, port, err)) from None
+
+
+def address_error(host: str, port: int, err: OSError) -> str:
+    """The one line for a failure to listen on host:port."""
+    where = f"cannot serve on {host}:{port}"
+    if err.errno == errno.EADDRINUSE:
+        return f"{where}: port {port} is in use by another program: pick another --port"
+    if err.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges): pick another --port"
+    if err.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: {host} is not an address of this machine: pick another --host"
+    return f"{where} ({err.strerror or err}): pick another --host or --port"
 
 
 @contextlib.contextmanager
@@ -80,6 +121,7 @@ def serve(checkpoints: list[str] | None = None, *, host: str = "127.0.0.1", port
     files (the grid PNGs and Gradio's cache) live in one folder, removed when the server stops."""
     import torch
 
+    check_address(host, port)                                 # before the minutes of loading models
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     logging.getLogger("httpx").setLevel(logging.WARNING)      # no line per request Gradio makes to itself
@@ -87,7 +129,7 @@ def serve(checkpoints: list[str] | None = None, *, host: str = "127.0.0.1", port
         app = FaceApp.from_paths(checkpoints, runs_dir, threads=threads, concurrency_limit=concurrency_limit,
                                  out_dir=scratch, runtime=runtime)
         try:
-            print(f"models: {', '.join(app.models)} (default {app.default}); {threads} torch thread(s)", flush=True)
+            say(f"models: {', '.join(app.models)} (default {app.default}); {threads} torch thread(s)")
             _serve_page(app, host, port, share)
         finally:
             app.close()
@@ -146,7 +188,10 @@ def _serve_page(app: FaceApp, host: str, port: int, share: bool) -> None:
     demo = build_page(app)
     try:
         launch(demo, host, port, share)
-    except OSError as err:
-        raise UserError(f"cannot serve on {host}:{port} ({err}): pick another --port") from None
+    except ConnectionError:                     # not the address: a connection (or pipe) that broke
+        raise
+    except OSError as err:                      # Gradio could not listen after all (another server took the port)
+        reason = str(err).split(". ")[0]        # Gradio's advice after its first sentence names its own settings
+        raise UserError(f"cannot serve on {host}:{port} ({reason}): pick another --port") from None
     finally:
         demo.close(verbose=False)

@@ -4,6 +4,11 @@
     loader = LatentLoader(latents, "train", batch_size=32, seed=0)       # {"x": (B, C, h, w), "labels", "rows"}
     loader = LatentLoader(latents, "train", 32, lowres=32)   # + "lowres": each image at 32 px, flipped with its latent
 
+A build fills a work folder beside its final one (`<name>.tmp`, see io.atomic_folder) while it holds the
+folder's lock (`<name>.lock`, an OS lock freed when its process dies): an exception or Ctrl-C removes the work
+folder; one left by a killed builder (kill -9, a power cut) is removed by the next build in the same cache,
+whatever its key.
+
 Every image is encoded twice, as it is and flipped left to right, so horizontal-flip augmentation costs
 nothing at training time. The array is float16, memory-mapped, (2, N, C, h, w); the folder is keyed by the
 prepared data folder and the codec's key (a hash of the autoencoder's weights and latent statistics), so a
@@ -14,8 +19,9 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +31,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..images import resize_images, to_model_range
-from ..io import atomic_folder
+from ..io import atomic_folder, recover_folder, sibling
 from .loader import BatchLoader
 from .prepare import PreparedData, cache_root, check_space, raise_for_cache, reserved_memmap
 
@@ -60,6 +66,7 @@ def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Te
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with building(folder):                       # one builder at a time; the others wait, then read its work
+            remove_stale_builds(folder.parent, held=folder)     # a killed build's work is big: before the space check
             found = open_latents(folder, data, key, quiet=True)
             if found is not None:
                 return found
@@ -79,17 +86,51 @@ def encode_latents(data: PreparedData, encode: Callable[[torch.Tensor], torch.Te
     return LatentData(folder, latents, data)
 
 
+def lock_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
+
+
 @contextmanager
-def building(folder: Path) -> Iterator[None]:
+def building(folder: Path, wait: bool = True) -> Iterator[bool]:
     """Hold the build lock of a cache folder (an OS lock on a file beside it, released when its process
     dies): two trainers that need the same latents encode them once, and neither ever reads a half-built
-    folder or shares the other's work folder."""
-    with open(folder.with_name(folder.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    folder or shares the other's work folder. Without `wait`, yields False at once when another build holds it
+    (this process's own included)."""
+    with open(lock_file(folder), "a+") as handle:
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_stale_builds(root: Path, held: Path | None = None) -> list[Path]:
+    """Remove the work folders (`<name>.tmp`, `<name>.old`) of latent builds under `root` whose builder is gone
+    (a build holds its folder's lock while it runs, and a process's locks die with it), after finishing a
+    replacement that was cut between its two renames. A folder whose lock is held is left alone, but for `held`,
+    the one whose lock the caller holds (so no other build is at work there). Returns what was removed."""
+    removed = []
+    finals = {work.with_name(work.name[:-len(".tmp")]) for work in root.glob("*.tmp")} | \
+             {work.with_name(work.name[:-len(".old")]) for work in root.glob("*.old")}
+    for final in sorted(finals):
+        works = [sibling(final, ".tmp"), sibling(final, ".old")]
+        if not any(work.is_dir() for work in works) or not lock_file(final).is_file():
+            continue                                 # not a latent build's (it would have made its lock first)
+        with nullcontext(True) if final == held else building(final, wait=False) as free:
+            if not free:
+                continue                             # a live build
+            recover_folder(final)
+            for work in works:
+                if work.is_dir():
+                    shutil.rmtree(work, ignore_errors=True)
+                    removed.append(work)
+    if removed:
+        log.info("removed the work folders of interrupted latent builds: %s", ", ".join(p.name for p in removed))
+    return removed
 
 
 def digest(latents: np.ndarray) -> float:

@@ -3,7 +3,7 @@
 See docs/metrics.md for what each number means and how it was checked.
 """
 
-from .faces import face_rate, face_scores
+from ..photos.faces import face_rate, face_scores
 from .features import InceptionFeatures, MODEL_SHA256, inception_weights_path, verify_weights
 from .metrics import (
     FeatureStats,

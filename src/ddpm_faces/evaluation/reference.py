@@ -22,7 +22,7 @@ import torch
 from ..data import prepare_dataset
 from ..data.prepare import cache_root
 from ..errors import UserError
-from .faces import face_rate
+from ..photos.faces import face_rate
 from .features import InceptionFeatures, check_images
 from .metrics import FeatureStats, fid_from_stats, kid, precision_recall
 

@@ -9,18 +9,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, load_file, save_file
 
 from ..config import Config
 from ..models.unet import UNetConfig
-from ..errors import UserError
-from ..io import atomic_folder, recover_folder
+from ..errors import OTHER_MODEL, ModelNotFound, UserError
+from ..io import atomic_folder, escaped, recover_folder
 from .checkpoints import state_tensors
 from .layout import CODEC_FILE, CONFIG_FILE, EMA_FILE, WEIGHTS_FILE, RunFolder, checkpoint_step
 
@@ -52,11 +53,33 @@ def model_name(source: str | Path) -> str:
     the absolute local path."""
     path = Path(source).resolve()
     if path.parent == BUNDLED_DIR.resolve():
-        return path.name
+        return readable(path.name)
     try:
-        return str(path.relative_to(Path.cwd().resolve()))
+        return readable(path.relative_to(Path.cwd().resolve()))
     except ValueError:
-        return str(Path(*path.parts[-2:]))
+        return readable(Path(*path.parts[-2:]))
+
+
+def readable(path: str | Path) -> str:
+    """A path as text that encodes as UTF-8 (a PNG text chunk, a JSON file, a web page): the bytes of a name that
+    is not UTF-8 (a folder named on another system) shown as \\xNN escapes, any other name unchanged."""
+    return escaped(str(path), "utf-8")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file. The safetensors library takes UTF-8 paths only; a file whose
+    path is not UTF-8 (a folder named on another system) is read into memory and parsed from there."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        data = Path(path).read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size]) if 8 <= 8 + size <= len(data) else None
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        return load_bytes(data), metadata if isinstance(metadata, dict) else {}
+    state = load_file(path)
+    with safe_open(path, "pt") as f:
+        return state, f.metadata() or {}
 
 
 def bundled_folders() -> list[Path]:
@@ -72,15 +95,15 @@ def find_model(path: str | Path | None) -> ModelFiles:
     if path is None or (not Path(path).exists() and bundled(str(path)).is_dir()):
         folder = bundled(str(path) if path else DEFAULT_MODEL)
         if not (folder / WEIGHTS_FILE).is_file():
-            raise UserError(f"bundled model {folder.name!r} is missing from {BUNDLED_DIR}: reinstall ddpm-faces "
-                            "or pass --checkpoint runs/<name>")
+            raise ModelNotFound(f"bundled model {folder.name!r} is missing from {BUNDLED_DIR}: reinstall ddpm-faces",
+                                fix=OTHER_MODEL)
         return ModelFiles(folder / WEIGHTS_FILE, folder / CONFIG_FILE)
     p = Path(path)
     for folder in (p, RunFolder(p).export):
         recover_folder(folder)                                  # an export interrupted between its renames
     if not p.exists():
-        raise UserError(f"checkpoint {p} does not exist: pass a run folder (runs/<name>), its export/ folder, "
-                        "a checkpoints/step-N folder, or leave --checkpoint out for the bundled model")
+        raise ModelNotFound(f"checkpoint {p} does not exist: name a run folder (runs/<name>), its export/ folder, "
+                            "a checkpoints/step-N folder, or none for the bundled model")
     run = RunFolder(p)
     if (p / WEIGHTS_FILE).is_file() and (p / CONFIG_FILE).is_file():
         return ModelFiles(p / WEIGHTS_FILE, p / CONFIG_FILE)                            # an export
@@ -187,7 +210,9 @@ def check_finite(files: ModelFiles, state: dict[str, torch.Tensor]) -> None:
 def read_codec(path: Path) -> dict[str, torch.Tensor]:
     """The float32 tensors of a codec file carried by an export."""
     try:
-        state = {k: v.float() for k, v in load_file(path).items()}
+        state = {k: v.float() for k, v in read_safetensors(path)[0].items()}
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     except Exception as err:
         raise UserError(f"{path} is not a readable safetensors file ({type(err).__name__}): export the run again "
                         "or check the download") from None
@@ -199,9 +224,10 @@ def read_weights(files: ModelFiles, cfg: Config) -> tuple[dict[str, torch.Tensor
     """(float32 state dict, training step or None, the key of the codec it was trained with or None) of the
     weights, checked against the config sections the weights' metadata records."""
     try:
-        state = {k: v.float() for k, v in load_file(files.weights).items()}
-        with safe_open(files.weights, "pt") as f:
-            metadata = f.metadata() or {}
+        state, metadata = read_safetensors(files.weights)
+        state = {k: v.float() for k, v in state.items()}
+    except OSError as err:
+        raise UserError(f"cannot read {files.weights}: {err.strerror or err}") from None
     except Exception as err:                     # safetensors raises its own error types for bad files
         raise UserError(f"{files.weights} is not a readable safetensors file ({type(err).__name__}): "
                         "export the run again or check the download") from None

@@ -15,7 +15,7 @@ import torch
 from ..config import Config, TrainConfig
 from ..data import PreparedData, load_batch
 from ..evaluation import InceptionFeatures, evaluate_images, inception_weights_path, reference_stats
-from ..evaluation.faces import load_detector
+from ..photos.faces import load_detector
 from ..evaluation.reference import spread
 from ..images import make_grid, resize_images, save_image, to_uint8
 from ..pipeline import Pipeline, SamplingRequest, generate

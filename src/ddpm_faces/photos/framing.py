@@ -2,7 +2,7 @@
 training data's framing, crop a square and resize it.
 
 The framing was measured on 400 train faces of ../shared/data/faces at 128 px with the same detector
-(evaluation/faces.py): the largest box's side is a median 0.984 of the image's side (10-90%: 0.945-1.023),
+(photos/faces.py): the largest box's side is a median 0.984 of the image's side (10-90%: 0.945-1.023),
 its centre at (0.480, 0.496) of the width and height. A photo's square crop is therefore the box's side /
 0.984, placed so that the box's centre falls at that point.
 """
