@@ -189,7 +189,7 @@ def markdown(result: dict) -> str:
         guided = "–" if r["guidance"] == 1 else ("in the band" if r["interval"] == "band" else "every step")
         lines.append(f"| {r['strength']:.1f} | {'inverted' if r['invert'] else 'noised'} | {guided} | "
                      f"{r['guidance']:g} | {100 * r['face_rate']:.0f}% | {r['score_mean']:.1f} / {r['score_p10']:.1f} | "
-                     f"{100 * r['foreign_colours']:.1f}% | {r['psnr16']:.1f} | {100 * r['age_as_asked']:.0f}% |")
+                     f"{100 * r['foreign_colours']:.2f}% | {r['psnr16']:.1f} | {100 * r['age_as_asked']:.0f}% |")
     if result.get("seam_rows"):
         lines += ["", f"| mask strength | --resample | seam (photos: {result['seam_photos']:.2f}) | faces | s / edit |",
                   "|---:|---:|---:|---:|---:|"]

@@ -97,3 +97,29 @@ def test_one_tiny_edit_through_each_script(tmp_path, one_thread):
     assert speed.first_photo(tmp_path / "none") is None
     timing = speed.one_edit(pipe, None, request, 0.6, False)             # no photo: the drawn face, no detection
     assert timing["faces"] == 0 and timing["total_s"] >= timing["edit_s"] > 0
+
+
+faces_bench = load_script("edit_faces")
+
+
+def test_foreign_colours_count_the_pixels_whose_colour_the_photo_never_had():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(90, 160, (32, 32, 3), dtype=np.uint8)           # greys and browns
+    assert faces_bench.foreign_colours(photo, photo) == 0.0
+    assert faces_bench.foreign_colours(photo, photo[::-1, ::-1].copy()) == 0.0   # the same colours elsewhere
+    blotched = photo.copy()
+    blotched[4:12, 4:12] = (250, 40, 120)                                # a pink blotch: 64 of 1024 pixels
+    assert faces_bench.foreign_colours(photo, blotched) == pytest.approx(64 / 1024)
+
+
+def test_a_seam_is_a_step_at_the_masks_edge_against_the_steps_beside_it():
+    y, x = np.mgrid[:32, :32]
+    ramp = 4 * (x + y)                                                   # every neighbour step is 4 levels
+    image = np.repeat(ramp[..., None], 3, axis=2).astype(np.uint8)      # smooth: no edge anywhere
+    mask = faces_bench.strength_bench.inpaint_mask(32)
+    assert faces_bench.seam_ratio(image, mask) == pytest.approx(1.0, abs=0.1)
+    pasted = image.astype(int)
+    pasted[mask > 0] += 40                                               # the redrawn region 40 levels brighter
+    assert faces_bench.seam_ratio(np.clip(pasted, 0, 255).astype(np.uint8), mask) > 3
+    with pytest.raises(ValueError, match="no edge"):
+        faces_bench.seam_ratio(image, np.zeros((32, 32)))
