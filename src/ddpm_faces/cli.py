@@ -97,7 +97,23 @@ def check_name_lengths(path: str, flag: str) -> None:
                         f"{NAME_MAX} a file system allows: use a shorter name")
 
 
-def check_image_path(path: str) -> None:
+# Every argument that names a path, by its argparse dest: checked once, in main, before any command runs
+PATH_ARGS = {"out": "--out", "strip": "--strip", "checkpoint": "--checkpoint", "save_individual": "--save-individual",
+             "json": "--json", "cache_dir": "--cache-dir", "image": "--image", "mask": "--mask", "data": "--data",
+             "config": "--config", "reference": "--reference", "classifier": "--classifier", "source": "the source",
+             "photo": "the photo"}
+
+
+def check_path_names(args: argparse.Namespace) -> None:
+    """One check for every path the user names: a file or folder name longer than a file system allows is one
+    line before any work (hub names such as hf:org/name are names too, and as short)."""
+    for dest, flag in PATH_ARGS.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value:
+            check_name_lengths(value, flag)
+
+
+def check_image_path(path: str, flag: str = "--out") -> None:
     """Fail before any work when an output image could not be written (tries to create it)."""
     from PIL import Image
 
@@ -108,7 +124,7 @@ def check_image_path(path: str) -> None:
     Image.init()
     if fmt not in Image.SAVE:
         raise UserError(f"{out.suffix} images can be read but not written: use .png, .jpg or .webp for {out.name}")
-    check_name_lengths(path, "--out")
+    check_name_lengths(path, flag)
     existed = out.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +271,7 @@ def _sample(args) -> None:
     _set_threads(args.threads)
     check_image_path(args.out)
     if args.strip:
-        check_image_path(args.strip)
+        check_image_path(args.strip, "--strip")
     if args.save_individual:
         check_name_lengths(args.save_individual, "--save-individual")
         try:
@@ -751,6 +767,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout, sys.stderr = PipeSafe(sys.stdout), PipeSafe(sys.stderr)      # the work: writes stop there instead
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
+        check_path_names(args)
         args.func(args)
     except UserError as err:
         print(f"error: {err.worded(FIXES)}", file=sys.stderr)
