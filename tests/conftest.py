@@ -119,3 +119,18 @@ def server(app):
         yield demo, Client(demo.local_url, verbose=False)
     finally:
         demo.close(verbose=False)
+
+
+def stop_process(process) -> int:
+    """SIGTERM, then the exit status (kill -9 if it does not stop within a minute)."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode

@@ -7,7 +7,6 @@ benchmarks/app_soak.py is the longer version that prints the numbers.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from conftest import free_port, tiny_model
+from conftest import free_port, stop_process, tiny_model
 from ddpm_faces.runs import export_model
 
 CLIENTS = 4
@@ -51,12 +50,7 @@ def server(tmp_path_factory):
             assert process.poll() is None, "the server did not start"
         yield f"http://127.0.0.1:{port}/", process, model
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def mixed_request(i: int, model: str):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port
+from conftest import free_port, stop_process
 from ddpm_faces.cli import main
 
 PYTHON = sys.executable
@@ -49,16 +49,7 @@ def wait_until_serving(process: subprocess.Popen, port: int, log: Path, timeout:
     raise AssertionError(f"the server did not come up: {log.read_text()[-2000:]}")
 
 
-def stop(process: subprocess.Popen) -> int:
-    """SIGTERM, then the exit status (kill -9 if it does not stop)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
+stop = stop_process
 
 
 # ---------------------------------------------------------------------------------------------------
