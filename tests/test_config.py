@@ -113,7 +113,7 @@ def test_yes_no_words_stay_text_and_only_true_false_are_booleans(tmp_path):
     (["reconstruction.disc_start=100", "reconstruction.disc_warmup=200"], ["disc_warmup", "disc_start (100)"]),
     (["reconstruction.disc_warmup=-1"], ["reconstruction.disc_warmup", "0 or more"]),
     (["data.resolution.x=1"], ["data.resolution", "section"]),
-    (["train.lr"], ["--set", "section.key=value", "train.lr"]),
+    (["train.lr"], ["a setting must be", "section.key=value", "train.lr"]),
     (["train=5"], ["train", "mapping"]),
 ])
 def test_invalid_overrides_raise_one_line_user_errors(overrides, words):
