@@ -492,3 +492,34 @@ def test_read_only_cache_folder_is_one_line_naming_the_setting(tmp_path: Path, l
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: cannot write the data cache") and "DDPM_FACES_CACHE" in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_an_image_written_onto_a_full_disk_keeps_the_earlier_one_whole(small_disk: Path) -> None:
+    """A full disk while writing a picture (a grid, a strip, an edit) is one line, and the file that was there
+    stays whole: pictures are written to a temporary file, then renamed over the old one."""
+    from PIL import Image
+
+    from ddpm_faces.images import save_image
+
+    out = small_disk / "faces.png"
+    save_image(np.full((32, 32, 3), 128, np.uint8), out)
+    before = out.read_bytes()
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)                    # fill the disk to its last block
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    noise = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)   # does not compress
+    with pytest.raises(UserError, match=r"cannot write the image .*faces\.png: No space left on device"):
+        save_image(noise, out)
+    assert out.read_bytes() == before and Image.open(out).size == (32, 32)
+    with pytest.raises(UserError, match="No space left on device"):
+        save_image(noise, small_disk / "new.png")
+    assert not (small_disk / "new.png").exists()                        # no 0-byte file where none was
+    assert sorted(p.name for p in small_disk.iterdir()) == ["faces.png", "filler"]   # no temporary file left
