@@ -525,3 +525,20 @@ def test_each_tab_is_a_unit_whose_inputs_match_its_handler_and_name_page_compone
         assert any(p.kind == p.VAR_POSITIONAL for p in params) and "token" in inspect.signature(tab.handler).parameters
         missing = [name for name in (*tab.inputs, *tab.outputs) if name not in components]
         assert not missing, (tab.kind, missing)
+
+
+def test_the_gradio_internals_the_page_relies_on_exist_in_the_installed_gradio(app):
+    """The two places the app reaches past Gradio's public API are wrapped (serve.quiet_queue, page.mask_canvas);
+    this fails when the installed Gradio no longer has what they set, rather than the settings silently
+    doing nothing."""
+    import gradio as gr
+
+    from ddpm_faces.app.page import build_page
+    from ddpm_faces.app.serve import QUEUE_POLL, quiet_queue
+
+    demo = build_page(app)
+    quiet_queue(demo)
+    assert demo._queue.sleep_when_free == QUEUE_POLL and demo._queue.progress_update_sleep_when_free >= 0.1
+    with gr.Blocks():
+        editor = gr.ImageEditor()
+    assert isinstance(editor.blob_storage, dict) and callable(editor.accept_blobs)
