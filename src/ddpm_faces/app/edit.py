@@ -131,6 +131,39 @@ def edit_status(request, strength: float, steps_run: int, invert: bool, mask: bo
     return f"{r.num} edit{'s' if r.num > 1 else ''} of the photo in {seconds:.2f} s ({', '.join(how)}){found}"
 
 
+@dataclass
+class PhotoEdit:
+    """One edit of the tab, prepared: what it runs and what its outputs show."""
+    entry: object
+    pipe: object
+    request: object
+    edit: EditRequest
+    plan: EditPlan
+    picture: Photo
+    framing: Framing
+    painted: np.ndarray | None
+    detect: bool
+    kept: dict
+    steps_run: int
+
+    @property
+    def size(self) -> int:
+        return self.pipe.codec.image_size
+
+    @property
+    def scale(self) -> int:
+        return out.display_scale(self.size)
+
+    @property
+    def framed(self) -> np.ndarray:
+        """The framed photo at the output's size."""
+        return enlarge(self.framing.image[None], self.size)[0]
+
+    @property
+    def before(self) -> tuple:
+        return out.enlarge(self.framed, self.scale), FRAMED
+
+
 class PhotoEditor:
     """The "Edit a photo" tab: `edit` reads the components INPUTS names, in that order (then the attribute
     dropdowns and the session's job token), and yields the outputs OUTPUTS names; `canvas` puts an uploaded
@@ -162,11 +195,44 @@ class PhotoEditor:
         few steps, then the framed photo and the edits side by side, the PNG of them (with the command, the
         model and "edited" in its text chunks; and the mask PNG when a region was painted), the command
         line and the status."""
-        app = self.app
+        app, started = self.app, []
         if app.scratch is not None:               # uploads accumulate there: the oldest go beyond the bound
             trim_oldest(app.scratch, MAX_SCRATCH_BYTES)
-        entry, pipe, request = app.request(model, sampler, steps, num, seed, guidance, precision, attributes,
-                                           kind=self.kind)
+
+        def stop_inverting():                     # Cancel also stops the DDIM inversion, between its steps
+            if started and started[0].stop.is_set():
+                raise Cancelled()
+
+        e = self.prepare(model, photo, layers, strength, sampler, steps, num, seed, guidance, precision, invert,
+                         detect, attributes, stop_inverting)
+        yield {"edit_preview": None, "edit_gallery": [e.before], "edit_files": None, "edit_command": "",
+               "edit_status": f"Inverting the photo ({e.steps_run} DDIM steps) ..." if e.edit.invert and e.steps_run
+               else "Editing ..."}
+
+        def show(event) -> dict:
+            return {"edit_preview": out.enlarge(make_grid(enlarge(event.images, e.size)), e.scale),
+                    "edit_status": out.preview_status(event.step, e.steps_run)}
+
+        def work(callback):
+            done = [0]
+
+            def counted(i, t, x_i, x0):                 # one count over every stage's steps
+                callback(done[0] % max(e.steps_run, 1), t, x_i, x0)
+                done[0] += 1
+            return generate(e.pipe, e.request, plan=e.plan, callback=counted, progress=False)
+
+        start = time.perf_counter()
+        started.append(app.jobs.start(Job(self.kind, e.steps_run, work, threads=app.threads), token))
+        images = yield from app.follow(started[0], show, "edit_status")
+        if images is not None:
+            yield self.results(e, images, time.perf_counter() - start)
+
+    def prepare(self, model, photo, layers, strength, sampler, steps, num, seed, guidance, precision, invert, detect,
+                attributes, stop_inverting) -> PhotoEdit:
+        """The inputs checked, the photo read and framed, the painted mask taken down to the framing, and the
+        request, the EditRequest and its plan (the photo's own attributes kept for those not asked for)."""
+        entry, pipe, request = self.app.request(model, sampler, steps, num, seed, guidance, precision, attributes,
+                                                kind=self.kind)
         strength = round(check_number(strength, "strength", 0, 1, " (0 = the photo back, 1 = a fresh sample)"), 4)
         invert = check_bool(invert, "keep the person (DDIM inversion)")
         detect = check_bool(detect, "find the face")
@@ -174,57 +240,29 @@ class PhotoEditor:
         first = pipe.stages[0]              # a cascade edits at its stage 1; the later stages upscale the edit
         framing = frame(picture, first.codec.image_size, detect)
         painted = painted_mask(layers, picture.image.size)
-        mask = framed_mask(painted, framing, first.codec.image_size)
-        job = None
-
-        def stop_inverting():                     # Cancel also stops the DDIM inversion, between its steps
-            if job is not None and job.stop.is_set():
-                raise Cancelled()
-
-        edit = EditRequest(strength=strength, invert=invert, mask=mask)
+        edit = EditRequest(strength=strength, invert=invert, mask=framed_mask(painted, framing, first.codec.image_size))
         plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), edit,
                         seed=request.seed, between_steps=stop_inverting)
         request, kept = keep_photo_attributes(request.replace(unasked="photo"), first.cfg.model.vocab, framing.image)
         if edit.one_face(request):                 # every seed gives the same face: draw it once
             request = request.replace(num=1)
-        steps_run = len(plan.timesteps(request.steps, request.timestep_spacing))
-        steps_run += sum(stage_steps(pipe, request)[1:])
-        size = pipe.codec.image_size
-        scale = out.display_scale(size)
-        framed_image = enlarge(framing.image[None], size)[0]
-        before = (out.enlarge(framed_image, scale), FRAMED)
-        yield {"edit_preview": None, "edit_gallery": [before], "edit_files": None, "edit_command": "",
-               "edit_status": f"Inverting the photo ({steps_run} DDIM steps) ..." if invert and steps_run else
-               "Editing ..."}
+        steps_run = len(plan.timesteps(request.steps, request.timestep_spacing)) + sum(stage_steps(pipe, request)[1:])
+        return PhotoEdit(entry, pipe, request, edit, plan, picture, framing, painted, detect, kept, steps_run)
 
-        def show(event) -> dict:
-            return {"edit_preview": out.enlarge(make_grid(enlarge(event.images, size)), scale),
-                    "edit_status": out.preview_status(event.step, steps_run)}
-
-        def work(callback):
-            done = [0]
-
-            def counted(i, t, x_i, x0):                 # one count over every stage's steps
-                callback(done[0] % max(steps_run, 1), t, x_i, x0)
-                done[0] += 1
-            return generate(pipe, request, plan=plan, callback=counted, progress=False)
-
-        start = time.perf_counter()
-        job = app.jobs.start(Job(self.kind, steps_run, work, threads=app.threads), token)
-        images = yield from app.follow(job, show, "edit_status")
-        if images is None:
-            return
-        masked = mask is not None
-        command = edit_command(entry, picture, edit, detect, request, scale)
-        folder, both = out.new_folder(app.out_dir), np.concatenate([framed_image[None], images])
-        path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=scale,
-                          text=provenance(command, model_name(pipe.source), pipe.step, note=EDITED))
-        files = [path] + ([save_image(painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])
-        yield {"edit_preview": str(path), "edit_files": [str(f) for f in files],
-               "edit_gallery": [before] + [(out.enlarge(img, scale), f"seed {request.seed} · edit {i}")
-                                           for i, img in enumerate(images)],
-               "edit_command": f"This picture again: `{command}`"
-                               + (f"  \n(`{MASK_FILE}` is the painted mask, offered beside the picture)" if masked
-                                  else ""),
-               "edit_status": edit_status(request, strength, steps_run, invert, masked, framing.faces,
-                                          time.perf_counter() - start, pipe.conditional, kept)}
+    def results(self, e: PhotoEdit, images, seconds: float) -> dict:
+        """The last outputs: the photo and its edits in one PNG (and the painted mask), the gallery, the command
+        that writes the same picture, and the status."""
+        masked = e.edit.mask is not None
+        command = edit_command(e.entry, e.picture, e.edit, e.detect, e.request, e.scale)
+        folder, both = out.new_folder(self.app.out_dir), np.concatenate([e.framed[None], images])
+        path = save_image(make_grid(both, nrow=len(both)), folder / command.rsplit(" ", 1)[1], upscale=e.scale,
+                          text=provenance(command, model_name(e.pipe.source), e.pipe.step, note=EDITED))
+        files = [path] + ([save_image(e.painted.astype(np.uint8) * 255, folder / MASK_FILE)] if masked else [])
+        return {"edit_preview": str(path), "edit_files": [str(f) for f in files],
+                "edit_gallery": [e.before] + [(out.enlarge(img, e.scale), f"seed {e.request.seed} · edit {i}")
+                                              for i, img in enumerate(images)],
+                "edit_command": f"This picture again: `{command}`"
+                                + (f"  \n(`{MASK_FILE}` is the painted mask, offered beside the picture)" if masked
+                                   else ""),
+                "edit_status": edit_status(e.request, e.edit.strength, e.steps_run, e.edit.invert, masked,
+                                           e.framing.faces, seconds, e.pipe.conditional, e.kept)}
