@@ -75,8 +75,9 @@ def test_resume_gives_bit_identical_weights(tmp_path, face_folder):
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, face_folder):
     cfg = load_config("quickstart", tiny_overrides(tmp_path, face_folder, **{"train.max_steps": 6}))
     train(cfg, progress=False)
-    with pytest.raises(UserError, match="--resume"):
+    with pytest.raises(UserError, match="already holds a trained model") as err:
         train(cfg, progress=False)
+    assert err.value.worded(FIXES).endswith("pass --resume to continue it, or pick another run name with --set name=<new>")
 
 
 def test_ema_steps_once_per_optimizer_step_with_gradient_accumulation(tmp_path, face_folder):
@@ -117,9 +118,9 @@ def test_training_stops_early_when_validation_stalls(tmp_path, face_folder):
     result = train(cfg, progress=False)
     assert result.stopped_early and result.step == 2
     assert list_checkpoints(tmp_path / "runs" / "tiny")[-1].name == "step-2"
-    with pytest.raises(UserError, match="nothing left to train: it stopped early at step-2.*train.patience=2") as err:
+    with pytest.raises(UserError, match=r"nothing left to train: it stopped early at step-2.*train.patience=1\)") as err:
         train(cfg, resume=True, progress=False)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and err.value.worded(FIXES).endswith("--resume --set train.patience=2")
 
 
 def test_resuming_a_run_that_does_not_exist_names_the_runs_there(tmp_path, face_folder):
