@@ -22,7 +22,7 @@ demo: install
 test: install browser
 	$(PY) -m pytest
 
-# The developer's loop: everything but the heavy tier (tests marked slow)
+# The developer's loop (about a minute): everything but the integration tier (tests marked slow)
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 

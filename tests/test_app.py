@@ -38,6 +38,8 @@ from ddpm_faces.pipeline.generate import drawn_labels
 from ddpm_faces.pipeline import SamplingRequest, generate
 from ddpm_faces.runs import BUNDLED_DIR, DEFAULT_MODEL, export_model
 
+pytestmark = pytest.mark.slow          # the integration tier (real servers): `make test-fast` leaves it out
+
 BUNDLED = str(BUNDLED_DIR / "faces32")
 VOCAB = {"age": ["0-2", "20-29"], "gender": ["Female", "Male"]}
 

@@ -32,6 +32,8 @@ from ddpm_faces.errors import UserError
 from ddpm_faces.photos.framing import frame_photo, open_photo
 from ddpm_faces.images import EDITED
 
+pytestmark = pytest.mark.slow          # the integration tier (real servers and edits through them): `make test-fast` leaves it out
+
 MODEL = "faces32 (bundled)"              # how the page names the bundled 32 px model
 LATENT = "latent128 (bundled)"           # and the bundled 128 px latent one
 SCALE = 4                        # the bundled model's 32 px faces are shown 4x

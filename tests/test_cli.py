@@ -12,6 +12,8 @@ from PIL import Image
 from conftest import tiny_overrides
 from ddpm_faces.cli import main
 
+pytestmark = pytest.mark.slow          # the integration tier (the command line in real processes, training included): `make test-fast` leaves it out
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ddpm_faces", *args], capture_output=True, text=True, timeout=300)

@@ -152,6 +152,7 @@ def test_training_a_conditional_model_fills_the_vocabulary_from_the_data(tmp_pat
         train(bad, progress=False)
 
 
+@pytest.mark.slow          # the command line in real processes
 @pytest.mark.parametrize("flags, words", [
     (["--age", "30-39", "UNCONDITIONAL"], ["unconditional", "age"]),
     (["--grid-by", "race", "UNCONDITIONAL"], ["unconditional"]),
@@ -259,6 +260,7 @@ def test_guidance_applies_in_the_default_band_unless_an_interval_is_given():
     assert (every != band).any()                         # the steps outside the band are guided only there
 
 
+@pytest.mark.slow          # the command line in real processes
 def test_grid_by_rows_are_labelled_with_their_values(tmp_path):
     from PIL import Image
 

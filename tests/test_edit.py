@@ -175,6 +175,7 @@ def test_edit_inputs_are_checked(bundled, photo):
         EditPlan(bundled, torch.zeros(1, 3, 64, 64), EditRequest(strength=0.5))
 
 
+@pytest.mark.slow          # the command line in real processes
 def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_path):
     face = Image.fromarray(draw_face(np.random.default_rng(1), 96))
     face.save(tmp_path / "photo.png")
@@ -190,6 +191,7 @@ def test_edit_command_writes_faces_with_their_provenance_and_a_comparison(tmp_pa
         text["ddpm-faces command"] and "edited" in text["Description"] and text["ddpm-faces step"] == "9000"
 
 
+@pytest.mark.slow          # the command line in real processes
 def test_one_edit_is_the_face_itself_and_inverting_deterministically_draws_it_once(tmp_path):
     Image.fromarray(draw_face(np.random.default_rng(1), 96)).save(tmp_path / "photo.png")
     common = ["edit", "--checkpoint", "faces32", "--image", str(tmp_path / "photo.png"), "--no-detect",
@@ -207,6 +209,7 @@ def test_one_edit_is_the_face_itself_and_inverting_deterministically_draws_it_on
     assert np.abs(pair[1:33, 1:33] - pair[1:33, 35:67]).mean() > 1              # two different faces
 
 
+@pytest.mark.slow          # the command line in real processes
 def test_sample_pngs_say_how_to_make_them_again(tmp_path):
     out = run("sample", "--checkpoint", "faces32", "--num", "2", "--steps", "5", "--seed", "4", "--age", "20-29",
               "--out", str(tmp_path / "a.png"), "--upscale", "2", "--strip", str(tmp_path / "strip.png"),
@@ -222,6 +225,7 @@ def test_sample_pngs_say_how_to_make_them_again(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
 
 
+@pytest.mark.slow          # the command line in real processes
 def test_bad_photos_and_masks_are_one_line(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     Image.new("1", (8000, 8000)).save(tmp_path / "huge.png")                 # 64 M pixels, a small file

@@ -25,6 +25,8 @@ from ddpm_faces.runs import checkpoints as checkpoint_module
 from ddpm_faces.training import step as step_module
 from ddpm_faces.training import train
 
+pytestmark = pytest.mark.slow          # the integration tier (real training runs killed, interrupted and resumed): `make test-fast` leaves it out
+
 STEPS = 24
 
 

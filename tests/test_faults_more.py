@@ -23,6 +23,8 @@ from PIL import Image
 from conftest import free_port, stop_process
 from ddpm_faces.cli import main
 
+pytestmark = pytest.mark.slow          # the integration tier (real servers, pipes and killed builders): `make test-fast` leaves it out
+
 PYTHON = sys.executable
 FILE = {"_type": "gradio.FileData"}
 

@@ -21,6 +21,8 @@ from ddpm_faces.pipeline import Pipeline, SamplingRequest, generate, load_pipeli
 from ddpm_faces.runs import CODEC_FILE, RunFolder
 from ddpm_faces.training import train
 
+pytestmark = pytest.mark.slow          # the integration tier (autoencoder and latent training runs): `make test-fast` leaves it out
+
 AE = {"task": "autoencoder", "name": "ae", "autoencoder.resolution": 16, "autoencoder.channels": "[8,16,16]",
       "autoencoder.groups": 4, "reconstruction.crop": 0, "reconstruction.disc_start": 4,
       "reconstruction.disc_channels": 8, "reconstruction.disc_layers": 2, "reconstruction.eval_images": 8,

@@ -361,6 +361,7 @@ def sanity_features(inception, sanity_images) -> dict[str, np.ndarray]:
     return {name: inception(images) for name, images in sanity_images.items()}
 
 
+@pytest.mark.slow          # Inception features of real faces
 @needs_faces
 @needs_inception
 def test_real_faces_are_closer_to_real_faces_than_broken_images(sanity_features):

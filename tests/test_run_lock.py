@@ -19,6 +19,8 @@ from ddpm_faces.runs import RunFolder
 from ddpm_faces.runs.lock import RunLock, lock_path, read_holder
 from ddpm_faces.training import train
 
+pytestmark = pytest.mark.slow          # the integration tier (real trainer processes): `make test-fast` leaves it out
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # a process that takes the lock, says so, and holds it until it is killed
@@ -26,6 +28,7 @@ HOLDER = """
 import sys, time
 from ddpm_faces.runs import RunFolder
 from ddpm_faces.runs.lock import RunLock
+
 lock = RunLock(RunFolder(sys.argv[1])).acquire()      # held while `lock` lives
 print("locked", flush=True)
 time.sleep(600)

@@ -18,6 +18,8 @@ from ddpm_faces.pipeline import SamplingRequest, generate, load_pipeline
 from ddpm_faces.runs import RunFolder
 from ddpm_faces.training import EMA, EarlyStopping, train
 
+pytestmark = pytest.mark.slow          # the integration tier (real training runs): `make test-fast` leaves it out
+
 
 def list_checkpoints(run: Path) -> list[Path]:
     return RunFolder(run).checkpoints()
