@@ -454,15 +454,18 @@ def bundled_configs_dir() -> Path:
     return Path(__file__).resolve().parent / "configs"
 
 
+CONFIG_FILE = "config.yaml"                  # a run's, an export's or a checkpoint's config (runs/ lays them out)
+
+
 def _find_config(path: str | Path) -> Path:
     """A YAML file, a run folder's config.yaml, or a bundled config named without folder or suffix."""
     p = Path(path)
     if p.is_file():
         return p
     if p.is_dir():
-        if (p / "config.yaml").is_file():
-            return p / "config.yaml"
-        raise UserError(f"{p} is a folder without config.yaml: give a YAML file or a run folder")
+        if (p / CONFIG_FILE).is_file():
+            return p / CONFIG_FILE
+        raise UserError(f"{p} is a folder without {CONFIG_FILE}: give a YAML file or a run folder")
     available = sorted(q.stem for q in bundled_configs_dir().glob("*.yaml"))
     named = bundled_configs_dir() / f"{p.name}.yaml"
     if str(p) == p.name and not p.suffix and named.is_file():

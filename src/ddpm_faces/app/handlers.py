@@ -146,7 +146,7 @@ class FaceApp:
         sliders limited to the model's timesteps."""
         entry = self.entry(model)
         m = entry.cfg.model
-        most = min(MAX_STEPS, entry.max_steps)
+        most = min(MAX_STEPS, entry.max_sampling_steps)
         changes = {"card": self.card(model), "guidance": gr.update(visible=bool(m.attributes), value=1.0),
                    "steps": gr.update(maximum=most), "interpolate_steps": gr.update(maximum=most),
                    "edit_steps": gr.update(maximum=most)}
@@ -169,7 +169,7 @@ class FaceApp:
         SamplingRequest (UserError naming the input that is wrong)."""
         entry = self.entry(model)
         sampler = check_choice(sampler, SAMPLERS, "sampler")
-        steps = check_int(steps, "steps", 1, min(MAX_STEPS, entry.max_steps))
+        steps = check_int(steps, "steps", 1, min(MAX_STEPS, entry.max_sampling_steps))
         num_name, fewest, seed_name = NAMES[kind]
         num = check_int(num, num_name, fewest, MAX_IMAGES)
         seed = check_int(seed, seed_name, 0, MAX_PAGE_SEED)

@@ -15,8 +15,8 @@ from ..diffusion import sampler_spec
 from ..errors import UserError
 from ..models import count_parameters
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, Pipeline
-from ..runs import (BUNDLED_DIR, CONFIG_FILE, DEFAULT_MODEL, WEIGHTS_FILE, RunFolder, bundled_folders, checkpoint_step,
-                    find_model)
+from ..runs import (BUNDLED_DIR, CONFIG_FILE, DEFAULT_MODEL, METRICS_FILE, WEIGHTS_FILE, bundled_folders,
+                    checkpoint_step, find_model, run_of_export)
 from ..runs.weights import readable
 
 
@@ -30,7 +30,7 @@ class ModelEntry:
     cli_checkpoint: str | None   # the --checkpoint that names it on the command line (None: the default)
 
     @property
-    def max_steps(self) -> int:
+    def max_sampling_steps(self) -> int:
         """The most sampling steps this model's schedule has."""
         return self.cfg.diffusion.timesteps
 
@@ -51,7 +51,7 @@ def _is_diffusion_model(folder: Path) -> bool:
     if not all((folder / name).is_file() for name in (WEIGHTS_FILE, CONFIG_FILE)):
         return False
     try:
-        return not read_model_config(folder / "config.yaml").kind.codec
+        return not read_model_config(folder / CONFIG_FILE).kind.codec
     except UserError:
         return False
 
@@ -69,13 +69,13 @@ def _given(path: str) -> ModelEntry:
 
 
 def _found(runs_dir: str | Path) -> list[ModelEntry]:
-    entries = [ModelEntry(f"{folder.name} (bundled)", str(folder), read_model_config(folder / "config.yaml"), folder,
+    entries = [ModelEntry(f"{folder.name} (bundled)", str(folder), read_model_config(folder / CONFIG_FILE), folder,
                           None if folder.name == DEFAULT_MODEL else folder.name) for folder in bundled_models()]
     runs = Path(runs_dir)
     for export in sorted(runs.glob("*/export")) if runs.is_dir() else []:
         if _is_diffusion_model(export):
             label = readable(export.parent if runs.is_absolute() else f"{runs_dir}/{export.parent.name}")
-            entries.append(ModelEntry(label, str(export), read_model_config(export / "config.yaml"), export, label))
+            entries.append(ModelEntry(label, str(export), read_model_config(export / CONFIG_FILE), export, label))
     return entries
 
 
@@ -97,7 +97,8 @@ def discover_models(checkpoints: list[str] | None = None, runs_dir: str | Path =
 # ---------------------------------------------------------------------------------------------------
 def read_metrics(folder: Path) -> dict | None:
     """metrics.json beside the weights (or in the run folder above an export/), if there is one."""
-    for candidate in (folder / "metrics.json", folder.parent / "metrics.json" if folder.name == "export" else None):
+    run = run_of_export(folder)
+    for candidate in (folder / METRICS_FILE, run.root / METRICS_FILE if run is not None else None):
         if candidate is not None and candidate.is_file():
             try:
                 data = json.loads(candidate.read_text())
@@ -119,9 +120,10 @@ def format_value(value) -> str:
 
 def latest_checkpoint_step(folder: Path) -> int | None:
     """The step of the newest checkpoint of the run above an export/ folder, if any."""
-    if folder.name != "export":
+    run = run_of_export(folder)
+    if run is None:
         return None
-    newest = RunFolder(folder.parent).latest_checkpoint()
+    newest = run.latest_checkpoint()
     return checkpoint_step(newest) if newest is not None else None
 
 

@@ -201,7 +201,7 @@ def _edit_tab(c: dict, most: int) -> None:
 
 def _layout(app: FaceApp) -> dict:
     """Every component of the page, by name (the names the handlers' outputs use)."""
-    most = min(MAX_STEPS, app.models[app.default].max_steps)
+    most = min(MAX_STEPS, app.models[app.default].max_sampling_steps)
     c: dict = {"generate_job": gr.State(None), "interpolate_job": gr.State(None), "edit_job": gr.State(None)}
     gr.Markdown("## ddpm-faces\nFaces drawn by a denoising diffusion model, on this machine. "
                 "Each face is reproducible from its seed.")

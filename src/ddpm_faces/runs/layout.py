@@ -16,10 +16,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ..config import CONFIG_FILE
 from ..errors import NOT_RESUMING, RunError, UserError
 from ..io import recover_folder
 
-CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"                # quality numbers beside an export, or in its run folder
 WEIGHTS_FILE = "model.safetensors"           # an export's (EMA) weights
 EMA_FILE = "ema.safetensors"                 # a checkpoint's EMA weights
 CODEC_FILE = "autoencoder.safetensors"       # a latent model's codec, carried by its export
@@ -86,3 +87,9 @@ def missing_run_error(run: str, out_dir: str | Path) -> UserError:
     there = f"the runs there: {', '.join(runs)}" if runs else "there are no runs there yet"
     return RunError(f"there is no run {run} to continue in {out_dir} ({there}). Check the run name, or start a "
                     "new run", fix=NOT_RESUMING)
+
+
+def run_of_export(folder: str | Path) -> RunFolder | None:
+    """The run whose export/ folder `folder` is, or None (a bundled model, a checkpoint, another folder)."""
+    run = RunFolder(Path(folder).parent)
+    return run if Path(folder) == run.export else None
