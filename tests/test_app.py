@@ -143,7 +143,7 @@ def reproduce(seeds: str, out: Path) -> np.ndarray:
 
 
 def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
-    yields = outputs(app.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "fp32", "any", "any"))
+    yields = outputs(app.generator.generate(BUNDLED, "ddpm", 10, 3, 5, 1.0, "fp32", "any", "any"))
     previews, final = yields[:-1], yields[-1]
     assert previews and all(p["status"].startswith("Denoising: step") for p in previews)
     assert previews[0]["gallery"] is None and all("gallery" not in p for p in previews[1:])   # cleared once
@@ -164,7 +164,7 @@ def test_generate_streams_previews_then_faces_the_cli_reproduces(app, tmp_path):
 
 
 def test_generate_with_attributes_guidance_and_bf16(app, conditional_export, tmp_path):
-    *_, final = outputs(app.generate(conditional_export, "ddim", 3, 2, 0, 2.0, "bf16", "20-29", "any"))
+    *_, final = outputs(app.generator.generate(conditional_export, "ddim", 3, 2, 0, 2.0, "bf16", "20-29", "any"))
     assert len(final["gallery"]) == 2
     assert "age 20-29" in final["status"] and "guidance 2" in final["status"] and "bf16" in final["status"]
     command = final["seeds"].split("This grid again: `")[1]
@@ -208,7 +208,7 @@ def test_generate_rejects_bad_input_with_a_short_clear_message(app, position, va
     args = list(GOOD)
     args[position] = value
     with pytest.raises(UserError) as err:
-        next(app.generate(*args))
+        next(app.generator.generate(*args))
     text = str(err.value)
     assert text.startswith(message) or message in text, text
     assert "\n" not in text and len(text) < 300                             # a 500 kB name is not echoed back
@@ -216,20 +216,20 @@ def test_generate_rejects_bad_input_with_a_short_clear_message(app, position, va
 
 def test_attributes_for_an_unconditional_model_are_refused(app, unconditional_export):
     with pytest.raises(UserError, match="is not conditioned on age"):
-        next(app.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "20-29", "any"))
+        next(app.generator.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "20-29", "any"))
     with pytest.raises(UserError, match="at most 3 attribute values"):
-        next(app.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any", "any", "any"))
+        next(app.generator.generate(unconditional_export, "ddpm", 10, 2, 0, 1.0, "fp32", "any", "any", "any", "any"))
 
 
 def test_model_specific_limits(app, conditional_export):
     with pytest.raises(UserError, match="steps must be from 1 to 100, got 101"):
-        next(app.generate(conditional_export, "ddpm", 101, 1, 0, 1.0))
+        next(app.generator.generate(conditional_export, "ddpm", 101, 1, 0, 1.0))
     with pytest.raises(UserError, match="unknown age '99': choose one of any, 0-2, 20-29"):
-        next(app.generate(conditional_export, "ddpm", 5, 1, 0, 1.0, "fp32", "99", "any"))
+        next(app.generator.generate(conditional_export, "ddpm", 5, 1, 0, 1.0, "fp32", "99", "any"))
     with pytest.raises(UserError, match="number of faces must be from 2 to 16, got 1"):
-        next(app.interpolate(BUNDLED, "ddim", 5, 1, 0, 1, 1.0))
+        next(app.interpolator.interpolate(BUNDLED, "ddim", 5, 1, 0, 1, 1.0))
     with pytest.raises(UserError, match="seed B must be from 0 to"):
-        next(app.interpolate(BUNDLED, "ddim", 5, 2, 0, -1, 1.0))
+        next(app.interpolator.interpolate(BUNDLED, "ddim", 5, 2, 0, -1, 1.0))
 
 
 def first_preview(stream) -> dict:
@@ -240,7 +240,7 @@ def first_preview(stream) -> dict:
 
 
 def test_closing_the_handler_stops_the_sampling_loop(app):
-    stream = app.generate(BUNDLED, "ddpm", 1000, MAX_IMAGES, 0, 1.0)
+    stream = app.generator.generate(BUNDLED, "ddpm", 1000, MAX_IMAGES, 0, 1.0)
     first_preview(stream)
     stream.close()                                      # what a client's cancel (or a lost client) does
     wait_idle(app)
@@ -251,20 +251,20 @@ def test_closing_the_handler_stops_the_sampling_loop(app):
 def test_cancel_by_token_ends_the_handler_with_stopped(app, kind):
     token = app.arm()
     args = (BUNDLED, "ddpm", 1000, 4, 0, 1.0) if kind == "generate" else (BUNDLED, "ddpm", 1000, 4, 0, 1, 1.0)
-    stream = getattr(app, kind)(*args, token=token)
+    stream = next(tab.handler for tab in app.tabs if tab.kind == kind)(*args, token=token)
     first_preview(stream)
     app.cancel(token)                                   # what the page's Cancel button does
     rest = outputs(stream)                              # the generator ends by itself, without an error
     status = "status" if kind == "generate" else "interpolate_status"
     assert rest[-1] == {status: STOPPED}
     assert app.runs[-1].outcome == "cancelled" and app.runs[-1].steps_done < 1000
-    queued = outputs(app.generate(*GOOD, token=token))  # started after the cancel, before a new click: stopped
+    queued = outputs(app.generator.generate(*GOOD, token=token))  # started after the cancel, before a new click: stopped
     assert queued == [{"status": STOPPED}]
-    assert outputs(app.generate(*GOOD, token=app.arm(token)))[-1]["status"].startswith("2 faces in")
+    assert outputs(app.generator.generate(*GOOD, token=app.arm(token)))[-1]["status"].startswith("2 faces in")
 
 
 def test_interpolation_row_runs_from_seed_a_to_seed_b(app):
-    final = outputs(app.interpolate(BUNDLED, "ddim", 6, 4, 3, 8, 1.0))[-1]
+    final = outputs(app.interpolator.interpolate(BUNDLED, "ddim", 6, 4, 3, 8, 1.0))[-1]
     faces = final["row"][::4, ::4]                      # undo the display enlargement: a 4-face grid
     assert faces.shape == (36, 4 * 34 + 2, 3) and "from seed 3 to seed 8" in final["interpolate_status"]
     pipe = app.pipeline(app.models[BUNDLED])

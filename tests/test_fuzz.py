@@ -194,7 +194,7 @@ def test_web_app_requests_give_faces_or_a_clear_error(tiny_app, data):
         args["attributes"] = data.draw(st.lists(anything, max_size=4), label="attributes")
     model = next(iter(tiny_app.models))
     try:
-        handler = gradio_handler(tiny_app.generate, GENERATE_OUTPUTS)
+        handler = gradio_handler(tiny_app.generator.generate, GENERATE_OUTPUTS)
         outputs = list(handler(model, args["sampler"], args["steps"], args["num"], args["seed"], args["guidance"],
                                args["precision"], *args["attributes"]))
     except gr.Error as err:

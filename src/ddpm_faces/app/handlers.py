@@ -4,7 +4,7 @@ dict keyed by output name. They raise UserError for bad input; the page turns th
 Each sampling tab is a unit (Tab: its handler, its inputs and outputs by name); the page composes `app.tabs`.
 
     app = FaceApp.from_paths(None)               # the bundled model(s) and the exports under runs/
-    *_, last = app.generate(app.default, "dpmpp-2m", 20, 4, 0)
+    *_, last = app.generator.generate(app.default, "dpmpp-2m", 20, 4, 0)
     last["gallery"], last["status"]
 """
 from __future__ import annotations
@@ -73,8 +73,8 @@ INTERPOLATE_INPUTS = ("model", "interpolate_sampler", "interpolate_steps", "inte
 
 
 class FaceApp:
-    """The models on offer, their pipelines (loaded once, on first use), the jobs, and the handlers of the
-    Generate and Interpolate tabs; the "Edit a photo" tab is its `editor` (edit.py's PhotoEditor)."""
+    """The models on offer, their pipelines (loaded once, on first use), the jobs, the checks the tabs share,
+    and the tabs: `generator`, `interpolator` and `editor` (edit.py's PhotoEditor), each built on it."""
 
     def __init__(self, models: dict[str, ModelEntry], *, concurrency_limit: int = 1, max_queue: int = 32,
                  threads: int | None = None, device: str = "cpu", out_dir: str | Path | None = None,
@@ -95,14 +95,15 @@ class FaceApp:
         self.scratch = Path(out_dir) if out_dir is not None else None     # the server's folder, uploads included
         self._pipes: dict[str, Pipeline] = {}
         self._lock = threading.Lock()
-        self.editor = PhotoEditor(self)
+        self.generator, self.interpolator, self.editor = FaceGenerator(self), Interpolator(self), PhotoEditor(self)
         atexit.register(self.close)
 
     @property
     def tabs(self) -> tuple[Tab, ...]:
         """The sampling tabs, as the page composes them."""
-        return (Tab("generate", self.generate, GENERATE_INPUTS, out.GENERATE_OUTPUTS),
-                Tab("interpolate", self.interpolate, INTERPOLATE_INPUTS, out.INTERPOLATE_OUTPUTS),
+        return (Tab(self.generator.kind, self.generator.generate, self.generator.INPUTS, self.generator.OUTPUTS),
+                Tab(self.interpolator.kind, self.interpolator.interpolate, self.interpolator.INPUTS,
+                    self.interpolator.OUTPUTS),
                 Tab(self.editor.kind, self.editor.edit, self.editor.INPUTS, self.editor.OUTPUTS))
 
     @classmethod
@@ -215,13 +216,30 @@ class FaceApp:
                     return event.images
         return None
 
+    def limits(self) -> str:
+        return (f"Limits: 1 to {MAX_IMAGES} images, 1 to {MAX_STEPS} steps, guidance 0 to {MAX_GUIDANCE:g}; photos "
+                f"up to {MAX_BYTES // 2**20} MB and {MAX_PIXELS // 10**6} megapixels; {self.concurrency_limit} "
+                "generation(s) or edit(s) at a time, the others wait in a queue.")
+
+
+class FaceGenerator:
+    """The Generate tab: `generate` reads INPUTS (then the attribute dropdowns and the job token) and yields
+    OUTPUTS; built on its FaceApp (the request checks, pipelines, jobs and folders)."""
+
+    kind = "generate"
+    INPUTS = GENERATE_INPUTS
+    OUTPUTS = out.GENERATE_OUTPUTS
+
+    def __init__(self, app: FaceApp):
+        self.app = app
+
     def generate(self, model, sampler, steps, num, seed, guidance=1.0, precision="auto", *attributes,
                  token: str | None = None) -> Iterator[Outputs]:
         """Yields outputs by name (out.GENERATE_OUTPUTS): every few steps the preview shows the current
         clean-image estimates as one picture; at the end the grid, the faces with their seeds, the denoising
         strip of face 0 and the status. `attributes`: one value per name in `attribute_names` ('any' or left
         out: not asked for). `token`: the name under which `cancel` finds this run."""
-        entry, pipe, request = self.request(model, sampler, steps, num, seed, guidance, precision, attributes)
+        entry, pipe, request = self.app.request(model, sampler, steps, num, seed, guidance, precision, attributes)
         scale = out.display_scale(pipe.codec.image_size)
         strip = DenoisingStrip(stage_steps(pipe, request), 1)
         steps, size = sum(strip.stages), pipe.codec.image_size
@@ -235,26 +253,37 @@ class FaceApp:
                     "status": out.preview_status(event.step, steps)}
 
         start = time.perf_counter()
-        job = self.jobs.start(Job("generate", steps, sampling_with_strip(pipe, request, strip),
-                                  threads=self.threads), token)
-        images = yield from self.follow(job, show, "status")
+        job = self.app.jobs.start(Job(self.kind, steps, sampling_with_strip(pipe, request, strip),
+                                  threads=self.app.threads), token)
+        images = yield from self.app.follow(job, show, "status")
         if images is not None:
             yield self._faces(entry, pipe, request, images, strip, time.perf_counter() - start)
 
     def _faces(self, entry, pipe, request, images, strip, seconds) -> Outputs:
         scale = out.display_scale(pipe.codec.image_size)
-        grid = str(out.save_grid(images, self.out_dir, request.seed, scale))
+        grid = str(out.save_grid(images, self.app.out_dir, request.seed, scale))
         gallery = [(out.enlarge(img, scale), f"seed {request.seed} · image {i}") for i, img in enumerate(images)]
         return {"preview": grid, "gallery": gallery, "grid_file": grid,
                 "seeds": out.seeds_text(entry, request, scale), "strip": out.enlarge(strip.picture(), scale),
                 "status": out.generate_status(request, seconds, pipe.conditional)}
 
+
+class Interpolator:
+    """The Interpolate tab: faces along the path between two seeds' starting noise; built on its FaceApp."""
+
+    kind = "interpolate"
+    INPUTS = INTERPOLATE_INPUTS
+    OUTPUTS = out.INTERPOLATE_OUTPUTS
+
+    def __init__(self, app: FaceApp):
+        self.app = app
+
     def interpolate(self, model, sampler, steps, num, seed_a, seed_b, guidance=1.0, precision="auto",
                     *attributes, token: str | None = None) -> Iterator[Outputs]:
         """Yields outputs by name (out.INTERPOLATE_OUTPUTS): faces along the spherical path between the
         starting noise of two seeds, as one row."""
-        entry, pipe, request = self.request(model, sampler, steps, num, seed_a, guidance, precision, attributes,
-                                            kind="interpolate")
+        entry, pipe, request = self.app.request(model, sampler, steps, num, seed_a, guidance, precision, attributes,
+                                            kind=self.kind)
         seed_b = check_int(seed_b, "seed B", 0, MAX_PAGE_SEED)
         scale, nrow = out.display_scale(pipe.codec.image_size), request.num
 
@@ -266,13 +295,8 @@ class FaceApp:
                     "interpolate_status": out.preview_status(event.step, request.steps, generating=False)}
 
         start = time.perf_counter()
-        job = self.jobs.start(Job("interpolate", request.steps, work, threads=self.threads), token)
-        images = yield from self.follow(job, show, "interpolate_status")
+        job = self.app.jobs.start(Job(self.kind, request.steps, work, threads=self.app.threads), token)
+        images = yield from self.app.follow(job, show, "interpolate_status")
         if images is not None:
             yield {"row": out.enlarge(make_grid(images, nrow=nrow), scale),
                    "interpolate_status": out.interpolate_status(request, seed_b, time.perf_counter() - start)}
-
-    def limits(self) -> str:
-        return (f"Limits: 1 to {MAX_IMAGES} images, 1 to {MAX_STEPS} steps, guidance 0 to {MAX_GUIDANCE:g}; photos "
-                f"up to {MAX_BYTES // 2**20} MB and {MAX_PIXELS // 10**6} megapixels; {self.concurrency_limit} "
-                "generation(s) or edit(s) at a time, the others wait in a queue.")
