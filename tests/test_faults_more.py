@@ -328,6 +328,14 @@ def test_names_of_up_to_255_bytes_are_written_whole(tmp_path, capsys, unconditio
     assert len(list(tmp_path.iterdir())) == 3 and not recover_folder(export)
 
 
+def test_a_json_name_of_255_bytes_passes_the_check_before_an_evaluation(tmp_path):
+    from ddpm_faces.cli import check_json_path
+
+    out = tmp_path / ("j" * 250 + ".json")                     # 255 bytes: legal, and the probe must be too
+    check_json_path(str(out))
+    assert list(tmp_path.iterdir()) == []                      # the probe is gone, and the file is not made yet
+
+
 # ---------------------------------------------------------------------------------------------------
 # latent builds cut short
 # ---------------------------------------------------------------------------------------------------

@@ -452,7 +452,8 @@ def check_json_path(path: str | None) -> None:
     if not path:
         return
     out = Path(path)
-    probe = out.with_name(f".{out.name}.{os.getpid()}.probe")       # the file itself is written only at the end
+    probe = out.with_name(f".probe-{os.getpid()}")          # the file itself is written only at the end; a short
+    #                                                         name, so that any name the file system allows passes
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
