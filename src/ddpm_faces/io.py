@@ -44,6 +44,20 @@ def _finish_tree(folder: Path, mode: int) -> None:
     _fsync(folder)
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine exists (signal 0 only checks; Windows, and another user's process,
+    count as alive)."""
+    if os.name == "nt" or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 def name_bytes(name: str) -> int:
     """The length of a file or folder name as the file system counts it: in bytes."""
     return len(os.fsencode(name))

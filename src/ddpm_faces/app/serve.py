@@ -21,7 +21,7 @@ import gradio as gr
 from starlette.middleware import Middleware
 
 from ..errors import UserError
-from ..io import PipeSafe
+from ..io import PipeSafe, process_alive
 from ..pipeline import default_threads
 from .guard import MAX_BODY, MAX_UPLOAD, RequestGuard
 from .handlers import FaceApp
@@ -144,21 +144,11 @@ def remove_stale_scratch(root: Path) -> list[Path]:
     removed = []
     for folder in root.glob(f"{SCRATCH_PREFIX}*"):
         pid = folder.name[len(SCRATCH_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                   # another user's process: alive
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from ..errors import CACHE_ELSEWHERE, CacheError, UserError
+from ..io import process_alive
 from .records import Record, Source
 from .sources import resolve_source, source_identity
 
@@ -616,20 +617,7 @@ def _dead_owner(name: str) -> int | None:
     if match is None or match["host"] not in (None, _host()):
         return None
     pid = int(match["pid"])
-    return None if _alive(pid) else pid
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (signal 0 only checks; Windows is always assumed alive)."""
-    if os.name == "nt" or pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True
-    return True
+    return None if process_alive(pid) else pid
 
 
 def raise_for_cache(folder: Path, error: OSError) -> NoReturn:
