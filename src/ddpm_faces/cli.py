@@ -124,7 +124,6 @@ def check_image_path(path: str, flag: str = "--out") -> None:
     Image.init()
     if fmt not in Image.SAVE:
         raise UserError(f"{out.suffix} images can be read but not written: use .png, .jpg or .webp for {out.name}")
-    check_name_lengths(path, flag)
     existed = out.exists()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +132,7 @@ def check_image_path(path: str, flag: str = "--out") -> None:
         if not existed:
             out.unlink()
     except OSError as err:
-        raise UserError(f"cannot write {path}: {err.strerror or err}; choose another --out") from None
+        raise UserError(f"cannot write {path}: {err.strerror or err}; choose another {flag}") from None
 
 
 MAX_UPSCALE = 16                 # --upscale: a 16-face grid of 128 px faces becomes 8,224 px square at most
@@ -273,7 +272,6 @@ def _sample(args) -> None:
     if args.strip:
         check_image_path(args.strip, "--strip")
     if args.save_individual:
-        check_name_lengths(args.save_individual, "--save-individual")
         try:
             Path(args.save_individual).mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -481,8 +479,6 @@ def _eval(args) -> None:
     from .pipeline import load_pipeline, read_config
 
     _set_threads(args.threads)
-    if args.json:
-        check_name_lengths(args.json, "--json")
     check_json_path(args.json)
     if args.checkpoint and read_config(args.checkpoint).kind.codec:
         return _eval_codec(args)
