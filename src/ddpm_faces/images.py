@@ -53,7 +53,7 @@ def label_rows(grid: np.ndarray, labels: list[str], pad: int = 2, size: int = 12
 
     font = ImageFont.load_default(size=size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    width = max(draw.textbbox((0, 0), label, font=font)[2] for label in labels) + 2 * size // 2
+    width = max(draw.textbbox((0, 0), label, font=font)[2] for label in labels) + size
     column = Image.new("RGB", (width, grid.shape[0]), (255, 255, 255))
     draw = ImageDraw.Draw(column)
     row_h = (grid.shape[0] - pad) / len(labels)

@@ -65,12 +65,6 @@ def read_photo(value) -> Photo:
     return Photo(open_photo(source, name=name), name)
 
 
-def frame(photo: Photo, size: int, detect: bool) -> Framing:
-    """The photo framed like the training faces (around its largest face, or its centre square); a missing
-    detector or no face found are errors whose fix the page words (page.FIXES: untick 'Find the face')."""
-    return frame_photo(photo.image, size, detect=detect)
-
-
 def painted_mask(layers, photo_size: tuple[int, int]) -> np.ndarray | None:
     """Where the layers are painted, (H, W) bool at the photo's size, or None when nothing is."""
     if layers is None:
@@ -238,7 +232,7 @@ class PhotoEditor:
         detect = check_bool(detect, "find the face")
         picture = read_photo(photo)
         first = pipe.stages[0]              # a cascade edits at its stage 1; the later stages upscale the edit
-        framing = frame(picture, first.codec.image_size, detect)
+        framing = frame_photo(picture.image, first.codec.image_size, detect=detect)   # errors worded by page.FIXES
         painted = painted_mask(layers, picture.image.size)
         edit = EditRequest(strength=strength, invert=invert, mask=framed_mask(painted, framing, first.codec.image_size))
         plan = EditPlan(first, to_model_range(torch.from_numpy(framing.image.copy())[None]), edit,

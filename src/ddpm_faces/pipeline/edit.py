@@ -52,7 +52,6 @@ class EditPlan:
         edit.validate()
         check_photo(pipe, photo, edit.mask)
         self.pipe, self.edit, self.seed, self.between_steps = pipe, edit, seed, between_steps
-        self.strength, self.invert = float(edit.strength), edit.invert
         self.photo = photo.to(pipe.device, torch.float32)
         with torch.inference_mode():
             self.x0 = pipe.codec.encode(self.photo)
@@ -64,21 +63,21 @@ class EditPlan:
         """The edit's timesteps: round(strength x steps) of them (at least one), placed by the sampler's spacing
         between the start (start_timestep) and 0; the whole schedule at strength 1, none at 0."""
         schedule = self.pipe.schedule
-        if self.strength >= 1:
+        if self.edit.strength >= 1:
             return sampling_timesteps(schedule, steps, spacing)
-        if self.strength <= 0:
+        if self.edit.strength <= 0:
             return []
-        count = max(1, round(self.strength * steps))
-        return sampling_timesteps(schedule, count, spacing, t_max=start_timestep(schedule, self.strength))
+        count = max(1, round(self.edit.strength * steps))
+        return sampling_timesteps(schedule, count, spacing, t_max=start_timestep(schedule, self.edit.strength))
 
     def starting_latents(self, noise_x: torch.Tensor, denoiser, timesteps: list[float]) -> torch.Tensor:
         """The photo's x0 taken to timesteps[0]: noised with the batch's seeded noise, or DDIM-inverted."""
         x0 = self.x0.expand(len(noise_x), *self.x0.shape[1:])
         if not timesteps:
             return x0.clone()
-        if self.strength >= 1 and not self.invert:     # a fresh sample: the same start as without a photo
+        if self.edit.strength >= 1 and not self.edit.invert:     # a fresh sample: the same start as without a photo
             return noise_x
-        if self.invert:
+        if self.edit.invert:
             return ddim_invert(denoiser, x0, timesteps, between_steps=self.between_steps)
         t = torch.full((len(x0),), timesteps[0])
         return q_sample(self.pipe.schedule, x0, t, noise_x)
